@@ -1,0 +1,139 @@
+"""Layer names: Keras alias or raw module path -> module, a Keras-style summary, and a tap for intermediate outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from models.registry import BackboneSpec
+from transfer.errors import UnknownNameError
+
+
+@lru_cache(maxsize=16)
+def module_paths(spec_name: str) -> tuple[str, ...]:
+    """Every module path of the backbone's architecture (built once with random weights, then cached)."""
+    from models.registry import get_backbone
+    from models.weights import build_architecture
+
+    return tuple(path for path, _ in build_architecture(get_backbone(spec_name)).named_modules() if path)
+
+
+def resolve_layer(spec: BackboneSpec, name: str, model: nn.Module | None = None) -> str:
+    """Keras alias or raw timm module path -> module path; unknown names list the closest valid ones."""
+    paths = [p for p, _ in model.named_modules() if p] if model is not None else list(module_paths(spec.name))
+    if name in spec.aliases and spec.aliases[name] in paths:
+        return spec.aliases[name]
+    if name in paths:
+        return name
+    valid = [alias for alias, path in spec.aliases.items() if path in paths] + paths
+    raise UnknownNameError(f"layer for {spec.name}", name, valid)
+
+
+def group_of(spec: BackboneSpec, path: str) -> str:
+    """Name of the unfreeze group a module belongs to ('head' for the classifier, '' if none)."""
+    if _under(path, spec.classifier):
+        return "head"
+    for index, group in enumerate(spec.unfreeze_groups, start=1):
+        if any(_under(path, prefix) for prefix in group.modules):
+            return f"{index}:{group.name}"
+    return ""
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + ".")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of `transfer layers`: a module in forward (completion) order with its output for one image."""
+
+    alias: str
+    path: str
+    kind: str
+    shape: tuple[int, ...] | None
+    params: int
+    group: str
+
+    @property
+    def shape_text(self) -> str:
+        return "x".join(str(d) for d in self.shape) if self.shape else "-"
+
+
+def describe_layers(spec: BackboneSpec, model: nn.Module, input_size: int) -> list[LayerInfo]:
+    """Run one image of `input_size` through `model` and list every module that ran, as Keras' summary does."""
+    alias_of: dict[str, str] = {}
+    for alias, path in spec.aliases.items():
+        alias_of.setdefault(path, alias)
+    order: list[tuple[str, nn.Module, tuple[int, ...] | None]] = []
+    seen: set[str] = set()
+
+    def hook_for(path: str):
+        def hook(module: nn.Module, _inputs, output) -> None:
+            if path not in seen:
+                seen.add(path)
+                shape = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None
+                order.append((path, module, shape))
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(p)) for p, m in model.named_modules() if p]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [
+        LayerInfo(alias_of.get(path, ""), path, type(module).__name__, shape,
+                  sum(p.numel() for p in module.parameters()), group_of(spec, path))
+        for path, module, shape in order
+    ]
+
+
+class _StopForward(Exception):
+    """Raised by a tap once every requested layer has been captured: nothing deeper is computed."""
+
+
+class FeatureTap(nn.Module):
+    """Wraps a model and returns the outputs of the named modules, in the order asked.
+
+    Guards against the in-place trap: each captured output is cloned the moment its module returns, and the
+    model's in-place activations are switched off, so later in-place ops cannot overwrite a tapped tensor.
+    With `stop_early` (eager use) the forward pass ends as soon as the deepest requested module has run; for
+    ONNX export it is off and the exporter drops the unused tail of the graph.
+    """
+
+    def __init__(self, model: nn.Module, paths: list[str], stop_early: bool = True):
+        super().__init__()
+        self.model, self.paths, self.stop_early = model, list(paths), stop_early
+        modules = dict(model.named_modules())
+        for module in model.modules():
+            if getattr(module, "inplace", False) is True:
+                module.inplace = False
+        self._captured: dict[str, torch.Tensor] = {}
+        self._handles = [modules[p].register_forward_hook(self._hook_for(p)) for p in dict.fromkeys(self.paths)]
+
+    def _hook_for(self, path: str):
+        def hook(_module: nn.Module, _inputs, output: torch.Tensor) -> None:
+            if path not in self._captured:
+                self._captured[path] = output.clone()
+            if self.stop_early and len(self._captured) == len(set(self.paths)):
+                raise _StopForward
+        return hook
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._captured = {}
+        try:
+            self.model(x)
+        except _StopForward:
+            pass
+        captured, self._captured = self._captured, {}
+        return tuple(captured[p] for p in self.paths)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

