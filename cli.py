@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -82,6 +83,38 @@ def layers(
     for row in rows:
         table.add_row(row.alias, row.path, row.kind, row.shape_text, f"{row.params:,}", row.group)
     console.print(table)
+
+
+@app.command()
+@cli_errors
+def scan(
+    data_dir: Annotated[Path, typer.Argument(help="folder of class sub-folders, train/val/test splits, or images")],
+    strict: Annotated[bool, typer.Option(help="treat any unusable file as an error")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON")] = None,
+) -> None:
+    """Check a data folder before a long run: classes, counts per split, every skipped file and why."""
+    from transfer.scan import scan_folder
+
+    report = scan_folder(data_dir, strict=strict)
+    counts = report.counts()
+    table = Table(title=f"{data_dir} ({report.layout} layout, {len(report.samples)} usable images)")
+    table.add_column("class")
+    for split in counts:
+        table.add_column(split, justify="right")
+    for name in report.classes or ["(unlabelled)"]:
+        table.add_row(name, *(str(counts[split].get(name, 0)) for split in counts))
+    console.print(table)
+    for item in report.skipped:
+        console.print(f"skipped {item.path}: {item.reason}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"{len(report.skipped)} file(s) skipped", highlight=False)
+    if json_out is not None:
+        from transfer.io import write_json
+
+        write_json(json_out, report.to_dict())
+    if report.empty_classes:
+        from transfer.errors import DataError
+
+        raise DataError(f"empty class(es) with no usable image: {', '.join(report.empty_classes)}")
 
 
 def main() -> None:  # pragma: no cover - `python cli.py`

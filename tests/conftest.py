@@ -67,3 +67,59 @@ def tree_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file under root (hidden ones included)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height (a decompression bomb for any decoder that trusts it)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def make_messy_folder(root: Path, photos: dict[str, np.ndarray], good_per_class: int = 4) -> dict[str, str]:
+    """Two good classes of real photos plus every kind of bad input; returns {bad file: expected reason word}.
+
+    Usable odd images (CMYK, palette+transparency, 16-bit, LA, EXIF-rotated, animated GIF) sit in class `cat`;
+    hidden files/folders and an empty class sit beside them.
+    """
+    cat, cup, empty = root / "cat", root / "cup", root / "empty"
+    for folder in (cat, cup, empty):
+        folder.mkdir(parents=True)
+    chelsea, coffee = Image.fromarray(photos["chelsea"]), Image.fromarray(photos["coffee"])
+    for i in range(good_per_class):
+        chelsea.rotate(i * 7).save(cat / f"good{i}.jpg", quality=90)
+        coffee.rotate(i * 7).save(cup / f"good{i}.jpg", quality=90)
+    # usable but unusual
+    chelsea.convert("CMYK").save(cat / "cmyk.jpg")
+    palette = chelsea.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    palette.info["transparency"] = 0
+    palette.save(cat / "palette.png", transparency=0)
+    ramp = np.tile(np.linspace(0, 65535, 512).astype(np.uint16), (64, 1))
+    Image.fromarray(ramp).save(cat / "ramp16.png")
+    chelsea.convert("LA").save(cat / "gray_alpha.png")
+    stored = chelsea.resize((120, 80))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(cat / "exif6.jpg", exif=exif)
+    frames = [chelsea.resize((64, 48)), coffee.resize((64, 48))]
+    frames[0].save(cat / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    # bad
+    truncated = (cup / "good0.jpg").read_bytes()
+    (cup / "truncated.jpg").write_bytes(truncated[: len(truncated) // 2])
+    (cup / "zero.jpg").write_bytes(b"")
+    (cup / "notes.png").write_text("this is not an image\n")
+    png_header_only(cup / "bomb.png", 40_000, 40_000)
+    # hidden entries
+    (root / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (cat / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / ".ipynb_checkpoints").mkdir()
+    chelsea.save(root / ".ipynb_checkpoints" / "copy.jpg")
+    (cat / "._good0.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
+    return {str(cup / "truncated.jpg"): "truncated", str(cup / "zero.jpg"): "empty",
+            str(cup / "notes.png"): "not an image", str(cup / "bomb.png"): "decompression bomb"}

@@ -1,0 +1,141 @@
+"""Torch side of the data layer: stratified splits, datasets, the augmenting training transform, loaders.
+
+The evaluation transform is `transfer.preprocess.eval_array` (torch-free, shared with the ONNX runtime); this
+module only wraps it in a tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from transfer.images import open_image
+from transfer.preprocess import INTERPOLATIONS, Preprocessing, eval_array, normalize
+from transfer.scan import Sample, ScanReport
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation; the defaults are the seed texts' (rotation 40, shifts 0.2, zoom 0.2, flips)."""
+
+    rotation: float = 40.0
+    shift: float = 0.2
+    zoom: float = 0.2
+    hflip: bool = True
+    color_jitter: float = 0.2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def stratified_split(samples: Sequence[Sample], val_split: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Per class: a seeded shuffle of the paths in sorted order, round(n * val_split) to validation.
+
+    Every class with >= 2 images lands on both sides; the result depends only on the paths, the fraction and the
+    seed, so it is the same across runs and machines.
+    """
+    if not 0.0 <= val_split < 1.0:
+        raise ValueError(f"val_split must be in [0, 1), got {val_split}")
+    train: list[Sample] = []
+    val: list[Sample] = []
+    labels = sorted({s.label for s in samples if s.label is not None})
+    for label in labels:
+        members = sorted((s for s in samples if s.label == label), key=lambda s: s.path.as_posix())
+        order = np.random.default_rng([seed, label]).permutation(len(members))
+        n_val = 0
+        if val_split > 0 and len(members) >= 2:
+            n_val = min(max(1, round(len(members) * val_split)), len(members) - 1)
+        val += [members[i] for i in order[:n_val]]
+        train += [members[i] for i in order[n_val:]]
+    return train, val
+
+
+def train_val_samples(report: ScanReport, val_split: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """The folder's own train/val split when it has one, else a stratified split of everything."""
+    if report.layout == "splits" and report.split("train"):
+        if report.split("val"):
+            return report.split("train"), report.split("val")
+        return stratified_split(report.split("train"), val_split, seed)
+    return stratified_split(report.samples, val_split, seed)
+
+
+def eval_transform(prep: Preprocessing) -> Transform:
+    """The project's evaluation transform as a tensor (the same numbers as the ONNX runtime's input)."""
+    return lambda image: torch.from_numpy(eval_array(image, prep))
+
+
+def train_transform(prep: Preprocessing, augment: Augment | None) -> Transform:
+    """Random resized crop (zoom), rotation, shifts, horizontal flip and colour jitter; then normalization."""
+    if augment is None:
+        return eval_transform(prep)
+    from torchvision.transforms import v2
+
+    fill = tuple(int(round(255 * m)) for m in prep.mean)  # out-of-image pixels become 0 after normalization
+    interpolation = v2.InterpolationMode(prep.interpolation if prep.interpolation in INTERPOLATIONS else "bilinear")
+    steps: list = [v2.RandomResizedCrop(prep.input_size, scale=((1 - augment.zoom) ** 2, 1.0),
+                                        interpolation=interpolation, antialias=True)]
+    if augment.rotation or augment.shift:
+        steps.append(v2.RandomAffine(degrees=augment.rotation, translate=(augment.shift, augment.shift), fill=fill))
+    if augment.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if augment.color_jitter:
+        jitter = augment.color_jitter
+        steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
+    pipeline = v2.Compose(steps)
+    return lambda image: torch.from_numpy(normalize(np.asarray(pipeline(image), dtype=np.uint8), prep))
+
+
+class ImageDataset(Dataset):
+    """Samples -> (tensor, label); label is -1 for unlabelled images."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Transform, draft_size: tuple[int, int] | None = None):
+        self.samples, self.transform, self.draft_size = list(samples), transform, draft_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        sample = self.samples[index]
+        image = open_image(sample.path, draft_size=self.draft_size)
+        return self.transform(image), -1 if sample.label is None else sample.label
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    workers: int | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+) -> DataLoader:
+    """A DataLoader that decodes in worker processes, pins memory on CUDA and shuffles reproducibly by `seed`."""
+    workers = default_workers() if workers is None else workers
+    workers = min(workers, max(0, len(dataset) // max(1, batch_size)))  # tiny sets: no process start-up cost
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        pin_memory=device.startswith("cuda"),
+        persistent_workers=workers > 0,
+        generator=generator,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def draft_size_for(prep: Preprocessing) -> tuple[int, int]:
+    """JPEG draft target for training: decode at a reduced scale but never below the resize length."""
+    return (prep.resize, prep.resize)
