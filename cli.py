@@ -117,6 +117,84 @@ def scan(
         raise DataError(f"empty class(es) with no usable image: {', '.join(report.empty_classes)}")
 
 
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda (cuda never falls back silently)")]
+
+
+@app.command()
+@cli_errors
+def finetune(
+    data_dir: Annotated[Path, typer.Argument(help="one sub-folder per class, or train/ and val/ splits")],
+    backbone: BackboneOpt = "efficientnet_lite0",
+    output: Annotated[Path | None, typer.Option(help="run directory (default runs/BACKBONE-TIME)")] = None,
+    epochs_head: Annotated[int, typer.Option(help="stage 1: epochs with the backbone frozen")] = 3,
+    epochs_finetune: Annotated[int, typer.Option(help="stage 2: epochs with the top groups unfrozen")] = 3,
+    unfreeze: Annotated[str, typer.Option(help="stage 2 trains the top K unfreeze groups, or 'all'")] = "2",
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    lr_head: Annotated[float, typer.Option(help="stage 1 learning rate")] = 1e-3,
+    lr_finetune: Annotated[float, typer.Option(help="stage 2 learning rate (SGD, momentum 0.9)")] = 1e-4,
+    head_optimizer: Annotated[str, typer.Option(help="stage 1 optimizer: adamw or rmsprop")] = "adamw",
+    head: Annotated[str, typer.Option(help="mlp (pool, dropout, Dense 1024 ReLU, Dense) or linear")] = "mlp",
+    val_split: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.2,
+    augment: Annotated[bool, typer.Option(help="rotation, shifts, zoom, flips, colour jitter")] = True,
+    cache_features: Annotated[bool, typer.Option(help="stage 1 on cached backbone features (no augmentation)")] = False,
+    weights: Annotated[Path | None, typer.Option(help="backbone weights (.safetensors or state dict)")] = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained",
+                                                    help="default: pretrained where weights exist")] = None,
+    input_size: Annotated[int | None, typer.Option(help="train at this size instead of the backbone's")] = None,
+    device: DeviceOpt = "auto",
+    seed: int = 0,
+    patience: Annotated[int, typer.Option(help="stop a stage after this many epochs without val-loss gain")] = 5,
+    workers: Annotated[int | None, typer.Option(help="data loader processes (default min(4, cores))")] = None,
+    strict: Annotated[bool, typer.Option(help="stop on any unusable image instead of skipping it")] = False,
+    bn_stats: Annotated[bool, typer.Option(help="stage 2: unfrozen BatchNorm layers update running stats")] = False,
+    resume: Annotated[Path | None, typer.Option(help="continue RUN_DIR from its last.ckpt")] = None,
+) -> None:
+    """Fine-tune a pretrained backbone with a new head: stage 1 head only, stage 2 top groups unfrozen."""
+    from transfer.train import FinetuneConfig
+    from transfer.train import finetune as run_finetune
+
+    config = None if resume else FinetuneConfig(
+        backbone=backbone, epochs_head=epochs_head, epochs_finetune=epochs_finetune, unfreeze=unfreeze,
+        batch_size=batch_size, lr_head=lr_head, lr_finetune=lr_finetune, head_optimizer=head_optimizer, head=head,
+        val_split=val_split, augment=augment, cache_features=cache_features, pretrained=pretrained,
+        weights=str(weights) if weights else None, input_size=input_size, seed=seed, patience=patience,
+        workers=workers, strict=strict, bn_stats=bn_stats)
+    log = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    result = run_finetune(data_dir, config, output=output, resume=resume, device=device, log=log)
+    console.print(f"validation accuracy {result.best_val_acc:.4f} ({result.epochs_run} epochs) -> {result.run_dir}",
+                  highlight=False)
+
+
+@app.command()
+@cli_errors
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="a run directory or a .onnx classifier")],
+    data_dir: Annotated[Path, typer.Argument(help="labelled folder (class sub-folders; test/ split if present)")],
+    batch_size: int = 32,
+    device: DeviceOpt = "auto",
+    output: Annotated[Path | None, typer.Option(help="write the report as JSON")] = None,
+) -> None:
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix on a labelled folder."""
+    from transfer.evaluate import evaluate as run_evaluate
+
+    report = run_evaluate(model, data_dir, batch_size=batch_size, device=device)
+    table = Table(title=f"{model} on {data_dir}: accuracy {report['accuracy']:.4f} ({report['count']} images)")
+    for column in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="right")
+    for name, row in report["per_class"].items():
+        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+    console.print(table)
+    console.print("confusion matrix (rows true, columns predicted):")
+    for name, counts in zip(report["per_class"], report["confusion_matrix"], strict=True):
+        console.print(f"  {name:>12} " + " ".join(f"{c:5d}" for c in counts), highlight=False, markup=False)
+    for item in report["skipped"]:
+        console.print(f"skipped {item['path']}: {item['reason']}", markup=False, highlight=False, soft_wrap=True)
+    if output is not None:
+        from transfer.io import write_json
+
+        write_json(output, report)
+
+
 def main() -> None:  # pragma: no cover - `python cli.py`
     app()
 

@@ -1,0 +1,70 @@
+"""`transfer evaluate`: accuracy, per-class metrics and a confusion matrix of a run or an ONNX file on a folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from transfer.errors import DataError
+from transfer.metrics import classification_report
+from transfer.scan import ScanReport, scan_folder
+
+
+def evaluation_samples(report: ScanReport):
+    """The test split of a pre-split folder, else every labelled image."""
+    if report.layout == "flat":
+        raise DataError(f"{report.root}: evaluation needs labelled class sub-folders")
+    if report.layout == "splits" and report.split("test"):
+        return report.split("test")
+    return report.samples
+
+
+def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_size: int = 32,
+             device: str = "auto") -> dict:
+    """Evaluate a run directory (PyTorch, best weights) or a .onnx classifier (onnxruntime) on a labelled folder.
+
+    The folder's classes are matched to the model's by name; a class the model does not know is an error.
+    """
+    model_path = Path(model_path)
+    report = scan_folder(data_dir)
+    samples = evaluation_samples(report)
+    if model_path.suffix == ".onnx":
+        from exporters.runtime import OnnxModel
+
+        onnx_model = OnnxModel(model_path, device=device)
+        classes = onnx_model.classes
+        logits = onnx_model.logits([s.path for s in samples], batch_size=batch_size)
+    else:
+        logits, classes = _run_logits(model_path, [s.path for s in samples], batch_size, device)
+    unknown = [c for c in report.classes if c not in classes]
+    if unknown:
+        raise DataError(f"{data_dir}: class(es) {', '.join(unknown)} unknown to the model (it knows {classes})")
+    mapping = np.array([classes.index(c) for c in report.classes])
+    y_true = mapping[[s.label for s in samples]]
+    result = classification_report(y_true.tolist(), np.asarray(logits).argmax(1).tolist(), classes)
+    result.update(model=str(model_path), data=str(data_dir),
+                  skipped=[{"path": s.path, "reason": s.reason} for s in report.skipped])
+    return result
+
+
+def _run_logits(run_dir: Path, paths: list[Path], batch_size: int, device: str) -> tuple[np.ndarray, list[str]]:
+    import torch
+
+    from transfer.data import ImageDataset, eval_transform, make_loader
+    from transfer.preprocess import Preprocessing
+    from transfer.scan import Sample
+    from transfer.train import load_run, resolve_device
+
+    model, config = load_run(run_dir)
+    target = resolve_device(device)
+    model.to(target)
+    prep = Preprocessing.from_dict(config["preprocessing"])
+    loader = make_loader(ImageDataset([Sample(p, None) for p in paths], eval_transform(prep)), batch_size,
+                         device=target.type)
+    outputs = []
+    with torch.no_grad():
+        for images, _ in loader:
+            outputs.append(model(images.to(target)).float().cpu().numpy())
+    return np.concatenate(outputs), list(config["classes"])

@@ -1,0 +1,454 @@
+"""`transfer finetune`: a frozen pretrained backbone, a new head, staged unfreezing, resumable and atomic.
+
+The schedule in a few lines (see `plan_stages`):
+  stage "head"     backbone frozen (no gradients, BatchNorm in eval), head trained with AdamW/RMSprop at lr_head;
+                   on cached pooled features when stage 1 runs without augmentation ("bottleneck features").
+  stage "finetune" the top `unfreeze` groups + head trained with SGD momentum 0.9 at lr_finetune, cosine schedule.
+  stage "scratch"  (classic nets, --no-pretrained) everything trained from the start, AdamW, cosine schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.registry import BackboneSpec, get_backbone
+from models.weights import build_architecture, create_backbone
+from transfer.data import (
+    Augment,
+    ImageDataset,
+    draft_size_for,
+    eval_transform,
+    make_loader,
+    train_transform,
+    train_val_samples,
+)
+from transfer.errors import DataError, NonFiniteLossError, TransferError
+from transfer.io import atomic_path, write_json
+from transfer.metrics import classification_report, plot_confusion, plot_curves, read_metrics, write_metrics
+from transfer.model import TransferModel, build_transfer_model, group_prefixes, set_trainable, train_mode
+from transfer.preprocess import Preprocessing
+from transfer.scan import ScanReport, scan_folder
+
+
+@dataclass
+class FinetuneConfig:
+    """Every choice of a run; saved as config.json and read back by --resume, evaluate, extract and export."""
+
+    backbone: str
+    epochs_head: int = 3
+    epochs_finetune: int = 3
+    unfreeze: str = "2"
+    batch_size: int = 32
+    lr_head: float = 1e-3
+    lr_finetune: float = 1e-4
+    head_optimizer: str = "adamw"
+    head: str = "mlp"
+    dropout: float = 0.2
+    val_split: float = 0.2
+    augment: bool = True
+    cache_features: bool = False
+    pretrained: bool | None = None
+    weights: str | None = None
+    input_size: int | None = None
+    seed: int = 0
+    patience: int = 5
+    weight_decay: float = 1e-4
+    bn_stats: bool = False  # let unfrozen BatchNorm layers update their running statistics in stage 2
+    workers: int | None = None
+    strict: bool = False
+    augmentation: dict = field(default_factory=lambda: Augment().to_dict())
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    epochs: int
+    prefixes: tuple[str, ...]  # backbone module prefixes that train ("" = all); the head always trains
+    optimizer: str
+    lr: float
+    cosine: bool
+    cached: bool
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    best_val_loss: float
+    best_val_acc: float
+    epochs_run: int
+    report: dict
+    stopped: str = "completed"
+
+
+def plan_stages(config: FinetuneConfig, spec: BackboneSpec, pretrained: bool) -> list[Stage]:
+    """The staged schedule; from-scratch models get a single stage that trains everything."""
+    if not pretrained:
+        return [Stage("scratch", config.epochs_head + config.epochs_finetune, ("",), "adamw", config.lr_head,
+                      True, False)]
+    cached = config.cache_features or not config.augment
+    return [
+        Stage("head", config.epochs_head, (), config.head_optimizer, config.lr_head, False, cached),
+        Stage("finetune", config.epochs_finetune, tuple(group_prefixes(spec, config.unfreeze)), "sgd",
+              config.lr_finetune, True, False),
+    ]
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without CUDA is an error, never a silent fallback."""
+    from transfer.errors import DeviceError
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False)")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def make_optimizer(stage: Stage, model: nn.Module, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if stage.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=stage.lr, momentum=0.9)
+    if stage.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=stage.lr)
+    if stage.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=stage.lr, weight_decay=weight_decay)
+    raise TransferError(f"unknown optimizer {stage.optimizer!r}; use adamw, rmsprop or sgd")
+
+
+def make_scheduler(stage: Stage, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    if stage.cosine:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, stage.epochs), eta_min=stage.lr * 0.01)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One seed per (run seed, global epoch): shuffling, augmentation and dropout repeat exactly after --resume."""
+    return seed * 100_003 + epoch
+
+
+class Trainer:
+    """Holds the model, data and run directory; `fit` walks the stages epoch by epoch."""
+
+    def __init__(self, config: FinetuneConfig, data_dir: str | os.PathLike, run_dir: Path, device: torch.device,
+                 log: Callable[[str], None] = print, on_epoch_end: Callable[[dict], None] | None = None):
+        self.config, self.run_dir, self.device, self.log = config, run_dir, device, log
+        self.on_epoch_end = on_epoch_end
+        self.spec = get_backbone(config.backbone)
+        self.scan: ScanReport = scan_folder(data_dir, strict=config.strict)
+        self.scan.check_trainable()
+        self.train_samples, self.val_samples = train_val_samples(self.scan, config.val_split, config.seed)
+        if not self.val_samples:
+            raise DataError(f"{data_dir}: no validation images; use --val-split > 0 or a val/ folder")
+        base = self.spec.preprocessing
+        self.prep = replace(base, input_size=config.input_size) if config.input_size else base
+        self.classes = list(self.scan.classes)
+        self.rows: list[dict] = []
+        self.feature_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # --- model -------------------------------------------------------------------------------------------------
+    def build_model(self, resume_state: dict | None) -> tuple[TransferModel, bool, str]:
+        """The transfer model; on resume random-initialised then overwritten by the checkpoint."""
+        if resume_state is not None:
+            backbone, source = build_architecture(self.spec), "resumed checkpoint"
+            pretrained = self.config.pretrained is not False and (self.spec.has_pretrained or bool(self.config.weights))
+        else:
+            backbone, source = create_backbone(self.spec, self.config.pretrained, self.config.weights)
+            pretrained = not source.startswith("random init")
+        model = build_transfer_model(self.spec, backbone, len(self.classes), self.prep.input_size,
+                                     self.config.head, self.config.dropout)
+        if resume_state is not None:
+            model.load_state_dict(resume_state["model"])
+        model = model.to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        return model, pretrained, source
+
+    # --- data --------------------------------------------------------------------------------------------------
+    def image_loader(self, samples, augment: bool, shuffle: bool, epoch: int = 0):
+        augmentation = Augment(**self.config.augmentation) if augment else None
+        dataset = ImageDataset(samples, train_transform(self.prep, augmentation) if augment else eval_transform(
+            self.prep), draft_size=draft_size_for(self.prep) if augment else None)
+        return make_loader(dataset, self.config.batch_size, shuffle=shuffle, workers=self.config.workers,
+                           device=self.device.type, seed=epoch_seed(self.config.seed, epoch))
+
+    def cached_features(self, model: TransferModel, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled backbone features of a split, computed once with the evaluation transform."""
+        if split not in self.feature_cache:
+            samples = self.train_samples if split == "train" else self.val_samples
+            started = time.perf_counter()
+            features, labels = self.forward_all(model, self.image_loader(samples, False, False), pooled=True)
+            self.feature_cache[split] = (features, labels)
+            self.log(f"cached {split} features {tuple(features.shape)} in {time.perf_counter() - started:.1f}s")
+        return self.feature_cache[split]
+
+    @torch.no_grad()
+    def forward_all(self, model: TransferModel, loader, pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        model.eval()
+        outputs, labels = [], []
+        for images, targets in loader:
+            images = self.to_device(images)
+            with self.autocast():
+                out = model.pooled_features(images) if pooled else model(images)
+            outputs.append(out.float().cpu())
+            labels.append(targets)
+        return torch.cat(outputs), torch.cat(labels)
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.device.type == "cuda" and images.ndim == 4:
+            return images.to(memory_format=torch.channels_last)
+        return images
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    # --- one epoch ---------------------------------------------------------------------------------------------
+    def train_epoch(self, model: TransferModel, stage: Stage, optimizer, epoch: int) -> tuple[float, float]:
+        torch.manual_seed(epoch_seed(self.config.seed, epoch))
+        train_mode(model, list(stage.prefixes), batchnorm_stats=stage.name == "scratch" or self.config.bn_stats)
+        if stage.cached:
+            features, labels = self.cached_features(model, "train")
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(
+                epoch_seed(self.config.seed, epoch)))
+            batches = ((features[idx], labels[idx]) for idx in order.split(self.config.batch_size))
+            forward = model.head
+        else:
+            batches = self.image_loader(self.train_samples, self.config.augment, True, epoch)
+            forward = model
+        total_loss, correct, count = 0.0, 0, 0
+        for step, (inputs, targets) in enumerate(batches):
+            inputs, targets = self.to_device(inputs), targets.to(self.device)
+            with self.autocast():
+                logits = forward(inputs)
+                loss = F.cross_entropy(logits.float(), targets)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss.item()}) in stage {stage.name}, epoch {epoch}, batch {step}; the last "
+                    f"good checkpoint is kept at {self.run_dir / 'last.ckpt'} (try a lower learning rate)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(targets)
+            correct += int((logits.argmax(1) == targets).sum())
+            count += len(targets)
+        return total_loss / count, correct / count
+
+    def validate(self, model: TransferModel, stage: Stage) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+        if stage.cached:
+            features, labels = self.cached_features(model, "val")
+            model.eval()
+            with torch.no_grad():
+                logits = model.head(features.to(self.device)).float().cpu()
+        else:
+            logits, labels = self.forward_all(model, self.image_loader(self.val_samples, False, False))
+        loss = F.cross_entropy(logits, labels).item()
+        return loss, float((logits.argmax(1) == labels).float().mean()), logits, labels
+
+    # --- the run -----------------------------------------------------------------------------------------------
+    def fit(self, resume_state: dict | None = None) -> FinetuneResult:
+        model, pretrained, source = self.build_model(resume_state)
+        stages = plan_stages(self.config, self.spec, pretrained)
+        self.log(f"{self.spec.name}: weights from {source}; {len(self.classes)} classes, "
+                 f"{len(self.train_samples)} train / {len(self.val_samples)} val images, "
+                 f"{len(self.scan.skipped)} skipped; device {self.device}")
+        if resume_state is None:
+            self.write_config(stages, source)
+        state = {"stage_index": 0, "stage_epoch": 0, "epoch": 0, "best_val_loss": math.inf, "best_val_acc": 0.0,
+                 "bad_epochs": 0}
+        if resume_state is not None:
+            state.update({key: resume_state[key] for key in STATE_KEYS})
+        if resume_state is not None:
+            self.rows = [r for r in read_metrics(self.run_dir / "metrics.csv") if r["epoch"] <= state["epoch"]]
+        for stage_index in range(state["stage_index"], len(stages)):
+            stage = stages[stage_index]
+            trainable = set_trainable(model, list(stage.prefixes))
+            optimizer = make_optimizer(stage, model, self.config.weight_decay)
+            scheduler = make_scheduler(stage, optimizer)
+            start = 0
+            if resume_state is not None and stage_index == resume_state["stage_index"]:
+                optimizer.load_state_dict(resume_state["optimizer"])
+                scheduler.load_state_dict(resume_state["scheduler"])
+                start = resume_state["stage_epoch"]
+            else:
+                state["bad_epochs"] = 0
+            self.log(f"stage {stage.name}: {stage.epochs} epoch(s), {stage.optimizer} lr {stage.lr:g}, "
+                     f"{len(trainable)} trainable tensors{', cached features' if stage.cached else ''}")
+            for stage_epoch in range(start + 1, stage.epochs + 1):
+                if state["bad_epochs"] >= self.config.patience:
+                    break
+                self.run_epoch(model, stage, stage_index, stage_epoch, optimizer, scheduler, state)
+        return self.finish(model, state)
+
+    def run_epoch(self, model, stage: Stage, stage_index: int, stage_epoch: int, optimizer, scheduler,
+                  state: dict) -> None:
+        started = time.perf_counter()
+        epoch = state["epoch"] + 1
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = self.train_epoch(model, stage, optimizer, epoch)
+        val_loss, val_acc, _, _ = self.validate(model, stage)
+        scheduler.step()
+        row = {"stage": stage.name, "epoch": epoch, "stage_epoch": stage_epoch, "lr": lr, "train_loss": train_loss,
+               "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
+               "seconds": round(time.perf_counter() - started, 3)}
+        improved = val_loss < state["best_val_loss"]
+        state.update(epoch=epoch, stage_index=stage_index, stage_epoch=stage_epoch,
+                     bad_epochs=0 if improved else state["bad_epochs"] + 1)
+        if improved:
+            state.update(best_val_loss=val_loss, best_val_acc=val_acc)
+            save_weights(model, self.run_dir / "best.safetensors")
+        save_checkpoint(self.run_dir / "last.ckpt", model, optimizer, scheduler, state)
+        self.rows.append(row)
+        write_metrics(self.run_dir / "metrics.csv", self.rows)
+        self.log(f"[{stage.name} {stage_epoch}/{stage.epochs}] epoch {epoch}: train loss {train_loss:.4f} "
+                 f"acc {train_acc:.3f} | val loss {val_loss:.4f} acc {val_acc:.3f} | lr {lr:.2e} | "
+                 f"{row['seconds']:.1f}s{' *' if improved else ''}")
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(row)
+
+    def finish(self, model: TransferModel, state: dict) -> FinetuneResult:
+        """Reload the best weights, then write report.json, confusion.png and curves.png."""
+        load_weights(model, self.run_dir / "best.safetensors")
+        logits, labels = self.forward_all(model, self.image_loader(self.val_samples, False, False))
+        predictions = logits.argmax(1)
+        report = classification_report(labels.tolist(), predictions.tolist(), self.classes)
+        report.update(split="validation", best_val_loss=state["best_val_loss"],
+                      skipped=[{"path": s.path, "reason": s.reason} for s in self.scan.skipped])
+        write_json(self.run_dir / "report.json", report)
+        import numpy as np
+
+        plot_confusion(np.asarray(report["confusion_matrix"]), self.classes, self.run_dir / "confusion.png")
+        plot_curves(self.rows, self.run_dir / "curves.png")
+        self.log(f"best val loss {state['best_val_loss']:.4f}, val accuracy {report['accuracy']:.4f}; "
+                 f"run saved in {self.run_dir}")
+        return FinetuneResult(self.run_dir, state["best_val_loss"], report["accuracy"], state["epoch"], report)
+
+    def write_config(self, stages: list[Stage], source: str) -> None:
+        import timm
+
+        from transfer import __version__
+
+        write_json(self.run_dir / "config.json", {
+            "backbone": self.spec.name,
+            "timm_model": self.spec.timm_name,
+            "classes": self.classes,
+            "preprocessing": self.prep.to_dict(),
+            "head": {"kind": self.config.head, "dropout": self.config.dropout},
+            "stages": [asdict(s) for s in stages],
+            "weights_source": source,
+            "settings": asdict(self.config),
+            "created": datetime.now().isoformat(timespec="seconds"),
+            "versions": {"transfer": __version__, "torch": torch.__version__, "timm": timm.__version__},
+        })
+
+
+# --- weights and checkpoints (atomic) -------------------------------------------------------------------------------
+def save_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as temp:
+        save_file(tensors, str(temp))
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path), device=str(next(model.parameters()).device)))
+
+
+STATE_KEYS = ("stage_index", "stage_epoch", "epoch", "best_val_loss", "best_val_acc", "bad_epochs")
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: dict) -> None:
+    """last.ckpt: weights, optimizer, scheduler, position in the schedule, RNG; readable with weights_only=True."""
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "rng": torch.get_rng_state(), **{key: state[key] for key in STATE_KEYS}}
+    with atomic_path(path) as temp:
+        torch.save(payload, temp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise TransferError(f"--resume: no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- entry point ---------------------------------------------------------------------------------------------------
+def default_run_dir(backbone: str) -> Path:
+    return Path("runs") / f"{backbone}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def finetune(
+    data_dir: str | os.PathLike,
+    config: FinetuneConfig | None = None,
+    output: str | os.PathLike | None = None,
+    resume: str | os.PathLike | None = None,
+    device: str = "auto",
+    log: Callable[[str], None] = print,
+    on_epoch_end: Callable[[dict], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune on `data_dir`; with `resume`, continue that run from its last.ckpt with its saved settings."""
+    if not Path(data_dir).is_dir():
+        raise DataError(f"folder not found: {data_dir}")
+    resume_state = None
+    if resume is not None:
+        run_dir = Path(resume)
+        saved = load_run_config(run_dir)
+        config = FinetuneConfig(**saved["settings"])
+        resume_state = load_checkpoint(run_dir / "last.ckpt")
+    else:
+        if config is None:
+            raise TransferError("finetune needs a config (at least the backbone)")
+        get_backbone(config.backbone)
+        if config.epochs_head + config.epochs_finetune < 1:
+            raise TransferError("nothing to train: --epochs-head plus --epochs-finetune must be at least 1")
+        run_dir = Path(output) if output is not None else default_run_dir(config.backbone)
+        if (run_dir / "last.ckpt").exists() or (run_dir / "config.json").exists():
+            raise TransferError(f"{run_dir} already holds a run; pass --resume {run_dir} or another --output")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    trainer = Trainer(config, data_dir, run_dir, resolve_device(device), log, on_epoch_end)
+    if resume_state is not None and trainer.classes != load_run_config(run_dir)["classes"]:
+        raise DataError(f"{data_dir} has classes {trainer.classes}, the run was trained on "
+                        f"{load_run_config(run_dir)['classes']}")
+    try:
+        return trainer.fit(resume_state)
+    except KeyboardInterrupt:
+        log(f"interrupted; the last completed epoch is saved: resume with --resume {run_dir}")
+        raise
+
+
+def load_run_config(run_dir: str | os.PathLike) -> dict:
+    import json
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise TransferError(f"{run_dir} is not a run directory (no config.json)")
+    return json.loads(path.read_text())
+
+
+def load_run(run_dir: str | os.PathLike, weights: str = "best.safetensors") -> tuple[TransferModel, dict]:
+    """The fine-tuned model of a run directory (best weights) and its config; no download needed."""
+    config = load_run_config(run_dir)
+    spec = get_backbone(config["backbone"])
+    prep = Preprocessing.from_dict(config["preprocessing"])
+    model = build_transfer_model(spec, build_architecture(spec), len(config["classes"]), prep.input_size,
+                                 config["head"]["kind"], config["head"]["dropout"])
+    path = Path(run_dir) / weights
+    if not path.is_file():
+        raise TransferError(f"{run_dir} has no {weights} (has the run finished an epoch?)")
+    load_weights(model, path)
+    return model.eval(), config
