@@ -141,6 +141,8 @@ def finetune(
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained",
                                                     help="default: pretrained where weights exist")] = None,
     input_size: Annotated[int | None, typer.Option(help="train at this size instead of the backbone's")] = None,
+    crop_pct: Annotated[float | None, typer.Option(min=0.1, max=1.0,
+                                                   help="centre-crop fraction (1.0 keeps the whole image)")] = None,
     device: DeviceOpt = "auto",
     seed: int = 0,
     patience: Annotated[int, typer.Option(help="stop a stage after this many epochs without val-loss gain")] = 5,
@@ -157,8 +159,8 @@ def finetune(
         backbone=backbone, epochs_head=epochs_head, epochs_finetune=epochs_finetune, unfreeze=unfreeze,
         batch_size=batch_size, lr_head=lr_head, lr_finetune=lr_finetune, head_optimizer=head_optimizer, head=head,
         val_split=val_split, augment=augment, cache_features=cache_features, pretrained=pretrained,
-        weights=str(weights) if weights else None, input_size=input_size, seed=seed, patience=patience,
-        workers=workers, strict=strict, bn_stats=bn_stats)
+        weights=str(weights) if weights else None, input_size=input_size, crop_pct=crop_pct, seed=seed,
+        patience=patience, workers=workers, strict=strict, bn_stats=bn_stats)
     log = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     result = run_finetune(data_dir, config, output=output, resume=resume, device=device, log=log)
     console.print(f"validation accuracy {result.best_val_acc:.4f} ({result.epochs_run} epochs) -> {result.run_dir}",

@@ -60,6 +60,7 @@ class FinetuneConfig:
     pretrained: bool | None = None
     weights: str | None = None
     input_size: int | None = None
+    crop_pct: float | None = None
     seed: int = 0
     patience: int = 5
     weight_decay: float = 1e-4
@@ -153,7 +154,8 @@ class Trainer:
         if not self.val_samples:
             raise DataError(f"{data_dir}: no validation images; use --val-split > 0 or a val/ folder")
         base = self.spec.preprocessing
-        self.prep = replace(base, input_size=config.input_size) if config.input_size else base
+        self.prep = replace(base, input_size=config.input_size or base.input_size,
+                            crop_pct=config.crop_pct or base.crop_pct)
         self.classes = list(self.scan.classes)
         self.rows: list[dict] = []
         self.feature_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
