@@ -197,6 +197,45 @@ def evaluate(
         write_json(output, report)
 
 
+@app.command()
+@cli_errors
+def extract(
+    images_dir: Annotated[Path, typer.Argument(help="folder of images (class sub-folders give labels)")],
+    layer: Annotated[list[str] | None, typer.Option(help="Keras alias or timm module path; repeat for several")] = None,
+    backbone: BackboneOpt = "vgg16",
+    pool: Annotated[str, typer.Option(help="none keeps C x H x W; avg or max pool the spatial axes")] = "none",
+    layout: Annotated[str, typer.Option(help="nchw, or nhwc (Keras' array order)")] = "nchw",
+    weights: Annotated[Path | None, typer.Option(help="backbone weights (.safetensors or state dict)")] = None,
+    run: Annotated[Path | None, typer.Option(help="use a fine-tuned run's weights and preprocessing")] = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
+    input_size: Annotated[int | None, typer.Option(help="input side (default: the model's)")] = None,
+    output: Annotated[Path | None, typer.Option(help=".npy (one layer) or .npz; default features.npy/.npz")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    device: DeviceOpt = "auto",
+    workers: Annotated[int | None, typer.Option(help="decoding processes (default min(4, cores))")] = None,
+) -> None:
+    """Features of intermediate layers, streamed to disk with a JSON sidecar (paths, labels, metadata)."""
+    from rich.progress import Progress
+
+    from transfer.extract import extract as run_extract
+    from transfer.extract import sidecar_path
+
+    layers = layer or ["block4_pool"]
+    output = output or Path("features.npy" if len(layers) == 1 else "features.npz")
+    with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
+        task = bar.add_task("extracting", total=None)
+        result = run_extract(images_dir, backbone=backbone, layers=layers, pool=pool, layout=layout, weights=weights,
+                             run=run, pretrained=pretrained, input_size=input_size, output=output,
+                             batch_size=batch_size, device=device, workers=workers,
+                             progress=lambda n: bar.advance(task, n))
+    for name, shape in result.metadata["shapes"].items():
+        module = result.metadata["layers"][name]
+        console.print(f"{name} ({module}): {tuple(shape)}", highlight=False)
+    for item in result.skipped:
+        console.print(f"skipped {item.path}: {item.reason}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"wrote {output} and {sidecar_path(output)} ({len(result.paths)} images)", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - `python cli.py`
     app()
 

@@ -1,0 +1,221 @@
+"""`transfer extract`: outputs of intermediate layers (Keras or timm names), streamed to .npy/.npz.
+
+The forward pass stops after the deepest requested layer; tapped tensors are cloned before any in-place op can
+touch them; features go to disk batch by batch, so a folder larger than RAM works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.layers import FeatureTap, resolve_layer
+from models.registry import get_backbone
+from models.weights import create_backbone
+from transfer.data import ImageDataset, eval_transform, make_loader
+from transfer.errors import DataError, TransferError
+from transfer.io import atomic_path, write_json
+from transfer.preprocess import Preprocessing
+from transfer.scan import Sample, Skipped, check_image, scan_folder
+
+POOLS = ("none", "avg", "max")
+LAYOUTS = ("nchw", "nhwc")
+
+
+@dataclass
+class ExtractResult:
+    """Features per requested layer name (arrays in memory, or None when streamed to `output`), and their rows."""
+
+    features: dict[str, np.ndarray | None]
+    paths: list[str]
+    labels: list[int] | None
+    classes: list[str]
+    metadata: dict
+    skipped: list[Skipped] = field(default_factory=list)
+    output: Path | None = None
+
+
+def collect_samples(images: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[Sample], list[str],
+                                                                                       list[Skipped]]:
+    """A folder (flat, or class sub-folders giving labels) or a list of files -> usable samples, classes, skips."""
+    if isinstance(images, (str, os.PathLike)):
+        report = scan_folder(images)
+        if not report.samples:
+            raise DataError(f"{images}: no usable images found")
+        return report.samples, report.classes, report.skipped
+    samples, skipped = [], []
+    for path in map(Path, images):
+        reason = check_image(path) if path.is_file() else "file not found"
+        if reason is None:
+            samples.append(Sample(path, None))
+        else:
+            skipped.append(Skipped(str(path), reason))
+    if not samples:
+        raise DataError("no usable images among the given files")
+    return samples, [], skipped
+
+
+def _post_process(tensor: torch.Tensor, pool: str, layout: str) -> np.ndarray:
+    if tensor.ndim == 4:
+        if pool == "avg":
+            tensor = tensor.mean(dim=(2, 3))
+        elif pool == "max":
+            tensor = tensor.amax(dim=(2, 3))
+        elif layout == "nhwc":
+            tensor = tensor.permute(0, 2, 3, 1)
+    return np.ascontiguousarray(tensor.float().cpu().numpy())
+
+
+class _NpyStream:
+    """Writes a float32 .npy of known shape batch by batch with plain file writes (bounded memory)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]):
+        self.handle = open(path, "wb")
+        np.lib.format.write_array_header_1_0(self.handle, {"descr": "<f4", "fortran_order": False, "shape": shape})
+
+    def write(self, batch: np.ndarray) -> None:
+        self.handle.write(batch.astype("<f4", copy=False).tobytes())
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def extract(
+    images: str | os.PathLike | Sequence[str | os.PathLike],
+    backbone: str = "vgg16",
+    layers: Sequence[str] = ("block4_pool",),
+    pool: str = "none",
+    layout: str = "nchw",
+    weights: str | os.PathLike | None = None,
+    run: str | os.PathLike | None = None,
+    pretrained: bool | None = None,
+    input_size: int | None = None,
+    output: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    workers: int | None = None,
+    progress=None,
+) -> ExtractResult:
+    """Features of `layers` for every usable image; in memory, or streamed to `output` (.npy one layer, .npz more).
+
+    `run` uses a fine-tuned run's weights and preprocessing instead of the pretrained backbone's.
+    """
+    from transfer.train import load_run, resolve_device
+
+    if pool not in POOLS:
+        raise TransferError(f"--pool {pool!r}: use one of {', '.join(POOLS)}")
+    if layout not in LAYOUTS:
+        raise TransferError(f"--layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    layers = list(dict.fromkeys(layers))
+    if not layers:
+        raise TransferError("name at least one --layer")
+    if output is not None and Path(output).suffix not in (".npy", ".npz"):
+        raise TransferError(f"--output {output}: use a .npy (one layer) or .npz file")
+    if output is not None and Path(output).suffix == ".npy" and len(layers) > 1:
+        raise TransferError(f"--output {output}: several layers need a .npz file")
+    if isinstance(images, (str, os.PathLike)) and not Path(images).is_dir():
+        raise DataError(f"folder not found: {images}")
+
+    if run is not None:
+        model, config = load_run(run)
+        spec = get_backbone(config["backbone"])
+        prep = Preprocessing.from_dict(config["preprocessing"])
+        network, source = model.backbone, f"run {run}"
+    else:
+        spec = get_backbone(backbone)
+        network, source = create_backbone(spec, pretrained, weights)
+        prep = spec.preprocessing
+    if input_size:
+        prep = replace(prep, input_size=input_size)
+    paths_in_model = [resolve_layer(spec, name, network) for name in layers]
+    samples, classes, skipped = collect_samples(images)
+
+    target = resolve_device(device)
+    tap = FeatureTap(network.eval().to(target), paths_in_model, stop_early=True)
+    loader = make_loader(ImageDataset(samples, eval_transform(prep)), batch_size, workers=workers,
+                         device=target.type)
+    names = layers
+    metadata = {
+        "backbone": spec.name, "weights": source, "layers": dict(zip(layers, paths_in_model, strict=True)),
+        "input_size": prep.input_size, "preprocessing": prep.to_dict(), "pool": pool, "layout": layout,
+    }
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    streams: dict[str, _NpyStream] = {}
+    temp_dir = None
+    try:
+        if output is not None:
+            temp_dir = Path(output).parent / f".{Path(output).name}.parts"
+            temp_dir.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            for images_batch, _ in loader:
+                outputs = tap(images_batch.to(target))
+                for name, tensor in zip(layers, outputs, strict=True):
+                    array = _post_process(tensor, pool, layout)
+                    if temp_dir is None:
+                        chunks[name].append(array)
+                        continue
+                    if name not in streams:
+                        streams[name] = _NpyStream(temp_dir / f"{name}.npy", (len(samples), *array.shape[1:]))
+                        metadata.setdefault("shapes", {})[name] = [len(samples), *array.shape[1:]]
+                    streams[name].write(array)
+                if progress is not None:
+                    progress(len(images_batch))
+        tap.close()
+        for stream in streams.values():
+            stream.close()
+        features: dict[str, np.ndarray | None]
+        if output is None:
+            features = {name: np.concatenate(chunks[name]) for name in names}
+            metadata["shapes"] = {name: list(a.shape) for name, a in features.items()}
+        else:
+            _finalize(Path(output), temp_dir, names)
+            features = {name: None for name in names}
+    finally:
+        for stream in streams.values():
+            stream.close()
+        if temp_dir is not None and temp_dir.exists():
+            for part in temp_dir.iterdir():
+                part.unlink()
+            temp_dir.rmdir()
+    labels = [s.label for s in samples] if classes else None
+    result = ExtractResult(features, [str(s.path) for s in samples], labels, classes, metadata, skipped,
+                           Path(output) if output is not None else None)
+    if output is not None:
+        write_json(sidecar_path(output), {
+            **metadata, "paths": result.paths, "labels": labels, "classes": classes,
+            "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
+        })
+    return result
+
+
+def sidecar_path(output: str | os.PathLike) -> Path:
+    """features.npy -> features.json: ordered file paths, labels and metadata of the rows."""
+    return Path(output).with_suffix(".json")
+
+
+def _finalize(output: Path, temp_dir: Path, names: list[str]) -> None:
+    """Move one .npy into place, or pack several into an uncompressed .npz (streamed from disk)."""
+    with atomic_path(output) as temp:
+        if output.suffix == ".npy":
+            os.replace(temp_dir / f"{names[0]}.npy", temp)
+        else:
+            with zipfile.ZipFile(temp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                for name in names:
+                    archive.write(temp_dir / f"{name}.npy", arcname=f"{name}.npy")
+
+
+def load_features(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """Read back what `extract` wrote: {layer: array} (memory-mapped for .npy) and the sidecar metadata."""
+    path = Path(path)
+    meta = json.loads(sidecar_path(path).read_text())
+    if path.suffix == ".npy":
+        return {next(iter(meta["layers"])): np.load(path, mmap_mode="r")}, meta
+    with np.load(path) as archive:
+        return {name: archive[name] for name in archive.files}, meta
