@@ -236,6 +236,130 @@ def extract(
     console.print(f"wrote {output} and {sidecar_path(output)} ({len(result.paths)} images)", highlight=False)
 
 
+@app.command()
+@cli_errors
+def export(
+    run_dir: Annotated[Path | None, typer.Argument(help="a finetune run directory (classifier, classes)")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="the .onnx file to write")] = Path("model.onnx"),
+    backbone: Annotated[str | None, typer.Option("--backbone", "-b", help="export a registry backbone")] = None,
+    weights: Annotated[Path | None, typer.Option(help="backbone weights (.safetensors or state dict)")] = None,
+    layer: Annotated[list[str] | None, typer.Option(help="feature extractor: one output per layer")] = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
+    fp16: Annotated[bool, typer.Option(help="half-precision weights and compute (for GPU); float32 I/O")] = False,
+    int8: Annotated[bool, typer.Option(help="static QDQ int8 (for CPU), calibrated on --calibration")] = False,
+    calibration: Annotated[Path | None, typer.Option(help="folder of representative images for --int8")] = None,
+    embed_preprocessing: Annotated[bool, typer.Option(help="input uint8 NHWC RGB; normalization in the graph")] = False,
+    input_size: Annotated[int | None, typer.Option(help="input side (default: the model's)")] = None,
+    verify_images: Annotated[Path | None, typer.Option(help="folder of images to verify against PyTorch")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the validation record as JSON")] = None,
+) -> None:
+    """Export a verified, self-describing ONNX file: a run's classifier, ImageNet classifier or feature extractor."""
+    from exporters.export import export_onnx
+
+    record = export_onnx(output, run=run_dir, backbone=backbone, weights=weights, layers=layer or [],
+                         pretrained=pretrained, opset=opset, fp16=fp16, int8=int8, calibration=calibration,
+                         embed_preprocessing=embed_preprocessing, input_size=input_size, verify_images=verify_images)
+    size_mib = record.size_bytes / 2**20
+    console.print(f"wrote {record.path} ({size_mib:.1f} MiB, {record.precision}, opset {record.opset})",
+                  highlight=False)
+    console.print(f"input {record.input_name} {record.input_dtype} {record.input_shape}; outputs "
+                  + ", ".join(f"{n} {record.output_shapes[n]}" for n in record.output_names), highlight=False)
+    console.print(f"onnx.checker: {record.checker}", highlight=False)
+    for name in record.output_names:
+        console.print(f"max difference vs PyTorch ({name}, batch {record.batch_sizes_checked}, {record.verify_images}):"
+                      f" abs {record.max_abs_diff[name]:.3g}, relative {record.max_rel_diff[name]:.3g} "
+                      f"(tolerance {record.tolerance:g})", highlight=False)
+    if record.top1_agreement is not None:
+        console.print(f"int8 top-1 agreement with fp32 on {record.agreement_images}: {record.top1_agreement:.4f}; "
+                      f"size {record.fp32_size_bytes / record.size_bytes:.2f}x smaller", highlight=False)
+    if json_out is not None:
+        from transfer.io import write_json
+
+        write_json(json_out, record.to_dict())
+
+
+@app.command()
+@cli_errors
+def predict(
+    model: Annotated[Path, typer.Argument(help="a .onnx file written by `transfer export`")],
+    images: Annotated[list[str], typer.Argument(help="image files, folders or glob patterns")],
+    top_k: Annotated[int, typer.Option(min=1)] = 5,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    device: DeviceOpt = "auto",
+    output: Annotated[Path | None, typer.Option(help="write predictions to .csv or .json")] = None,
+) -> None:
+    """Top-k labels of images with onnxruntime only; unreadable images are listed, not fatal."""
+    from rich.progress import Progress
+
+    from exporters.runtime import OnnxModel
+    from transfer.predict import write_predictions
+    from transfer.scan import expand_inputs
+
+    onnx_model = OnnxModel(model, device=device)
+    paths = expand_inputs(images)
+    if not paths:
+        from transfer.errors import DataError
+
+        raise DataError("no images given")
+    err_console.print(f"{model}: {onnx_model.provider}, {len(paths)} image(s)", highlight=False)
+    with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
+        task = bar.add_task("predicting", total=len(paths))
+        results = onnx_model.predict(paths, top_k=top_k, batch_size=batch_size,
+                                     progress=lambda n: bar.advance(task, n))
+    table = Table(title=f"top-{top_k} predictions")
+    for column in ("image", "label", "probability", f"top-{top_k}"):
+        table.add_column(column, overflow="fold")
+    for item in results:
+        if item.error:
+            table.add_row(item.path, "unreadable", "-", item.error)
+        else:
+            others = ", ".join(f"{label} {p:.3f}" for label, p in zip(item.labels, item.probabilities, strict=True))
+            table.add_row(item.path, item.labels[0], f"{item.probabilities[0]:.4f}", others)
+    console.print(table)
+    bad = [r for r in results if r.error]
+    if bad:
+        console.print(f"{len(bad)} unreadable image(s)", highlight=False)
+    if output is not None:
+        write_predictions(output, results)
+
+
+@app.command()
+@cli_errors
+def bench(
+    model: Annotated[Path, typer.Argument(help="a .onnx file written by `transfer export`")],
+    batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,8,32",
+    device: DeviceOpt = "auto",
+    seconds: Annotated[float, typer.Option(help="timed seconds per batch size")] = 3.0,
+    against_torch: Annotated[str | None, typer.Option(help="also time PyTorch eager: a RUN_DIR or a backbone name")
+                             ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results as JSON")] = None,
+) -> None:
+    """images/s and latency p50/p95 per batch size on synthetic input, optionally next to PyTorch eager."""
+    from transfer.predict import run_bench
+
+    try:
+        sizes = [int(s) for s in batch_sizes.split(",") if s.strip()]
+    except ValueError:
+        from transfer.errors import TransferError
+
+        raise TransferError(f"--batch-sizes {batch_sizes!r}: give integers such as 1,8,32") from None
+    result = run_bench(model, sizes, device=device, seconds=seconds, against_torch=against_torch)
+    table = Table(title=f"{model} on {result['machine']}")
+    for column in ("engine", "batch", "images/s", "p50 ms", "p95 ms"):
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        table.add_row(row["engine"], str(row["batch_size"]), f"{row['images_per_s']:.1f}", f"{row['p50_ms']:.1f}",
+                      f"{row['p95_ms']:.1f}")
+    console.print(table)
+    for batch, ratio in result.get("speedup_vs_torch", {}).items():
+        console.print(f"batch {batch}: onnxruntime / PyTorch eager = {ratio:.2f}x", highlight=False)
+    if json_out is not None:
+        from transfer.io import write_json
+
+        write_json(json_out, result)
+
+
 def main() -> None:  # pragma: no cover - `python cli.py`
     app()
 

@@ -180,3 +180,22 @@ def scan_folder(
 
 def _loose_files(folder: Path) -> list[Path]:
     return [Path(e.path) for e in _visible_entries(folder) if e.is_file(follow_symlinks=True)]
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """Files, folders (walked, hidden entries ignored) and glob patterns -> an ordered list of files."""
+    import glob
+
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            paths.extend(_walk_files(path, set()))
+        elif path.exists():
+            paths.append(path)
+        elif any(ch in item for ch in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            paths.extend(Path(m) for m in matches if Path(m).is_file() and not is_hidden(Path(m).name))
+        else:
+            paths.append(path)  # reported as unreadable by the caller
+    return list(dict.fromkeys(paths))

@@ -146,6 +146,7 @@ class Trainer:
     def __init__(self, config: FinetuneConfig, data_dir: str | os.PathLike, run_dir: Path, device: torch.device,
                  log: Callable[[str], None] = print, on_epoch_end: Callable[[dict], None] | None = None):
         self.config, self.run_dir, self.device, self.log = config, run_dir, device, log
+        self.data_dir = Path(data_dir).resolve()
         self.on_epoch_end = on_epoch_end
         self.spec = get_backbone(config.backbone)
         self.scan: ScanReport = scan_folder(data_dir, strict=config.strict)
@@ -346,6 +347,7 @@ class Trainer:
             "backbone": self.spec.name,
             "timm_model": self.spec.timm_name,
             "classes": self.classes,
+            "data_dir": str(self.data_dir),
             "preprocessing": self.prep.to_dict(),
             "head": {"kind": self.config.head, "dropout": self.config.dropout},
             "stages": [asdict(s) for s in stages],

@@ -1,0 +1,244 @@
+"""Torch-free ONNX runtime: what `transfer predict`/`bench` use and what other apps embed.
+
+Imports only onnxruntime, numpy and pillow (plus this project's torch-free `transfer.preprocess`/`images`).
+Everything a model needs (classes, input size, resize/crop/interpolation, mean/std, layout, output kind) comes
+from the file's `transfer.*` metadata, and preprocessing is the very function training evaluates with.
+
+    model = OnnxModel("model.onnx", device="auto")
+    for prediction in model.predict(["cat.jpg", "cup.png"], top_k=3):
+        print(prediction.path, prediction.labels, prediction.probabilities)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from transfer.errors import DataError, DeviceError
+from transfer.images import BadImageError, as_rgb_image
+from transfer.preprocess import Preprocessing, eval_array, eval_pixels
+
+ImageLike = str | os.PathLike | np.ndarray  # or a PIL image
+
+
+@dataclass
+class Prediction:
+    """Top-k of one image; `error` is set (and the rest empty) when the image could not be read."""
+
+    path: str
+    indices: list[int] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    probabilities: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+def _cpu_threads() -> int:
+    """Cores this process may use (physical cores where the OS says so)."""
+    try:
+        logical = len(os.sched_getaffinity(0))
+    except AttributeError:
+        logical = os.cpu_count() or 1
+    try:
+        with open("/proc/cpuinfo") as handle:
+            info = handle.read()
+        siblings = {line.split(":")[1].strip() for line in info.splitlines() if line.startswith("siblings")}
+        cores = {line.split(":")[1].strip() for line in info.splitlines() if line.startswith("cpu cores")}
+        if len(siblings) == 1 and len(cores) == 1:
+            ratio = int(siblings.pop()) // max(1, int(cores.pop()))
+            return max(1, logical // max(1, ratio))
+    except (OSError, ValueError):
+        pass
+    return logical
+
+
+def choose_providers(device: str, cuda_graph: bool = False) -> list:
+    """Explicit execution providers; `cuda` without the CUDA provider is an error, never a silent CPU run."""
+    available = ort.get_available_providers()
+    cuda_options = {"cudnn_conv_algo_search": "EXHAUSTIVE", "prefer_nhwc": "1", "do_copy_in_default_stream": "1"}
+    if cuda_graph:
+        cuda_options["enable_cuda_graph"] = "1"
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device in ("cuda", "gpu"):
+        if "CUDAExecutionProvider" not in available:
+            raise DeviceError("--device cuda: onnxruntime has no CUDAExecutionProvider here "
+                              f"(available: {', '.join(available)}); install onnxruntime-gpu with CUDA, or use cpu")
+        return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+    if device == "auto":
+        if "CUDAExecutionProvider" in available:
+            return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+    raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda")
+
+
+class OnnxModel:
+    """A `transfer`-exported ONNX file with its preprocessing, ready to run batched on CPU or CUDA."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None,
+                 cuda_graph: bool = False, decode_workers: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"model file not found: {self.path}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or _cpu_threads()
+        providers = choose_providers(device, cuda_graph)
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
+            raise DataError(f"cannot load {self.path} with onnxruntime: {str(exc).splitlines()[0]}") from None
+        wants_cuda = isinstance(providers[0], tuple)
+        self.provider = self.session.get_providers()[0]
+        if wants_cuda and self.provider != "CUDAExecutionProvider":
+            raise DeviceError(f"onnxruntime could not start the CUDA provider for {self.path} (fell back to "
+                              f"{self.provider}); check the CUDA and cuDNN libraries")
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "transfer.input_size" not in meta:
+            raise DataError(f"{self.path} has no transfer.* metadata; export it with `transfer export`")
+        self.metadata = meta
+        self.prep = Preprocessing.from_metadata(meta)
+        self.classes: list[str] = json.loads(meta.get("transfer.classes", "[]"))
+        self.layout = meta.get("transfer.layout", "NCHW_float32")
+        self.output_kind = meta.get("transfer.output_kind", "logits")
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.decode_workers = decode_workers or min(8, (os.cpu_count() or 1) + 2)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+
+    # --- preprocessing --------------------------------------------------------------------------------------------
+    def preprocess_one(self, image) -> np.ndarray:
+        """One image (path, PIL image or uint8 array) -> the model's input row, by the file's own metadata."""
+        rgb = as_rgb_image(image)
+        return eval_pixels(rgb, self.prep) if self.layout == "NHWC_uint8" else eval_array(rgb, self.prep)
+
+    def _load(self, image) -> np.ndarray | BadImageError:
+        try:
+            return self.preprocess_one(image)
+        except BadImageError as exc:
+            return exc
+
+    def iter_batches(self, images: Sequence, batch_size: int = 32,
+                     prefetch: int = 2) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
+        """Decode in a thread pool, `prefetch` batches ahead of the model: (row indices, batch, errors)."""
+        if batch_size < 1:
+            raise DataError("batch size must be at least 1")
+        starts = iter(range(0, len(images), batch_size))
+        with ThreadPoolExecutor(max_workers=self.decode_workers) as pool:
+            pending: deque[tuple[int, list[Future]]] = deque()
+
+            def submit_next() -> None:
+                start = next(starts, None)
+                if start is not None:
+                    chunk = images[start:start + batch_size]
+                    pending.append((start, [pool.submit(self._load, item) for item in chunk]))
+
+            for _ in range(prefetch + 1):
+                submit_next()
+            while pending:
+                start, futures = pending.popleft()
+                submit_next()
+                rows, arrays, errors = [], [], []
+                for offset, future in enumerate(futures):
+                    result = future.result()
+                    if isinstance(result, BadImageError):
+                        errors.append((start + offset, result.reason))
+                    else:
+                        rows.append(start + offset)
+                        arrays.append(result)
+                yield rows, (np.stack(arrays) if arrays else None), errors
+
+    # --- running --------------------------------------------------------------------------------------------------
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Raw outputs for a preprocessed batch."""
+        return self.session.run(self.output_names, {self.input_name: batch})
+
+    def logits(self, images: Sequence, batch_size: int = 32) -> np.ndarray:
+        """Logits of every image; an unreadable image is an error here (use `predict` to skip and report)."""
+        out = []
+        for _, batch, errors in self.iter_batches(list(images), batch_size):
+            if errors:
+                index, reason = errors[0]
+                raise DataError(f"{images[index]}: {reason}")
+            out.append(self.run(batch)[0])
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict(self, images: Iterable, top_k: int = 5, batch_size: int = 32,
+                progress=None) -> list[Prediction]:
+        """Top-k labels and softmax probabilities per image; unreadable images come back with `error` set."""
+        if self.output_kind != "logits":
+            raise DataError(f"{self.path} is a feature extractor; use .features()")
+        images = list(images)
+        results: list[Prediction | None] = [None] * len(images)
+        for rows, batch, errors in self.iter_batches(images, batch_size):
+            for index, reason in errors:
+                results[index] = Prediction(_name(images[index]), error=reason)
+            if batch is not None:
+                for row, logits in zip(rows, self.run(batch)[0], strict=True):
+                    results[row] = self._top_k(_name(images[row]), logits, top_k)
+            if progress is not None:
+                progress(len(rows) + len(errors))
+        return results  # type: ignore[return-value]
+
+    def _top_k(self, name: str, logits: np.ndarray, top_k: int) -> Prediction:
+        shifted = np.exp(logits - logits.max())
+        probabilities = shifted / shifted.sum()
+        order = np.argsort(-probabilities)[:max(1, top_k)]
+        labels = [self.classes[i] if i < len(self.classes) else str(i) for i in order]
+        return Prediction(name, [int(i) for i in order], labels, [float(probabilities[i]) for i in order])
+
+    def features(self, images: Sequence, batch_size: int = 32) -> dict[str, np.ndarray]:
+        """Every output of a feature-extractor file, stacked over the images (unreadable ones are an error)."""
+        chunks: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
+        for _, batch, errors in self.iter_batches(list(images), batch_size):
+            if errors:
+                index, reason = errors[0]
+                raise DataError(f"{images[index]}: {reason}")
+            for name, value in zip(self.output_names, self.run(batch), strict=True):
+                chunks[name].append(value)
+        return {name: np.concatenate(parts) for name, parts in chunks.items()}
+
+    # --- speed ----------------------------------------------------------------------------------------------------
+    def benchmark(self, batch_size: int, seconds: float = 3.0, warmup: int = 3, min_runs: int = 5) -> dict:
+        """images/s and latency p50/p95 on synthetic input of this batch size, after warm-up."""
+        size = self.prep.input_size
+        rng = np.random.default_rng(0)
+        if self.layout == "NHWC_uint8":
+            batch = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+        else:
+            batch = rng.standard_normal((batch_size, 3, size, size)).astype(np.float32)
+        for _ in range(warmup):
+            self.run(batch)
+        latencies = []
+        started = time.perf_counter()
+        while len(latencies) < min_runs or time.perf_counter() - started < seconds:
+            tick = time.perf_counter()
+            self.run(batch)
+            latencies.append(time.perf_counter() - tick)
+        return latency_summary(batch_size, latencies)
+
+
+def latency_summary(batch_size: int, latencies: Sequence[float]) -> dict:
+    seconds = np.asarray(latencies)
+    return {
+        "batch_size": batch_size,
+        "images_per_s": round(batch_size * len(seconds) / float(seconds.sum()), 2),
+        "p50_ms": round(float(np.percentile(seconds, 50)) * 1e3, 2),
+        "p95_ms": round(float(np.percentile(seconds, 95)) * 1e3, 2),
+        "runs": len(seconds),
+    }
+
+
+def _name(item) -> str:
+    return str(item) if isinstance(item, (str, os.PathLike)) else f"<{type(item).__name__}>"
