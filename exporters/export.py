@@ -66,13 +66,13 @@ class _Preprocessed(nn.Module):
 
     def __init__(self, model: nn.Module, prep: Preprocessing):
         super().__init__()
-        self.model = model
-        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(prep.std).view(1, 3, 1, 1)))
-        self.register_buffer("shift", (torch.tensor(prep.mean) / torch.tensor(prep.std)).view(1, 3, 1, 1))
+        self.model, self.mean, self.std = model, tuple(prep.mean), tuple(prep.std)
 
     def forward(self, pixels: torch.Tensor):
-        x = pixels.permute(0, 3, 1, 2).float() * self.scale - self.shift
-        return self.model(x)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 1, 1, 3)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 1, 1, 3)
+        x = (pixels.float() / 255.0 - mean) / std
+        return self.model(x.permute(0, 3, 1, 2).contiguous())
 
 
 class _Half(nn.Module):
@@ -163,7 +163,7 @@ def verification_images(prep: Preprocessing, paths: Sequence[Path], count: int =
 
     if paths:
         images = [open_image(p) for p in list(paths)[:count]]
-        return images, f"{len(images)} image(s) from the run's data"
+        return images, f"{len(images)} validation image(s) of the run"
     try:
         from PIL import Image
         from skimage import data as photos
@@ -232,6 +232,7 @@ def export_onnx(
     export_model: nn.Module = _Half(model) if fp16 else model
     if embed_preprocessing:
         export_model = _Preprocessed(export_model, source.prep)
+    export_model.eval()  # torch.onnx.export restores the wrapper's mode on the whole tree afterwards
     output_names = list(source.layers) if source.output_kind == "features" else ["logits"]
     size = source.prep.input_size
     dummy = (torch.zeros(2, size, size, 3, dtype=torch.uint8) if embed_preprocessing

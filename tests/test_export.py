@@ -1,0 +1,206 @@
+"""export: self-describing ONNX verified against PyTorch; checked here with plain onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+import cli
+from exporters.export import export_onnx
+from tests.conftest import digits_folder
+from tests.test_finetune import random_weights_file
+from transfer.extract import extract
+from transfer.preprocess import Preprocessing, eval_array
+from transfer.train import FinetuneConfig, finetune, load_run
+
+PLAIN_ORT = r'''
+import json, sys
+import numpy as np, onnxruntime as ort
+from PIL import Image
+for banned in ("torch", "timm", "transfer", "models", "exporters"):
+    sys.modules[banned] = None
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+meta = session.get_modelmeta().custom_metadata_map
+size, resize = int(meta["transfer.input_size"]), int(meta["transfer.resize"])
+mean, std = np.array(json.loads(meta["transfer.mean"])), np.array(json.loads(meta["transfer.std"]))
+classes = json.loads(meta["transfer.classes"])
+filters = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+out = {}
+for path in sys.argv[2:]:
+    image = Image.open(path).convert("RGB")
+    w, h = image.size
+    scale = resize / min(w, h)
+    image = image.resize((resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize),
+                         filters[meta["transfer.interpolation"]])
+    left, top = round((image.width - size) / 2), round((image.height - size) / 2)
+    pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float32) / 255
+    x = ((pixels - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)
+    index = int(session.run(["logits"], {"input": x})[0].argmax())
+    out[path] = [index, classes[index]]
+print(json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def imagenet_onnx(tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "enet.onnx"
+    record = export_onnx(path, backbone="efficientnet_lite0")
+    return path, record
+
+
+def test_imagenet_classifier_runs_with_plain_onnxruntime(imagenet_onnx, photo_dir, tmp_path):
+    path, record = imagenet_onnx
+    assert record.checker == "passed (full check)" and record.max_rel_diff["logits"] <= 1e-4
+    assert record.batch_sizes_checked == [1, 3] and record.dynamic_axes["input"] == {0: "batch"}
+    script = tmp_path / "plain.py"
+    script.write_text(PLAIN_ORT)
+    chelsea, coffee = photo_dir / "chelsea.jpg", photo_dir / "coffee.jpg"
+    result = subprocess.run([sys.executable, str(script), str(path), str(chelsea), str(coffee)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert 281 <= found[str(chelsea)][0] <= 285 and "cat" in found[str(chelsea)][1]
+    assert found[str(coffee)][0] in (967, 968) and ("espresso" in found[str(coffee)][1]
+                                                     or "cup" in found[str(coffee)][1])
+
+
+def test_metadata_has_every_design_key(imagenet_onnx):
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(imagenet_onnx[0])).metadata_props}
+    for key in ("classes", "input_size", "resize", "crop", "interpolation", "mean", "std", "layout", "backbone",
+                "layers", "output_kind", "version"):
+        assert f"transfer.{key}" in meta, key
+    assert meta["transfer.output_kind"] == "logits" and meta["transfer.mean"] == "[0.5, 0.5, 0.5]"
+    assert meta["transfer.resize"] == "256" and meta["transfer.crop"] == "224"
+    assert len(json.loads(meta["transfer.classes"])) == 1000
+
+
+def test_embedded_preprocessing_matches_float_model(imagenet_onnx, photos, tmp_path):
+    path, _ = imagenet_onnx
+    embedded = tmp_path / "embedded.onnx"
+    record = export_onnx(embedded, backbone="efficientnet_lite0", embed_preprocessing=True)
+    assert record.input_dtype == "uint8" and record.input_shape == ["batch", 224, 224, 3]
+    prep = Preprocessing(224, 0.875, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    images = [Image.fromarray(photos[n]) for n in ("chelsea", "rocket")]
+    from transfer.preprocess import eval_pixels
+
+    raw = np.stack([eval_pixels(i, prep) for i in images])
+    floats = np.stack([eval_array(i, prep) for i in images])
+    a = ort.InferenceSession(str(embedded)).run(["logits"], {"input": raw})[0]
+    b = ort.InferenceSession(str(path)).run(["logits"], {"input": floats})[0]
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    data = digits_folder(root / "digits", per_class=12, size=32, classes=4)
+    weights = random_weights_file(root, "resnet18", size=48)
+    config = FinetuneConfig(backbone="resnet18", epochs_head=2, epochs_finetune=1, batch_size=8, input_size=48,
+                            weights=str(weights), augment=False, workers=0, lr_finetune=0.01)
+    finetune(data, config, output=root / "run", device="cpu", log=lambda _: None)
+    return root / "run", data
+
+
+def test_run_classifier_agrees_with_pytorch_on_validation(small_run, tmp_path):
+    run_dir, data = small_run
+    path = tmp_path / "run.onnx"
+    record = export_onnx(path, run=run_dir)
+    assert "validation" in record.verify_images
+    model, config = load_run(run_dir)
+    from exporters.export import _run_validation_images
+
+    val = _run_validation_images(config)
+    prep = Preprocessing.from_dict(config["preprocessing"])
+    x = np.stack([eval_array(Image.open(p).convert("RGB"), prep) for p in val])
+    ours = ort.InferenceSession(str(path)).run(["logits"], {"input": x})[0]
+    with torch.no_grad():
+        reference = model(torch.from_numpy(x)).numpy()
+    assert len(val) == 8 and (ours.argmax(1) == reference.argmax(1)).all()
+    assert np.abs(ours - reference).max() <= 1e-4 * np.abs(reference).max()
+    meta = {p.key: p.value for p in __import__("onnx").load(str(path)).metadata_props}
+    assert json.loads(meta["transfer.classes"]) == ["0", "1", "2", "3"] and meta["transfer.input_size"] == "48"
+
+
+def test_int8_trained_run_keeps_top1_and_shrinks(tmp_path):
+    """LeNet-5 trained on all 1,797 digits (~98% val), int8 calibrated on 100 training images."""
+    from transfer.samples import write_digits_folder
+
+    data = write_digits_folder(tmp_path / "digits", size=32)
+    calibration = write_digits_folder(tmp_path / "calibration", per_class=10, size=32)
+    config = FinetuneConfig(backbone="lenet5", epochs_head=10, epochs_finetune=0, augment=False, lr_head=3e-3,
+                            workers=0, batch_size=64)
+    result = finetune(data, config, output=tmp_path / "run", device="cpu", log=lambda _: None)
+    record = export_onnx(tmp_path / "int8.onnx", run=tmp_path / "run", int8=True, calibration=calibration)
+    ratio = record.fp32_size_bytes / record.size_bytes
+    print(f"lenet5 val acc {result.best_val_acc:.4f}; int8 agreement {record.top1_agreement:.4f} on "
+          f"{record.agreement_images}, {ratio:.2f}x smaller")
+    assert record.agreement_images == "359 validation images of the run"
+    assert record.top1_agreement >= 0.98 and ratio >= 3
+    session = ort.InferenceSession(str(tmp_path / "int8.onnx"))
+    assert any(node.op_type == "QuantizeLinear" for node in __import__("onnx").load(
+        str(tmp_path / "int8.onnx")).graph.node)
+    assert session.get_modelmeta().custom_metadata_map["transfer.precision"] == "int8"
+
+
+def test_vgg16_block4_pool_extractor_any_batch(tmp_path, photos, photo_dir):
+    weights = random_weights_file(tmp_path, "vgg16", size=64)
+    path = tmp_path / "vgg.onnx"
+    record = export_onnx(path, backbone="vgg16", weights=weights, layers=["block4_pool"])
+    assert record.output_names == ["block4_pool"] and record.output_shapes["block4_pool"] == ["batch", 512, 14, 14]
+    reference = extract(photo_dir, backbone="vgg16", layers=["block4_pool"], weights=weights, device="cpu",
+                        workers=0)
+    prep = Preprocessing(224, 0.875, "bilinear")
+    rows = np.stack([eval_array(Image.open(p).convert("RGB"), prep) for p in reference.paths])
+    session = ort.InferenceSession(str(path))
+    for n in (1, 3, 8):
+        batch = np.concatenate([rows] * 3)[:n]
+        out = session.run(["block4_pool"], {"input": batch})[0]
+        assert out.shape == (n, 512, 14, 14)
+        expected = np.concatenate([reference.features["block4_pool"]] * 3)[:n]
+        assert np.abs(out - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+def test_forced_tolerance_failure_leaves_no_file(small_run, tmp_path, runner, monkeypatch):
+    run_dir, _ = small_run
+    real_export = torch.onnx.export
+
+    def perturbed_export(model, args, f, **kwargs):  # the ONNX graph gets slightly different weights
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.05 * torch.randn_like(param))
+        try:
+            return real_export(model, args, f, **kwargs)
+        finally:
+            model.load_state_dict(saved)
+
+    monkeypatch.setattr(torch.onnx, "export", perturbed_export)
+    output = tmp_path / "bad.onnx"
+    result = runner.invoke(cli.app, ["export", str(run_dir), "--output", str(output)])
+    assert result.exit_code == 1, result.output
+    assert "verification failed" in result.output
+    assert not output.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_export_cli_record_and_bad_input(small_run, tmp_path, runner):
+    run_dir, _ = small_run
+    result = runner.invoke(cli.app, ["export", str(run_dir), "-o", str(tmp_path / "m.onnx"), "--json",
+                                     str(tmp_path / "record.json")])
+    assert result.exit_code == 0, result.output
+    assert "onnx.checker: passed" in result.output and "max difference vs PyTorch" in result.output
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["output_names"] == ["logits"] and record["output_shapes"]["logits"] == ["batch", 4]
+    bad_layer = runner.invoke(cli.app, ["export", str(run_dir), "-o", str(tmp_path / "x.onnx"), "--layer",
+                                        "conv5_block2_ou"])
+    assert bad_layer.exit_code == 2 and "conv5_block2_out" in bad_layer.output
+    bad_name = runner.invoke(cli.app, ["export", str(run_dir), "-o", str(tmp_path / "x.txt")])
+    assert bad_name.exit_code == 2 and ".onnx" in bad_name.output
