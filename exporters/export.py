@@ -243,10 +243,14 @@ def export_onnx(
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as work:
         fp32_path = Path(work) / "model.onnx"
-        with torch.no_grad():
-            torch.onnx.export(export_model, (dummy,), str(fp32_path), input_names=["input"],
-                              output_names=output_names, dynamic_axes=dynamic_axes, opset_version=opset,
-                              dynamo=False, do_constant_folding=True)
+        try:
+            with torch.no_grad():
+                torch.onnx.export(export_model, (dummy,), str(fp32_path), input_names=["input"],
+                                  output_names=output_names, dynamic_axes=dynamic_axes, opset_version=opset,
+                                  dynamo=False, do_constant_folding=True)
+        except torch.onnx.errors.OnnxExporterError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"torch.onnx cannot export this model at input size {size}: {first}") from None
         meta = _metadata(source, layout, precision)
         final_path = fp32_path
         images, verify_note = verification_images(source.prep, _verify_paths(verify_images, source))

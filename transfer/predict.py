@@ -49,7 +49,7 @@ def run_bench(model_path: str | os.PathLike, batch_sizes: list[int], device: str
     onnx_model = OnnxModel(model_path, device=device)
     rows = [{"engine": f"onnxruntime {onnx_model.provider}", **onnx_model.benchmark(b, seconds)} for b in batch_sizes]
     result = {"model": str(model_path), "machine": machine_name(), "device": onnx_model.device,
-              "precision": onnx_model.metadata.get("transfer.precision", "fp32"), "rows": rows}
+              "precision": onnx_model.metadata.get("transfer.precision", "fp32"), "rows": list(rows)}
     if against_torch:
         from transfer.bench import torch_benchmark, torch_model
 
