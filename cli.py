@@ -136,7 +136,9 @@ def finetune(
     head: Annotated[str, typer.Option(help="mlp (pool, dropout, Dense 1024 ReLU, Dense) or linear")] = "mlp",
     val_split: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.2,
     augment: Annotated[bool, typer.Option(help="rotation, shifts, zoom, flips, colour jitter")] = True,
-    cache_features: Annotated[bool, typer.Option(help="stage 1 on cached backbone features (no augmentation)")] = False,
+    cache_features: Annotated[bool | None, typer.Option(
+        "--cache-features/--no-cache-features",
+        help="stage 1 on cached backbone features, no augmentation (default: when --no-augment)")] = None,
     weights: Annotated[Path | None, typer.Option(help="backbone weights (.safetensors or state dict)")] = None,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained",
                                                     help="default: pretrained where weights exist")] = None,
@@ -161,8 +163,20 @@ def finetune(
         val_split=val_split, augment=augment, cache_features=cache_features, pretrained=pretrained,
         weights=str(weights) if weights else None, input_size=input_size, crop_pct=crop_pct, seed=seed,
         patience=patience, workers=workers, strict=strict, bn_stats=bn_stats)
-    log = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
-    result = run_finetune(data_dir, config, output=output, resume=resume, device=device, log=log)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("training", total=None)
+
+        def on_batch(description: str, done: int, total: int) -> None:
+            bar.update(task, description=description, completed=done, total=total)
+
+        def log(line: str) -> None:
+            bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+        result = run_finetune(data_dir, config, output=output, resume=resume, device=device, log=log,
+                              on_batch=on_batch)
     console.print(f"validation accuracy {result.best_val_acc:.4f} ({result.epochs_run} epochs) -> {result.run_dir}",
                   highlight=False)
 
@@ -207,6 +221,7 @@ def extract(
     layout: Annotated[str, typer.Option(help="nchw, or nhwc (Keras' array order)")] = "nchw",
     weights: Annotated[Path | None, typer.Option(help="backbone weights (.safetensors or state dict)")] = None,
     run: Annotated[Path | None, typer.Option(help="use a fine-tuned run's weights and preprocessing")] = None,
+    onnx: Annotated[Path | None, typer.Option(help="run an exported feature extractor with onnxruntime")] = None,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
     input_size: Annotated[int | None, typer.Option(help="input side (default: the model's)")] = None,
     output: Annotated[Path | None, typer.Option(help=".npy (one layer) or .npz; default features.npy/.npz")] = None,
@@ -225,7 +240,7 @@ def extract(
     with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
         task = bar.add_task("extracting", total=None)
         result = run_extract(images_dir, backbone=backbone, layers=layers, pool=pool, layout=layout, weights=weights,
-                             run=run, pretrained=pretrained, input_size=input_size, output=output,
+                             run=run, onnx=onnx, pretrained=pretrained, input_size=input_size, output=output,
                              batch_size=batch_size, device=device, workers=workers,
                              progress=lambda n: bar.advance(task, n))
     for name, shape in result.metadata["shapes"].items():

@@ -40,7 +40,7 @@ def main(model_path: str, image_paths: list[str]) -> None:
     logits = session.run(["logits"], {session.get_inputs()[0].name: batch})[0]
     probabilities = np.exp(logits - logits.max(1, keepdims=True))
     probabilities /= probabilities.sum(1, keepdims=True)
-    for path, row in zip(image_paths, probabilities):
+    for path, row in zip(image_paths, probabilities, strict=True):
         best = int(row.argmax())
         print(f"{path}\t{classes[best]}\t{row[best]:.4f}")
 

@@ -167,6 +167,9 @@ def test_vgg16_block4_pool_extractor_any_batch(tmp_path, photos, photo_dir):
         assert out.shape == (n, 512, 14, 14)
         expected = np.concatenate([reference.features["block4_pool"]] * 3)[:n]
         assert np.abs(out - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+    via_onnx = extract(photo_dir, layers=["block4_pool"], onnx=path, device="cpu").features["block4_pool"]
+    assert via_onnx.shape == (3, 512, 14, 14)
+    assert np.abs(via_onnx - reference.features["block4_pool"]).max() <= 1e-4 * np.abs(via_onnx).max()
 
 
 def test_forced_tolerance_failure_leaves_no_file(small_run, tmp_path, runner, monkeypatch):

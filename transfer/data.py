@@ -132,7 +132,7 @@ def make_loader(
         pin_memory=device.startswith("cuda"),
         persistent_workers=workers > 0,
         generator=generator,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=2 if workers > 0 else None,
     )
 
 

@@ -62,15 +62,17 @@ def collect_samples(images: str | os.PathLike | Sequence[str | os.PathLike]) -> 
     return samples, [], skipped
 
 
-def _post_process(tensor: torch.Tensor, pool: str, layout: str) -> np.ndarray:
-    if tensor.ndim == 4:
+def _post_process(array: np.ndarray, pool: str, layout: str) -> np.ndarray:
+    """Spatial pooling or NHWC layout for 4-D outputs; other outputs pass unchanged."""
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 4:
         if pool == "avg":
-            tensor = tensor.mean(dim=(2, 3))
+            array = array.mean(axis=(2, 3))
         elif pool == "max":
-            tensor = tensor.amax(dim=(2, 3))
+            array = array.max(axis=(2, 3))
         elif layout == "nhwc":
-            tensor = tensor.permute(0, 2, 3, 1)
-    return np.ascontiguousarray(tensor.float().cpu().numpy())
+            array = array.transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(array)
 
 
 class _NpyStream:
@@ -81,7 +83,7 @@ class _NpyStream:
         np.lib.format.write_array_header_1_0(self.handle, {"descr": "<f4", "fortran_order": False, "shape": shape})
 
     def write(self, batch: np.ndarray) -> None:
-        self.handle.write(batch.astype("<f4", copy=False).tobytes())
+        np.ascontiguousarray(batch, dtype="<f4").tofile(self.handle)
 
     def close(self) -> None:
         self.handle.close()
@@ -95,6 +97,7 @@ def extract(
     layout: str = "nchw",
     weights: str | os.PathLike | None = None,
     run: str | os.PathLike | None = None,
+    onnx: str | os.PathLike | None = None,
     pretrained: bool | None = None,
     input_size: int | None = None,
     output: str | os.PathLike | None = None,
@@ -105,9 +108,9 @@ def extract(
 ) -> ExtractResult:
     """Features of `layers` for every usable image; in memory, or streamed to `output` (.npy one layer, .npz more).
 
-    `run` uses a fine-tuned run's weights and preprocessing instead of the pretrained backbone's.
+    `run` uses a fine-tuned run's weights and preprocessing instead of the pretrained backbone's; `onnx` runs an
+    exported feature extractor with onnxruntime (its outputs are the layers).
     """
-    from transfer.train import load_run, resolve_device
 
     if pool not in POOLS:
         raise TransferError(f"--pool {pool!r}: use one of {', '.join(POOLS)}")
@@ -123,29 +126,14 @@ def extract(
     if isinstance(images, (str, os.PathLike)) and not Path(images).is_dir():
         raise DataError(f"folder not found: {images}")
 
-    if run is not None:
-        model, config = load_run(run)
-        spec = get_backbone(config["backbone"])
-        prep = Preprocessing.from_dict(config["preprocessing"])
-        network, source = model.backbone, f"run {run}"
-    else:
-        spec = get_backbone(backbone)
-        network, source = create_backbone(spec, pretrained, weights)
-        prep = spec.preprocessing
-    if input_size:
-        prep = replace(prep, input_size=input_size)
-    paths_in_model = [resolve_layer(spec, name, network) for name in layers]
     samples, classes, skipped = collect_samples(images)
-
-    target = resolve_device(device)
-    tap = FeatureTap(network.eval().to(target), paths_in_model, stop_early=True)
-    loader = make_loader(ImageDataset(samples, eval_transform(prep)), batch_size, workers=workers,
-                         device=target.type)
+    if onnx is not None:
+        batches, metadata = _onnx_batches(onnx, layers, samples, batch_size, device, input_size)
+    else:
+        batches, metadata = _torch_batches(backbone, layers, samples, weights, run, pretrained, input_size,
+                                           batch_size, device, workers)
+    metadata.update(pool=pool, layout=layout)
     names = layers
-    metadata = {
-        "backbone": spec.name, "weights": source, "layers": dict(zip(layers, paths_in_model, strict=True)),
-        "input_size": prep.input_size, "preprocessing": prep.to_dict(), "pool": pool, "layout": layout,
-    }
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
     streams: dict[str, _NpyStream] = {}
     temp_dir = None
@@ -153,21 +141,18 @@ def extract(
         if output is not None:
             temp_dir = Path(output).parent / f".{Path(output).name}.parts"
             temp_dir.mkdir(parents=True, exist_ok=True)
-        with torch.no_grad():
-            for images_batch, _ in loader:
-                outputs = tap(images_batch.to(target))
-                for name, tensor in zip(layers, outputs, strict=True):
-                    array = _post_process(tensor, pool, layout)
-                    if temp_dir is None:
-                        chunks[name].append(array)
-                        continue
-                    if name not in streams:
-                        streams[name] = _NpyStream(temp_dir / f"{name}.npy", (len(samples), *array.shape[1:]))
-                        metadata.setdefault("shapes", {})[name] = [len(samples), *array.shape[1:]]
-                    streams[name].write(array)
-                if progress is not None:
-                    progress(len(images_batch))
-        tap.close()
+        for count, outputs in batches:
+            for name, raw in zip(layers, outputs, strict=True):
+                array = _post_process(raw, pool, layout)
+                if temp_dir is None:
+                    chunks[name].append(array)
+                    continue
+                if name not in streams:
+                    streams[name] = _NpyStream(temp_dir / f"{name}.npy", (len(samples), *array.shape[1:]))
+                    metadata.setdefault("shapes", {})[name] = [len(samples), *array.shape[1:]]
+                streams[name].write(array)
+            if progress is not None:
+                progress(count)
         for stream in streams.values():
             stream.close()
         features: dict[str, np.ndarray | None]
@@ -193,6 +178,69 @@ def extract(
             "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
         })
     return result
+
+
+def _torch_batches(backbone, layers, samples, weights, run, pretrained, input_size, batch_size, device, workers):
+    """(batch length, [array per layer]) from a registry backbone or a run, tapped with `FeatureTap`."""
+    from transfer.train import load_run, resolve_device
+
+    if run is not None:
+        model, config = load_run(run)
+        spec = get_backbone(config["backbone"])
+        prep = Preprocessing.from_dict(config["preprocessing"])
+        network, source = model.backbone, f"run {run}"
+    else:
+        spec = get_backbone(backbone)
+        network, source = create_backbone(spec, pretrained, weights)
+        prep = spec.preprocessing
+    if input_size:
+        prep = replace(prep, input_size=input_size)
+    paths_in_model = [resolve_layer(spec, name, network) for name in layers]
+    target = resolve_device(device)
+    tap = FeatureTap(network.eval().to(target), paths_in_model, stop_early=True)
+    loader = make_loader(ImageDataset(samples, eval_transform(prep)), batch_size, workers=workers,
+                         device=target.type)
+    metadata = {"backbone": spec.name, "weights": source, "layers": dict(zip(layers, paths_in_model, strict=True)),
+                "input_size": prep.input_size, "preprocessing": prep.to_dict()}
+
+    def generate():
+        with torch.no_grad():
+            for images_batch, _ in loader:
+                outputs = tap(images_batch.to(target))
+                yield len(images_batch), [t.float().cpu().numpy() for t in outputs]
+        tap.close()
+
+    return generate(), metadata
+
+
+def _onnx_batches(onnx, layers, samples, batch_size, device, input_size):
+    """(batch length, [array per layer]) from an exported feature extractor run by onnxruntime."""
+    from exporters.runtime import OnnxModel
+    from transfer.errors import UnknownNameError
+
+    runtime = OnnxModel(onnx, device=device)
+    if runtime.output_kind != "features":
+        raise TransferError(f"--onnx {onnx} is a classifier; export a feature extractor with `export --layer`")
+    if input_size and input_size != runtime.prep.input_size:
+        raise TransferError(f"--input-size {input_size}: {onnx} was exported at {runtime.prep.input_size}")
+    for name in layers:
+        if name not in runtime.output_names:
+            raise UnknownNameError(f"layer in {onnx}", name, runtime.output_names)
+    indices = [runtime.output_names.index(name) for name in layers]
+    metadata = {"backbone": runtime.metadata.get("transfer.backbone", ""), "weights": f"onnx {onnx}",
+                "layers": {name: json.loads(runtime.metadata.get("transfer.layers", "{}")).get(name, name)
+                           for name in layers},
+                "input_size": runtime.prep.input_size, "preprocessing": runtime.prep.to_dict()}
+
+    def generate():
+        for rows, batch, errors in runtime.iter_batches([s.path for s in samples], batch_size):
+            if errors:
+                index, reason = errors[0]
+                raise DataError(f"{samples[index].path}: {reason}")
+            outputs = runtime.run(batch)
+            yield len(rows), [outputs[i] for i in indices]
+
+    return generate(), metadata
 
 
 def sidecar_path(output: str | os.PathLike) -> Path:

@@ -56,7 +56,7 @@ class FinetuneConfig:
     dropout: float = 0.2
     val_split: float = 0.2
     augment: bool = True
-    cache_features: bool = False
+    cache_features: bool | None = None  # None: cache when stage 1 runs without augmentation
     pretrained: bool | None = None
     weights: str | None = None
     input_size: int | None = None
@@ -96,7 +96,7 @@ def plan_stages(config: FinetuneConfig, spec: BackboneSpec, pretrained: bool) ->
     if not pretrained:
         return [Stage("scratch", config.epochs_head + config.epochs_finetune, ("",), "adamw", config.lr_head,
                       True, False)]
-    cached = config.cache_features or not config.augment
+    cached = config.cache_features if config.cache_features is not None else not config.augment
     return [
         Stage("head", config.epochs_head, (), config.head_optimizer, config.lr_head, False, cached),
         Stage("finetune", config.epochs_finetune, tuple(group_prefixes(spec, config.unfreeze)), "sgd",
@@ -144,8 +144,10 @@ class Trainer:
     """Holds the model, data and run directory; `fit` walks the stages epoch by epoch."""
 
     def __init__(self, config: FinetuneConfig, data_dir: str | os.PathLike, run_dir: Path, device: torch.device,
-                 log: Callable[[str], None] = print, on_epoch_end: Callable[[dict], None] | None = None):
+                 log: Callable[[str], None] = print, on_epoch_end: Callable[[dict], None] | None = None,
+                 on_batch: Callable[[str, int, int], None] | None = None):
         self.config, self.run_dir, self.device, self.log = config, run_dir, device, log
+        self.on_batch = on_batch  # (description, batches done, batches in the epoch): progress bars
         self.data_dir = Path(data_dir).resolve()
         self.on_epoch_end = on_epoch_end
         self.spec = get_backbone(config.backbone)
@@ -227,9 +229,11 @@ class Trainer:
             order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(
                 epoch_seed(self.config.seed, epoch)))
             batches = ((features[idx], labels[idx]) for idx in order.split(self.config.batch_size))
+            total = math.ceil(len(labels) / self.config.batch_size)
             forward = model.head
         else:
             batches = self.image_loader(self.train_samples, self.config.augment, True, epoch)
+            total = len(batches)
             forward = model
         total_loss, correct, count = 0.0, 0, 0
         for step, (inputs, targets) in enumerate(batches):
@@ -247,6 +251,8 @@ class Trainer:
             total_loss += loss.item() * len(targets)
             correct += int((logits.argmax(1) == targets).sum())
             count += len(targets)
+            if self.on_batch is not None:
+                self.on_batch(f"{stage.name} epoch {epoch}", step + 1, total)
         return total_loss / count, correct / count
 
     def validate(self, model: TransferModel, stage: Stage) -> tuple[float, float, torch.Tensor, torch.Tensor]:
@@ -403,6 +409,7 @@ def finetune(
     device: str = "auto",
     log: Callable[[str], None] = print,
     on_epoch_end: Callable[[dict], None] | None = None,
+    on_batch: Callable[[str, int, int], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune on `data_dir`; with `resume`, continue that run from its last.ckpt with its saved settings."""
     if not Path(data_dir).is_dir():
@@ -424,7 +431,7 @@ def finetune(
             raise TransferError(f"{run_dir} already holds a run; pass --resume {run_dir} or another --output")
         run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    trainer = Trainer(config, data_dir, run_dir, resolve_device(device), log, on_epoch_end)
+    trainer = Trainer(config, data_dir, run_dir, resolve_device(device), log, on_epoch_end, on_batch)
     if resume_state is not None and trainer.classes != load_run_config(run_dir)["classes"]:
         raise DataError(f"{data_dir} has classes {trainer.classes}, the run was trained on "
                         f"{load_run_config(run_dir)['classes']}")
