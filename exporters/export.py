@@ -7,6 +7,7 @@ This module needs torch; the runtime (`exporters.runtime`) does not.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -28,7 +29,8 @@ from transfer.preprocess import Preprocessing, eval_array, eval_pixels
 DEFAULT_OPSET = 18  # well handled by torch's exporter and onnxruntime >= 1.16
 # max |onnx - torch| / max |torch|. An int8 classifier is judged by top-1 agreement instead: quantization moves
 # logits by design, more so on images unlike the calibration set.
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "int8": 0.3}
+# fp16 is compared with the fp32 PyTorch model, so its tolerance covers half-precision rounding through the net.
+TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "int8": 0.3}
 MIN_INT8_AGREEMENT = 0.9
 
 
@@ -80,7 +82,7 @@ class _Half(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model.half()
+        self.model = copy.deepcopy(model).half()  # the fp32 original stays the verification reference
 
     def forward(self, x: torch.Tensor):
         outputs = self.model(x.half())
@@ -233,6 +235,7 @@ def export_onnx(
     if embed_preprocessing:
         export_model = _Preprocessed(export_model, source.prep)
     export_model.eval()  # torch.onnx.export restores the wrapper's mode on the whole tree afterwards
+    reference_model = (_Preprocessed(model, source.prep) if embed_preprocessing else model).eval()
     output_names = list(source.layers) if source.output_kind == "features" else ["logits"]
     size = source.prep.input_size
     dummy = (torch.zeros(2, size, size, 3, dtype=torch.uint8) if embed_preprocessing
@@ -262,7 +265,7 @@ def export_onnx(
             fp32_size = fp32_path.stat().st_size
         _write_metadata(final_path, meta)
         checker = _check(final_path)
-        abs_diff, rel_diff, checked = _compare(final_path, export_model, images, source,
+        abs_diff, rel_diff, checked = _compare(final_path, reference_model, images, source,
                                                embed_preprocessing, output_names)
         tolerance = TOLERANCE[precision]
         record = ExportRecord(

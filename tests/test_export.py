@@ -207,3 +207,14 @@ def test_export_cli_record_and_bad_input(small_run, tmp_path, runner):
     assert bad_layer.exit_code == 2 and "conv5_block2_out" in bad_layer.output
     bad_name = runner.invoke(cli.app, ["export", str(run_dir), "-o", str(tmp_path / "x.txt")])
     assert bad_name.exit_code == 2 and ".onnx" in bad_name.output
+
+
+def test_fp16_export_halves_the_file_and_stays_close(small_run, tmp_path):
+    run_dir, _ = small_run
+    full = export_onnx(tmp_path / "fp32.onnx", run=run_dir)
+    half = export_onnx(tmp_path / "fp16.onnx", run=run_dir, fp16=True)
+    assert half.precision == "fp16" and half.input_dtype == "float32"
+    assert half.max_rel_diff["logits"] <= 3e-2
+    assert 1.8 <= full.size_bytes / half.size_bytes <= 2.2
+    session = ort.InferenceSession(str(tmp_path / "fp16.onnx"))
+    assert session.get_outputs()[0].type == "tensor(float)"
