@@ -28,6 +28,11 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
+def say(text: str) -> None:
+    """Print user data (paths, reasons) verbatim: no rich markup, no highlighting, no wrapping."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def cli_errors(command):
     """Turn the library's errors into a one-line message and an exit code, without a traceback."""
 
@@ -105,7 +110,7 @@ def scan(
         table.add_row(name, *(str(counts[split].get(name, 0)) for split in counts))
     console.print(table)
     for item in report.skipped:
-        console.print(f"skipped {item.path}: {item.reason}", markup=False, highlight=False, soft_wrap=True)
+        say(f"skipped {item.path}: {item.reason}")
     console.print(f"{len(report.skipped)} file(s) skipped", highlight=False)
     if json_out is not None:
         from transfer.io import write_json
@@ -204,7 +209,7 @@ def evaluate(
     for name, counts in zip(report["per_class"], report["confusion_matrix"], strict=True):
         console.print(f"  {name:>12} " + " ".join(f"{c:5d}" for c in counts), highlight=False, markup=False)
     for item in report["skipped"]:
-        console.print(f"skipped {item['path']}: {item['reason']}", markup=False, highlight=False, soft_wrap=True)
+        say(f"skipped {item['path']}: {item['reason']}")
     if output is not None:
         from transfer.io import write_json
 
@@ -247,7 +252,7 @@ def extract(
         module = result.metadata["layers"][name]
         console.print(f"{name} ({module}): {tuple(shape)}", highlight=False)
     for item in result.skipped:
-        console.print(f"skipped {item.path}: {item.reason}", markup=False, highlight=False, soft_wrap=True)
+        say(f"skipped {item.path}: {item.reason}")
     console.print(f"wrote {output} and {sidecar_path(output)} ({len(result.paths)} images)", highlight=False)
 
 

@@ -1,4 +1,4 @@
-"""Peak memory of `transfer extract --pool none` on 500 and 2,000 small images vs the size of what it writes:
+"""Peak memory of `transfer extract --pool none` on 500, 2,000 and 4,000 small images vs the size of what it writes:
 if features were held in RAM, peak memory would grow with the image count; streamed, it stays flat.
 
 Run: .venv/bin/python benchmarks/extract_memory.py  (writes benchmarks/extract_memory.json)
@@ -7,14 +7,13 @@ Run: .venv/bin/python benchmarks/extract_memory.py  (writes benchmarks/extract_m
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from transfer.predict import machine_name
 from transfer.samples import write_digits_folder
 
 HERE = Path(__file__).parent
@@ -41,19 +40,19 @@ def measure(images: Path, output: Path) -> dict:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_digits_folder(tmp / "a", size=48)
-        write_digits_folder(tmp / "b", per_class=21, size=40)  # 1,797 + 210 = 2,007 images
-        images = tmp / "images"
-        images.mkdir()
-        for path in sorted(tmp.glob("[ab]/*/*.png")):
-            path.rename(images / f"{path.parent.parent.name}_{path.parent.name}_{path.name}")
-        small = tmp / "small"
-        small.mkdir()
-        for path in sorted(images.iterdir())[:500]:
-            (small / path.name).write_bytes(path.read_bytes())
-        runs = [measure(small, tmp / "small.npy"), measure(images, tmp / "features.npy")]
+        for name, size in (("a", 48), ("b", 40), ("c", 56)):  # 3 x 1,797 real digits at different sizes
+            write_digits_folder(tmp / name, size=size)
+        everything = sorted(tmp.glob("[abc]/*/*.png"))
+        runs = []
+        for count in (500, 2000, 4000):
+            images = tmp / f"images{count}"
+            images.mkdir()
+            for path in everything[:count]:
+                (images / f"{path.parent.parent.name}_{path.parent.name}_{path.name}").write_bytes(path.read_bytes())
+            runs.append(measure(images, tmp / f"features{count}.npy"))
+            print(json.dumps(runs[-1]), flush=True)
         result = {
-            "machine": f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, CPU only",
+            "machine": f"{machine_name()}, CPU only",
             "layer": "resnet18 conv3_block2_out (128x28x28 at 224), --pool none, batch 32, 4 decode workers",
             "runs": runs,
         }

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from transfer.samples import write_digits_folder
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -45,22 +47,8 @@ def photo_dir(tmp_path: Path, photos) -> Path:
 
 
 def digits_folder(root: Path, per_class: int | None = None, size: int = 32, classes: int = 10) -> Path:
-    """scikit-learn's real handwritten digits written as PNG class folders (upscaled 8x8 -> size)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    counts: dict[int, int] = {}
-    for index, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
-        label = int(label)
-        if label >= classes or (per_class is not None and counts.get(label, 0) >= per_class):
-            continue
-        counts[label] = counts.get(label, 0) + 1
-        pixels = (255 - image * 255 / 16).astype(np.uint8)
-        folder = root / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR).convert("RGB").save(
-            folder / f"{index:04d}.png")
-    return root
+    """scikit-learn's real handwritten digits as PNG class folders, the 8x8 scans filling the whole image."""
+    return write_digits_folder(root, per_class=per_class, size=size, classes=classes, margin=0.0)
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
