@@ -357,6 +357,27 @@ def _compare(path: Path, model: nn.Module, images, source: _Source, embed: bool,
     return abs_diff, rel_diff, checked
 
 
+def shape_arithmetic_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes that compute sizes from `Shape` outputs (e.g. TF-"SAME" padding amounts), up to the `Pad` they feed.
+
+    They must stay in float: quantizing this integer arithmetic (its Clip looks like an activation) changes the
+    padding, hence every spatial size after it. That is what broke efficientnet_lite0 int8.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    marked: dict[str, onnx.NodeProto] = {}
+    frontier = [node for node in model.graph.node if node.op_type == "Shape"]
+    while frontier:
+        node = frontier.pop()
+        if node.name in marked or node.op_type == "Pad":
+            continue
+        marked[node.name] = node
+        frontier.extend(child for output in node.output for child in consumers.get(output, []))
+    return [name for name in marked if name]
+
+
 class _CalibrationReader:
     """Feeds preprocessed calibration images to onnxruntime's static quantizer, a batch at a time."""
 
@@ -392,7 +413,8 @@ def _quantize(fp32_path: Path, int8_path: Path, source: _Source, calibration, em
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
     quantize_static(str(prepared), str(int8_path), _CalibrationReader(paths, source, embed),
                     quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                    nodes_to_exclude=shape_arithmetic_nodes(onnx.load(str(prepared))))
     if source.output_kind != "logits":
         return None, None
     fp32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])

@@ -218,3 +218,19 @@ def test_fp16_export_halves_the_file_and_stays_close(small_run, tmp_path):
     assert 1.8 <= full.size_bytes / half.size_bytes <= 2.2
     session = ort.InferenceSession(str(tmp_path / "fp16.onnx"))
     assert session.get_outputs()[0].type == "tensor(float)"
+
+
+def test_int8_keeps_same_padding_arithmetic_in_float(imagenet_onnx):
+    """efficientnet's TF-'SAME' padding is computed from Shape at run time; quantizing that arithmetic changed
+    the spatial sizes (7x7 became 6x6). The quantizer must leave it alone."""
+    import onnx
+
+    from exporters.export import shape_arithmetic_nodes
+
+    model = onnx.load(str(imagenet_onnx[0]))
+    excluded = set(shape_arithmetic_nodes(model))
+    by_output = {out: node for node in model.graph.node for out in node.output}
+    pads = [node for node in model.graph.node if node.op_type == "Pad"]
+    assert pads and all(by_output[pad.input[1]].name in excluded for pad in pads)
+    kinds = {node.op_type for node in model.graph.node if node.name in excluded}
+    assert "Shape" in kinds and not kinds & {"Conv", "Pad", "Gemm"}
