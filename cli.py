@@ -237,8 +237,8 @@ def extract(
     """Features of intermediate layers, streamed to disk with a JSON sidecar (paths, labels, metadata)."""
     from rich.progress import Progress
 
-    from transfer.extract import extract as run_extract
-    from transfer.extract import sidecar_path
+    from transfer.features import extract as run_extract
+    from transfer.features import sidecar_path
 
     layers = layer or ["block4_pool"]
     output = output or Path("features.npy" if len(layers) == 1 else "features.npz")

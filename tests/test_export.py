@@ -16,7 +16,7 @@ import cli
 from exporters.export import export_onnx
 from tests.conftest import digits_folder
 from tests.test_finetune import random_weights_file
-from transfer.extract import extract
+from transfer.features import extract
 from transfer.preprocess import Preprocessing, eval_array
 from transfer.train import FinetuneConfig, finetune, load_run
 

@@ -14,7 +14,7 @@ from timm.data import create_transform
 import cli
 from tests.conftest import digits_folder
 from tests.test_finetune import random_weights_file
-from transfer.extract import extract, load_features
+from transfer.features import extract, load_features
 from transfer.train import FinetuneConfig, finetune
 
 
@@ -45,7 +45,10 @@ def photo_files(photo_dir):
 def test_vgg16_block4_pool_equals_hook(tmp_path, photo_dir):
     weights = random_weights_file(tmp_path, "vgg16", size=64)
     expected = hooked("vgg16", weights, ["features.23"], photo_files(photo_dir))["features.23"]
-    result = extract(photo_dir, backbone="vgg16", layers=["block4_pool"], weights=weights, device="cpu", workers=0)
+    import transfer  # the notebook API: transfer.extract(...) returns arrays and paths
+
+    result = transfer.extract(photo_dir, backbone="vgg16", layers=["block4_pool"], weights=weights, device="cpu",
+                              workers=0)
     got = result.features["block4_pool"]
     assert got.shape == (3, 512, 14, 14)
     assert np.allclose(got, expected, atol=1e-5)
