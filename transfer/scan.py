@@ -146,7 +146,7 @@ def scan_folder(
             for class_dir in _subfolders(folder):
                 candidates += [(p, class_dir.name, split) for p in _walk_files(class_dir, visited)]
             skipped += [Skipped(str(p), "outside any class folder") for p in _loose_files(folder)]
-        class_names = sorted({c for _, c, _ in candidates} | {d.name for f in splits.values() for d in _subfolders(f)})
+        class_names = sorted({d.name for f in splits.values() for d in _subfolders(f)})
     elif top and labelled is not False:
         layout = "classes"
         for class_dir in top:

@@ -414,7 +414,7 @@ def finetune(
     """Fine-tune on `data_dir`; with `resume`, continue that run from its last.ckpt with its saved settings."""
     if not Path(data_dir).is_dir():
         raise DataError(f"folder not found: {data_dir}")
-    resume_state = None
+    resume_state, saved = None, None
     if resume is not None:
         run_dir = Path(resume)
         saved = load_run_config(run_dir)
@@ -432,9 +432,8 @@ def finetune(
         run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     trainer = Trainer(config, data_dir, run_dir, resolve_device(device), log, on_epoch_end, on_batch)
-    if resume_state is not None and trainer.classes != load_run_config(run_dir)["classes"]:
-        raise DataError(f"{data_dir} has classes {trainer.classes}, the run was trained on "
-                        f"{load_run_config(run_dir)['classes']}")
+    if saved is not None and trainer.classes != saved["classes"]:
+        raise DataError(f"{data_dir} has classes {trainer.classes}, the run was trained on {saved['classes']}")
     try:
         return trainer.fit(resume_state)
     except KeyboardInterrupt:
