@@ -13,11 +13,41 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from transfer.errors import NonFiniteLossError, TransferError, VerificationError
+from transfer.io import display, os_error_message
+
+try:  # typer >= 0.20 vendors click; its exceptions are not the `click` package's
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer
+    from click import exceptions as click_errors
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (bad flag, value out of range, unknown choice) as one line and exit code 2, like our own."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click_errors.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(0)
+        except click_errors.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "transfer"
+            typer.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
+            sys.exit(2)
+        except click_errors.ClickException as exc:
+            typer.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="transfer",
+    cls=OneLineErrors,
     help="Transfer learning on image folders with timm backbones, Keras layer names and self-describing ONNX.",
     no_args_is_help=True,
     add_completion=False,
@@ -28,9 +58,10 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
-def say(text: str) -> None:
-    """Print user data (paths, reasons) verbatim: no rich markup, no highlighting, no wrapping."""
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
+def say(text: str, err: bool = False) -> None:
+    """Print user data (paths, reasons) verbatim: no rich markup, no highlighting, no wrapping; names that are
+    not valid UTF-8 print as \\xNN escapes instead of crashing."""
+    (err_console if err else console).print(display(text), markup=False, highlight=False, soft_wrap=True)
 
 
 def cli_errors(command):
@@ -41,11 +72,14 @@ def cli_errors(command):
         try:
             return command(*args, **kwargs)
         except TransferError as exc:
-            err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            say(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         except (VerificationError, NonFiniteLossError) as exc:
-            err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            say(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
+        except OSError as exc:  # an ordinary OS condition at a user's path: read-only, full disk, a loop
+            say(f"error: {os_error_message(exc)}", err=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted", highlight=False)
             raise typer.Exit(130) from None
@@ -102,7 +136,7 @@ def scan(
 
     report = scan_folder(data_dir, strict=strict)
     counts = report.counts()
-    table = Table(title=f"{data_dir} ({report.layout} layout, {len(report.samples)} usable images)")
+    table = Table(title=f"{display(data_dir)} ({report.layout} layout, {len(report.samples)} usable images)")
     table.add_column("class")
     for split in counts:
         table.add_column(split, justify="right")
@@ -199,7 +233,8 @@ def evaluate(
     from transfer.evaluate import evaluate as run_evaluate
 
     report = run_evaluate(model, data_dir, batch_size=batch_size, device=device)
-    table = Table(title=f"{model} on {data_dir}: accuracy {report['accuracy']:.4f} ({report['count']} images)")
+    table = Table(title=f"{display(model)} on {display(data_dir)}: accuracy {report['accuracy']:.4f} "
+                        f"({report['count']} images)")
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="right")
     for name, row in report["per_class"].items():
@@ -313,15 +348,14 @@ def predict(
     from rich.progress import Progress
 
     from exporters.runtime import OnnxModel
-    from transfer.predict import write_predictions
+    from transfer.io import output_lock
+    from transfer.predict import check_predictions_path, write_predictions
     from transfer.scan import expand_inputs
 
-    onnx_model = OnnxModel(model, device=device)
+    if output is not None:
+        check_predictions_path(output)
     paths = expand_inputs(images)
-    if not paths:
-        from transfer.errors import DataError
-
-        raise DataError("no images given")
+    onnx_model = OnnxModel(model, device=device)
     err_console.print(f"{model}: {onnx_model.provider}, {len(paths)} image(s)", highlight=False)
     with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
         task = bar.add_task("predicting", total=len(paths))
@@ -332,16 +366,17 @@ def predict(
         table.add_column(column, overflow="fold")
     for item in results:
         if item.error:
-            table.add_row(item.path, "unreadable", "-", item.error)
+            table.add_row(display(item.path), "unreadable", "-", item.error)
         else:
             others = ", ".join(f"{label} {p:.3f}" for label, p in zip(item.labels, item.probabilities, strict=True))
-            table.add_row(item.path, item.labels[0], f"{item.probabilities[0]:.4f}", others)
+            table.add_row(display(item.path), item.labels[0], f"{item.probabilities[0]:.4f}", others)
     console.print(table)
     bad = [r for r in results if r.error]
     if bad:
         console.print(f"{len(bad)} unreadable image(s)", highlight=False)
     if output is not None:
-        write_predictions(output, results)
+        with output_lock(output):
+            write_predictions(output, results)
 
 
 @app.command()
@@ -356,16 +391,16 @@ def bench(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results as JSON")] = None,
 ) -> None:
     """images/s and latency p50/p95 per batch size on synthetic input, optionally next to PyTorch eager."""
+    from transfer.options import parse_batch_sizes
     from transfer.predict import run_bench
 
-    try:
-        sizes = [int(s) for s in batch_sizes.split(",") if s.strip()]
-    except ValueError:
-        from transfer.errors import TransferError
+    sizes = parse_batch_sizes(batch_sizes)
+    if json_out is not None:
+        from transfer.io import check_writable
 
-        raise TransferError(f"--batch-sizes {batch_sizes!r}: give integers such as 1,8,32") from None
+        check_writable(json_out, "--json")
     result = run_bench(model, sizes, device=device, seconds=seconds, against_torch=against_torch)
-    table = Table(title=f"{model} on {result['machine']}")
+    table = Table(title=f"{display(model)} on {result['machine']}")
     for column in ("engine", "batch", "images/s", "p50 ms", "p95 ms"):
         table.add_column(column, justify="right")
     for row in result["rows"]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,6 +23,9 @@ from models.layers import FeatureTap, resolve_layer
 from models.registry import get_backbone
 from models.weights import create_backbone
 from transfer.errors import ExportError, TransferError, VerificationError
+from transfer.io import output_lock, temp_dir_beside
+from transfer.model import resolve_run_layer
+from transfer.options import check_input_size
 from transfer.preprocess import Preprocessing, eval_array, eval_pixels
 
 DEFAULT_OPSET = 18  # well handled by torch's exporter and onnxruntime >= 1.16
@@ -124,13 +126,13 @@ def _source(run: str | os.PathLike | None, backbone: str | None, weights, layers
         prep = spec.preprocessing
         classes = _imagenet_or_index_labels(spec, network)
         verify, validation = [], []
-    if input_size:
-        prep = replace(prep, input_size=input_size)
+    if input_size is not None:
+        prep = replace(prep, input_size=check_input_size(spec.name, input_size))
     if layers:
-        target = network.backbone if run is not None else network
-        paths = [resolve_layer(spec, name, target) for name in layers]
         if run is not None:
-            paths = [f"backbone.{p}" for p in paths]
+            paths = [resolve_run_layer(spec, name, network) for name in layers]
+        else:
+            paths = [resolve_layer(spec, name, network) for name in layers]
         tap = FeatureTap(network, paths, stop_early=False)
         return _Source(tap, prep, [], spec.name, dict(zip(layers, paths, strict=True)), "features", description,
                        verify, validation)
@@ -228,6 +230,13 @@ def export_onnx(
     if not 11 <= opset <= 20:
         raise ExportError(f"--opset {opset}: use 11..20 (the TorchScript exporter's range)")
     layers = list(dict.fromkeys(layers))
+    with output_lock(output):
+        return _export(output, run, backbone, weights, layers, pretrained, opset, fp16, int8, calibration,
+                       embed_preprocessing, input_size, verify_images)
+
+
+def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp16, int8, calibration,
+            embed_preprocessing, input_size, verify_images) -> ExportRecord:
     source = _source(run, backbone, weights, layers, pretrained, input_size)
     precision = "fp16" if fp16 else "int8" if int8 else "fp32"
     model = source.model.eval()
@@ -243,8 +252,7 @@ def export_onnx(
     dynamic_axes = {"input": {0: "batch"}, **{name: {0: "batch"} for name in output_names}}
     layout = "NHWC_uint8" if embed_preprocessing else "NCHW_float32"
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as work:
+    with temp_dir_beside(output) as work:
         fp32_path = Path(work) / "model.onnx"
         try:
             with torch.no_grad():

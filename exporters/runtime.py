@@ -11,7 +11,6 @@ from the file's `transfer.*` metadata, and preprocessing is the very function tr
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import deque
@@ -25,7 +24,7 @@ import onnxruntime as ort
 
 from transfer.errors import DataError, DeviceError
 from transfer.images import BadImageError, as_rgb_image
-from transfer.preprocess import Preprocessing, eval_array, eval_pixels
+from transfer.preprocess import LAYOUTS, OUTPUT_KINDS, Preprocessing, eval_array, eval_pixels, metadata_json
 
 ImageLike = str | os.PathLike | np.ndarray  # or a PIL image
 
@@ -78,6 +77,47 @@ def choose_providers(device: str) -> list:
     raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda")
 
 
+INPUT_TYPES = {"NCHW_float32": "tensor(float)", "NHWC_uint8": "tensor(uint8)"}
+
+
+def read_metadata(session: ort.InferenceSession) -> tuple[Preprocessing, list[str], str, str]:
+    """Preprocessing, classes, layout and output kind from a session's `transfer.*` metadata, checked against
+    the graph: class count = output width, layout = input dtype and shape. A violation is a `DataError` naming
+    the key, so a damaged or hand-edited file never predicts with wrong labels or NaN probabilities."""
+    meta = session.get_modelmeta().custom_metadata_map
+    prep = Preprocessing.from_metadata(meta)
+    layout = meta.get("transfer.layout", "NCHW_float32")
+    if layout not in LAYOUTS:
+        raise DataError(f"metadata transfer.layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    output_kind = meta.get("transfer.output_kind", "logits")
+    if output_kind not in OUTPUT_KINDS:
+        raise DataError(f"metadata transfer.output_kind {output_kind!r}: use one of {', '.join(OUTPUT_KINDS)}")
+    classes = metadata_json(meta, "transfer.classes", list, default=[])
+    if not all(isinstance(c, str) for c in classes):
+        raise DataError("metadata transfer.classes: must be a JSON list of strings")
+    metadata_json(meta, "transfer.layers", dict, default={})
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1:
+        raise DataError(f"the graph has {len(inputs)} inputs; a transfer model has one image input")
+    graph_input = inputs[0]
+    size = prep.input_size
+    expected = [None, 3, size, size] if layout == "NCHW_float32" else [None, size, size, 3]
+    shape = list(graph_input.shape)
+    if graph_input.type != INPUT_TYPES[layout] or len(shape) != 4 or any(
+            isinstance(got, int) and want is not None and got != want
+            for got, want in zip(shape, expected, strict=True)):
+        raise DataError(f"metadata transfer.layout {layout!r} (input size {size}) contradicts the graph input "
+                        f"{graph_input.name} {graph_input.type} {shape}")
+    if output_kind == "logits":
+        if not classes:
+            raise DataError("metadata transfer.classes is empty; a classifier needs its class names")
+        width = outputs[0].shape[-1] if outputs[0].shape else None
+        if isinstance(width, int) and width != len(classes):
+            raise DataError(f"metadata transfer.classes has {len(classes)} names, the output "
+                            f"{outputs[0].name} has {width}")
+    return prep, classes, layout, output_kind
+
+
 class OnnxModel:
     """A `transfer`-exported ONNX file with its preprocessing, ready to run batched on CPU or CUDA."""
 
@@ -103,12 +143,12 @@ class OnnxModel:
         if "transfer.input_size" not in meta:
             raise DataError(f"{self.path} has no transfer.* metadata; export it with `transfer export`")
         self.metadata = meta
-        self.prep = Preprocessing.from_metadata(meta)
-        self.classes: list[str] = json.loads(meta.get("transfer.classes", "[]"))
-        self.layout = meta.get("transfer.layout", "NCHW_float32")
-        self.output_kind = meta.get("transfer.output_kind", "logits")
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
+        try:
+            self.prep, self.classes, self.layout, self.output_kind = read_metadata(self.session)
+        except DataError as exc:
+            raise DataError(f"{self.path}: {exc}") from None
         self.decode_workers = decode_workers or min(8, (os.cpu_count() or 1) + 2)
 
     @property
@@ -169,28 +209,41 @@ class OnnxModel:
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
+    def require_classifier(self) -> None:
+        """A `DataError` that names the right command when this file is a feature extractor."""
+        if self.output_kind != "logits":
+            raise DataError(f"{self.path} is a feature extractor (outputs {', '.join(self.output_names)}), not a "
+                            f"classifier: use `transfer extract --onnx {self.path}` (OnnxModel.features in Python)")
+
+    def _class_logits(self, batch: np.ndarray) -> np.ndarray:
+        logits = self.run(batch)[0]
+        if logits.ndim != 2 or logits.shape[1] != len(self.classes):
+            raise DataError(f"{self.path}: metadata transfer.classes has {len(self.classes)} names, the output "
+                            f"{self.output_names[0]} has shape {list(logits.shape)}")
+        return logits
+
     def logits(self, images: Sequence, batch_size: int = 32) -> np.ndarray:
         """Logits of every image; an unreadable image is an error here (use `predict` to skip and report)."""
+        self.require_classifier()
         out = []
         for _, batch, errors in self.iter_batches(list(images), batch_size):
             if errors:
                 index, reason = errors[0]
                 raise DataError(f"{images[index]}: {reason}")
-            out.append(self.run(batch)[0])
+            out.append(self._class_logits(batch))
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict(self, images: Iterable, top_k: int = 5, batch_size: int = 32,
                 progress=None) -> list[Prediction]:
         """Top-k labels and softmax probabilities per image; unreadable images come back with `error` set."""
-        if self.output_kind != "logits":
-            raise DataError(f"{self.path} is a feature extractor; use .features()")
+        self.require_classifier()
         images = list(images)
         results: list[Prediction | None] = [None] * len(images)
         for rows, batch, errors in self.iter_batches(images, batch_size):
             for index, reason in errors:
                 results[index] = Prediction(_name(images[index]), error=reason)
             if batch is not None:
-                for row, logits in zip(rows, self.run(batch)[0], strict=True):
+                for row, logits in zip(rows, self._class_logits(batch), strict=True):
                     results[row] = self._top_k(_name(images[row]), logits, top_k)
             if progress is not None:
                 progress(len(rows) + len(errors))
@@ -200,7 +253,7 @@ class OnnxModel:
         shifted = np.exp(logits - logits.max())
         probabilities = shifted / shifted.sum()
         order = np.argsort(-probabilities)[:max(1, top_k)]
-        labels = [self.classes[i] if i < len(self.classes) else str(i) for i in order]
+        labels = [self.classes[i] for i in order]
         return Prediction(name, [int(i) for i in order], labels, [float(probabilities[i]) for i in order])
 
     def features(self, images: Sequence, batch_size: int = 32) -> dict[str, np.ndarray]:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from models.registry import BackboneSpec
-from transfer.errors import UnknownNameError
+from transfer.errors import TransferError, UnknownNameError
 
 
 @lru_cache(maxsize=16)
@@ -21,9 +21,47 @@ def module_paths(spec_name: str) -> tuple[str, ...]:
     return tuple(path for path, _ in build_architecture(get_backbone(spec_name)).named_modules() if path)
 
 
-def resolve_layer(spec: BackboneSpec, name: str, model: nn.Module | None = None) -> str:
-    """Keras alias or raw timm module path -> module path; unknown names list the closest valid ones."""
-    paths = [p for p, _ in model.named_modules() if p] if model is not None else list(module_paths(spec.name))
+@lru_cache(maxsize=16)
+def min_input_size(spec_name: str) -> int:
+    """The smallest square input the backbone can really use, found from the architecture (not a table):
+    the smallest side at which `forward_features` runs and leaves a feature map of at least 1x1, and no smaller
+    than the network's total stride (below it the last stages see nothing but padding).
+
+    Shapes are propagated on the meta device, so no memory or compute is spent. vgg16, resnets and
+    efficientnet_lite0 give 32 and inception_v3 75, as Keras documents for its own versions.
+    """
+    from models.registry import get_backbone
+    from models.weights import build_architecture
+
+    spec = get_backbone(spec_name)
+    with torch.device("meta"):
+        model = build_architecture(spec).eval()
+
+    def runs(side: int) -> bool:
+        try:
+            with torch.no_grad():
+                out = model.forward_features(torch.zeros(1, 3, side, side, device="meta"))
+        except (RuntimeError, ValueError, IndexError):
+            return False
+        return out.ndim < 4 or min(out.shape[2:]) >= 1
+
+    low, high = 1, spec.input_size
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if runs(middle) else (middle + 1, high)
+    feature_info = getattr(model, "feature_info", None)
+    stride = int(feature_info[-1]["reduction"]) if feature_info else 1
+    return max(low, stride)
+
+
+def resolve_layer(spec: BackboneSpec, name: str, model: nn.Module | None = None,
+                  paths: list[str] | None = None) -> str:
+    """Keras alias or raw timm module path -> module path; unknown names list the closest valid ones.
+
+    The valid paths are `paths`, else `model`'s modules, else those of the backbone's architecture.
+    """
+    if paths is None:
+        paths = [p for p, _ in model.named_modules() if p] if model is not None else list(module_paths(spec.name))
     if name in spec.aliases and spec.aliases[name] in paths:
         return spec.aliases[name]
     if name in paths:
@@ -131,6 +169,9 @@ class FeatureTap(nn.Module):
         except _StopForward:
             pass
         captured, self._captured = self._captured, {}
+        silent = [p for p in self.paths if p not in captured]
+        if silent:
+            raise TransferError(f"layer {silent[0]} does not run in this model's forward pass, so it has no output")
         return tuple(captured[p] for p in self.paths)
 
     def close(self) -> None:

@@ -29,8 +29,12 @@ def hooked(timm_name: str, weights, paths: list[str], photo_paths, size: int | N
     batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in photo_paths])
     captured = {}
     modules = dict(model.named_modules())
-    handles = [modules[p].register_forward_hook(
-        lambda _m, _i, out, p=p: captured.setdefault(p, out.detach().clone())) for p in paths]
+    def hook_for(path: str):
+        def hook(_module, _inputs, out) -> None:  # returning None keeps the model's own output
+            captured.setdefault(path, out.detach().clone())
+        return hook
+
+    handles = [modules[p].register_forward_hook(hook_for(p)) for p in paths]
     with torch.no_grad():
         model(batch)
     for handle in handles:

@@ -152,7 +152,7 @@ def test_non_finite_loss_exits_1_and_keeps_last_good_checkpoint(tmp_path, runner
                                      "--epochs-finetune", "0", "--batch-size", "4", "--output", str(run_dir),
                                      "--workers", "0", "--device", "cpu"])
     assert result.exit_code == 1, result.output
-    assert "non-finite loss" in result.output
+    assert "non-finite training loss" in result.output and "epoch 1, is kept" in result.output
     checkpoint = torch.load(run_dir / "last.ckpt", weights_only=True)
     assert checkpoint["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())

@@ -39,6 +39,17 @@ class DeviceError(TransferError):
     """A requested device or execution provider is not available."""
 
 
+class OptionError(TransferError):
+    """A flag or argument out of range, of the wrong kind, or contradicting another one."""
+
+
+class RunDamagedError(TransferError):
+    """A run directory whose files cannot be read back (truncated, corrupt, unsafe or malformed)."""
+
+    def __init__(self, run_dir, file: str, reason: str):
+        super().__init__(f"{run_dir} is damaged: {file}: {reason}")
+
+
 class VerificationError(Exception):
     """An exported model disagrees with PyTorch beyond the tolerance: a defect, exit code 1."""
 

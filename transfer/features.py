@@ -6,6 +6,7 @@ touch them; features go to disk batch by batch, so a folder larger than RAM work
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zipfile
@@ -21,7 +22,9 @@ from models.registry import get_backbone
 from models.weights import create_backbone
 from transfer.data import ImageDataset, eval_transform, make_loader
 from transfer.errors import DataError, TransferError
-from transfer.io import atomic_path, write_json
+from transfer.io import atomic_path, output_lock, temp_dir_beside, write_json
+from transfer.model import resolve_run_layer
+from transfer.options import check_input_size, check_int
 from transfer.preprocess import Preprocessing
 from transfer.scan import Sample, Skipped, check_image, scan_folder
 
@@ -86,7 +89,8 @@ class _NpyStream:
         np.ascontiguousarray(batch, dtype="<f4").tofile(self.handle)
 
     def close(self) -> None:
-        self.handle.close()
+        if not self.handle.closed:
+            self.handle.close()
 
 
 def extract(
@@ -125,7 +129,20 @@ def extract(
         raise TransferError(f"--output {output}: several layers need a .npz file")
     if isinstance(images, (str, os.PathLike)) and not Path(images).is_dir():
         raise DataError(f"folder not found: {images}")
+    check_int(batch_size, "--batch-size", 1)
+    if workers is not None:
+        check_int(workers, "--workers", 0, 64)
 
+    if output is None:
+        return _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size, None,
+                        batch_size, device, workers, progress)
+    with output_lock(output):
+        return _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size,
+                        Path(output), batch_size, device, workers, progress)
+
+
+def _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size, output,
+             batch_size, device, workers, progress) -> ExtractResult:
     samples, classes, skipped = collect_samples(images)
     if onnx is not None:
         batches, metadata = _onnx_batches(onnx, layers, samples, batch_size, device, input_size)
@@ -133,14 +150,11 @@ def extract(
         batches, metadata = _torch_batches(backbone, layers, samples, weights, run, pretrained, input_size,
                                            batch_size, device, workers)
     metadata.update(pool=pool, layout=layout)
-    names = layers
-    chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in layers}
     streams: dict[str, _NpyStream] = {}
-    temp_dir = None
-    try:
-        if output is not None:
-            temp_dir = Path(output).parent / f".{Path(output).name}.parts"
-            temp_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        temp_dir = stack.enter_context(temp_dir_beside(output)) if output is not None else None
+        stack.callback(lambda: [stream.close() for stream in streams.values()])
         for count, outputs in batches:
             for name, raw in zip(layers, outputs, strict=True):
                 array = _post_process(raw, pool, layout)
@@ -157,21 +171,13 @@ def extract(
             stream.close()
         features: dict[str, np.ndarray | None]
         if output is None:
-            features = {name: np.concatenate(chunks[name]) for name in names}
+            features = {name: np.concatenate(chunks[name]) for name in layers}
             metadata["shapes"] = {name: list(a.shape) for name, a in features.items()}
         else:
-            _finalize(Path(output), temp_dir, names)
-            features = {name: None for name in names}
-    finally:
-        for stream in streams.values():
-            stream.close()
-        if temp_dir is not None and temp_dir.exists():
-            for part in temp_dir.iterdir():
-                part.unlink()
-            temp_dir.rmdir()
+            _finalize(output, temp_dir, layers)
+            features = {name: None for name in layers}
     labels = [s.label for s in samples] if classes else None
-    result = ExtractResult(features, [str(s.path) for s in samples], labels, classes, metadata, skipped,
-                           Path(output) if output is not None else None)
+    result = ExtractResult(features, [str(s.path) for s in samples], labels, classes, metadata, skipped, output)
     if output is not None:
         write_json(sidecar_path(output), {
             **metadata, "paths": result.paths, "labels": labels, "classes": classes,
@@ -185,17 +191,18 @@ def _torch_batches(backbone, layers, samples, weights, run, pretrained, input_si
     from transfer.train import load_run, resolve_device
 
     if run is not None:
-        model, config = load_run(run)
+        network, config = load_run(run)
         spec = get_backbone(config["backbone"])
         prep = Preprocessing.from_dict(config["preprocessing"])
-        network, source = model.backbone, f"run {run}"
+        source = f"run {run}"
+        paths_in_model = [resolve_run_layer(spec, name, network) for name in layers]
     else:
         spec = get_backbone(backbone)
         network, source = create_backbone(spec, pretrained, weights)
         prep = spec.preprocessing
-    if input_size:
-        prep = replace(prep, input_size=input_size)
-    paths_in_model = [resolve_layer(spec, name, network) for name in layers]
+        paths_in_model = [resolve_layer(spec, name, network) for name in layers]
+    if input_size is not None:
+        prep = replace(prep, input_size=check_input_size(spec.name, input_size))
     target = resolve_device(device)
     tap = FeatureTap(network.eval().to(target), paths_in_model, stop_early=True)
     loader = make_loader(ImageDataset(samples, eval_transform(prep)), batch_size, workers=workers,

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from models.registry import BackboneSpec
-from transfer.errors import TransferError
+from transfer.errors import TransferError, UnknownNameError
 
 HEADS = ("mlp", "linear")
 
@@ -26,23 +26,64 @@ def make_head(in_features: int, num_classes: int, kind: str = "mlp", dropout: fl
     return nn.Sequential(layers)
 
 
+class GlobalAvgPool(nn.Module):
+    """Mean over the spatial axes of a 4-D feature map (other inputs pass through): Keras' GlobalAveragePooling2D."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)) if x.ndim == 4 else x
+
+
 class TransferModel(nn.Module):
-    """`backbone.forward_features` -> global average pool -> `head`.
+    """`backbone.forward_features` -> `global_pool` -> `head`.
 
     The pooled features are exactly what stage 1's feature cache stores, so the head trains on the cache or on
-    images with the same code.
+    images with the same code. In a run, the Keras name `avg_pool` is `global_pool` and `predictions` is `head`.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, pool: bool = True):
         super().__init__()
-        self.backbone, self.head, self.pool = backbone, head, pool
+        self.backbone, self.head = backbone, head
+        self.global_pool = GlobalAvgPool() if pool else nn.Identity()
 
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.backbone.forward_features(x)
-        return features.mean(dim=(2, 3)) if self.pool and features.ndim == 4 else features
+        return self.global_pool(self.backbone.forward_features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pooled_features(x))
+
+
+def resolve_run_layer(spec: BackboneSpec, name: str, model: TransferModel) -> str:
+    """A layer name of a fine-tuned run -> module path in the `TransferModel`.
+
+    `predictions` (or the backbone's classifier path) is the run's own head, so it gives the run's logits;
+    `avg_pool` (or `global_pool`) is the pooled input of that head. Backbone modules that no longer run (the
+    ImageNet classifier, timm's own pooling, VGG's fc1/fc2, all dropped with the top) are unknown names.
+    """
+    from models.layers import resolve_layer
+
+    classifier_names = {"predictions", "head", spec.classifier}
+    if name in classifier_names:
+        return "head"
+    if name in ("avg_pool", "global_pool") and isinstance(model.global_pool, GlobalAvgPool):
+        return "global_pool"
+    if name.startswith("head.") and name in dict(model.named_modules()):
+        return name
+    dropped = (spec.classifier, "global_pool", "pre_logits", "head", "fc", "classifier")
+    running = {path for path, _ in model.backbone.named_modules() if path
+               and not any(path == d or path.startswith(d + ".") for d in dropped)}
+    aliases = {alias: path for alias, path in spec.aliases.items() if path in running}
+    try:
+        return "backbone." + resolve_layer(_View(spec, aliases), name, None, sorted(running))
+    except UnknownNameError:
+        valid = ["predictions", "avg_pool", *aliases, *sorted(running)]
+        raise UnknownNameError(f"layer of this run ({spec.name})", name, valid) from None
+
+
+class _View:
+    """A registry spec restricted to the aliases that still exist in a run's backbone."""
+
+    def __init__(self, spec: BackboneSpec, aliases: dict[str, str]):
+        self.name, self.aliases = spec.name, aliases
 
 
 def strip_classifier(spec: BackboneSpec, backbone: nn.Module) -> nn.Module:

@@ -13,9 +13,24 @@ from exporters.runtime import OnnxModel, Prediction
 from transfer.errors import TransferError
 from transfer.io import write_text
 
+PREDICTION_FORMATS = (".csv", ".json")
+
+
+def check_predictions_path(path: str | os.PathLike) -> Path:
+    """The predictions file must be .csv or .json and writable: checked before any image is decoded."""
+    from transfer.io import check_writable
+
+    path = Path(path)
+    if path.suffix not in PREDICTION_FORMATS:
+        raise TransferError(f"--output {path}: use a .csv or .json file")
+    return check_writable(path, "--output")
+
 
 def write_predictions(path: str | os.PathLike, results: list[Prediction]) -> None:
-    """.json (a list of records) or .csv (one row per image: path, label, probability, top-k, error)."""
+    """.json (a list of records) or .csv (one row per image: path, label, probability, top-k, error).
+
+    Paths that are not valid UTF-8 keep their bytes: raw in the CSV, \\udcXX escapes in the JSON (os.fsencode
+    restores them)."""
     path = Path(path)
     if path.suffix == ".json":
         write_text(path, json.dumps([r.__dict__ for r in results], indent=2) + "\n")

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from transfer.errors import DataError
+
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -22,6 +24,10 @@ INTERPOLATIONS = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+MAX_INPUT_SIZE = 4096  # model input side; larger is a typo or a file meant to exhaust memory
+MAX_RESIZE = 8192  # short side before the centre crop
+LAYOUTS = ("NCHW_float32", "NHWC_uint8")
+OUTPUT_KINDS = ("logits", "features")
 
 
 @dataclass(frozen=True)
@@ -44,13 +50,36 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocessing:
-        return cls(
-            input_size=int(data["input_size"]),
-            crop_pct=float(data["crop_pct"]),
-            interpolation=str(data["interpolation"]),
-            mean=tuple(float(v) for v in data["mean"]),
-            std=tuple(float(v) for v in data["std"]),
-        )
+        """From a run's config.json; a bad value is a `DataError` naming the field."""
+        try:
+            prep = cls(
+                input_size=int(data["input_size"]),
+                crop_pct=float(data["crop_pct"]),
+                interpolation=str(data["interpolation"]),
+                mean=tuple(float(v) for v in data["mean"]),
+                std=tuple(float(v) for v in data["std"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"preprocessing: missing or malformed value ({type(exc).__name__}: {exc})") from None
+        prep.check("preprocessing.")
+        return prep
+
+    def check(self, prefix: str = "") -> None:
+        """Raise `DataError` naming the field unless every value is usable: sizes positive and bounded,
+        crop inside the resize, a known interpolation, three finite means and three finite stds > 0."""
+        if not 1 <= self.input_size <= MAX_INPUT_SIZE:
+            raise DataError(f"{prefix}input_size {self.input_size}: must be 1..{MAX_INPUT_SIZE}")
+        if not (math.isfinite(self.crop_pct) and 0 < self.crop_pct <= 1):
+            raise DataError(f"{prefix}crop_pct {self.crop_pct}: must be in (0, 1] (the crop lies inside the resize)")
+        if self.resize > MAX_RESIZE:
+            raise DataError(f"{prefix}resize {self.resize}: must be at most {MAX_RESIZE}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise DataError(f"{prefix}interpolation {self.interpolation!r}: use one of {', '.join(INTERPOLATIONS)}")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                raise DataError(f"{prefix}{name} {list(values)}: needs 3 finite numbers (R, G, B)")
+        if not all(v > 0 for v in self.std):
+            raise DataError(f"{prefix}std {list(self.std)}: every value must be > 0")
 
     def to_metadata(self) -> dict[str, str]:
         """The `transfer.*` ONNX metadata keys describing this preprocessing (values are strings)."""
@@ -66,17 +95,80 @@ class Preprocessing:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> Preprocessing:
-        size = int(meta["transfer.input_size"])
-        crop_pct = float(meta["transfer.crop_pct"]) if "transfer.crop_pct" in meta else None
-        if crop_pct is None:  # files written by other tools: derive it from the resize length
-            crop_pct = size / float(meta["transfer.resize"])
-        return cls(
-            input_size=size,
-            crop_pct=crop_pct,
-            interpolation=meta["transfer.interpolation"],
-            mean=tuple(json.loads(meta["transfer.mean"])),
-            std=tuple(json.loads(meta["transfer.std"])),
-        )
+        """From a file's `transfer.*` metadata, validated: a bad value is a `DataError` naming the key."""
+        size = metadata_int(meta, "transfer.input_size", 1, MAX_INPUT_SIZE)
+        if "transfer.crop" in meta and metadata_int(meta, "transfer.crop", 1, MAX_INPUT_SIZE) != size:
+            raise DataError(f"metadata transfer.crop {meta['transfer.crop']!r}: must equal transfer.input_size {size}")
+        if "transfer.crop_pct" in meta:
+            crop_pct = metadata_float(meta, "transfer.crop_pct")
+            if not 0 < crop_pct <= 1:
+                raise DataError(f"metadata transfer.crop_pct {meta['transfer.crop_pct']!r}: must be in (0, 1]")
+        else:  # files written by other tools: derive it from the resize length
+            resize = metadata_int(meta, "transfer.resize", 1, MAX_RESIZE)
+            if resize < size:
+                raise DataError(f"metadata transfer.resize {resize}: smaller than the crop {size}")
+            crop_pct = size / resize
+        interpolation = meta.get("transfer.interpolation", "")
+        if interpolation not in INTERPOLATIONS:
+            raise DataError(f"metadata transfer.interpolation {interpolation!r}: use one of "
+                            f"{', '.join(INTERPOLATIONS)}")
+        mean, std = metadata_triple(meta, "transfer.mean"), metadata_triple(meta, "transfer.std")
+        if not all(v > 0 for v in std):
+            raise DataError(f"metadata transfer.std {meta['transfer.std']!r}: every value must be > 0")
+        prep = cls(input_size=size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+        if prep.resize > MAX_RESIZE:
+            raise DataError(f"metadata transfer.crop_pct {crop_pct!r}: resize {prep.resize} exceeds {MAX_RESIZE}")
+        return prep
+
+
+def metadata_json(meta: dict[str, str], key: str, kind: type, default=None):
+    """A JSON value of metadata `key` of type `kind`; malformed or of another type is a `DataError` naming it."""
+    if key not in meta:
+        if default is not None:
+            return default
+        raise DataError(f"metadata {key} is missing")
+    try:
+        value = json.loads(meta[key])
+    except (ValueError, RecursionError):
+        raise DataError(f"metadata {key} {_short(meta[key])}: not valid JSON") from None
+    if not isinstance(value, kind):
+        raise DataError(f"metadata {key} {_short(meta[key])}: must be a JSON {kind.__name__}")
+    return value
+
+
+def metadata_int(meta: dict[str, str], key: str, low: int, high: int) -> int:
+    text = meta.get(key)
+    if text is None:
+        raise DataError(f"metadata {key} is missing")
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise DataError(f"metadata {key} {_short(text)}: not an integer") from None
+    if not low <= value <= high:
+        raise DataError(f"metadata {key} {value}: must be {low}..{high}")
+    return value
+
+
+def metadata_float(meta: dict[str, str], key: str) -> float:
+    try:
+        value = float(meta[key])
+    except ValueError:
+        raise DataError(f"metadata {key} {_short(meta[key])}: not a number") from None
+    if not math.isfinite(value):
+        raise DataError(f"metadata {key} {_short(meta[key])}: not a finite number")
+    return value
+
+
+def metadata_triple(meta: dict[str, str], key: str) -> tuple[float, float, float]:
+    values = metadata_json(meta, key, list)
+    if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                   for v in values):
+        raise DataError(f"metadata {key} {_short(meta[key])}: needs 3 finite numbers (R, G, B)")
+    return tuple(float(v) for v in values)  # type: ignore[return-value]
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def resize_and_crop(image: Image.Image, prep: Preprocessing) -> Image.Image:

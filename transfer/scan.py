@@ -8,6 +8,7 @@ Nothing here writes to the user's folder. Uses PIL and numpy only.
 
 from __future__ import annotations
 
+import errno
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -84,29 +85,58 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name in IGNORED_NAMES
 
 
-def _visible_entries(folder: Path) -> list[os.DirEntry]:
-    with os.scandir(folder) as entries:
-        return sorted((e for e in entries if not is_hidden(e.name)), key=lambda e: e.name)
+def _visible_entries(folder: Path, skipped: list[Skipped] | None = None) -> list[os.DirEntry]:
+    """The folder's non-hidden entries, sorted; an unreadable folder is reported in `skipped` (or raised)."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted((e for e in entries if not is_hidden(e.name)), key=lambda e: e.name)
+    except OSError as exc:
+        if skipped is None:
+            raise
+        skipped.append(Skipped(str(folder), f"unreadable folder ({exc.strerror or exc})"))
+        return []
 
 
-def _walk_files(folder: Path, visited: set[str]) -> list[Path]:
-    """Every visible file under folder, sorted, following symlinked folders once (cycles are cut)."""
+def _entry_kind(entry: os.DirEntry) -> tuple[str, str | None]:
+    """'dir', 'file' or 'bad' (with the reason) for one entry, following symlinks."""
+    try:
+        if entry.is_dir(follow_symlinks=True):
+            return "dir", None
+        if entry.is_file(follow_symlinks=True):
+            return "file", None
+        if entry.is_symlink():
+            return "bad", "broken symbolic link (its target does not exist)"
+        return "bad", "not a regular file"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "bad", "symbolic link loop (the link points back to itself)"
+        return "bad", f"unreadable ({exc.strerror or exc})"
+
+
+def _walk_files(folder: Path, visited: set[str], skipped: list[Skipped]) -> list[Path]:
+    """Every visible file under folder, sorted, following symlinked folders once (cycles are cut).
+
+    Entries that cannot be used (unreadable folders, symlink loops, broken links) land in `skipped`.
+    """
     real = os.path.realpath(folder)
     if real in visited:
         return []
     visited.add(real)
     files: list[Path] = []
-    for entry in _visible_entries(folder):
+    for entry in _visible_entries(folder, skipped):
         path = Path(entry.path)
-        if entry.is_dir(follow_symlinks=True):
-            files.extend(_walk_files(path, visited))
-        elif entry.is_file(follow_symlinks=True):
+        kind, reason = _entry_kind(entry)
+        if kind == "dir":
+            files.extend(_walk_files(path, visited, skipped))
+        elif kind == "file":
             files.append(path)
+        else:
+            skipped.append(Skipped(str(path), reason or "unusable"))
     return files
 
 
-def _subfolders(folder: Path) -> list[Path]:
-    return [Path(e.path) for e in _visible_entries(folder) if e.is_dir(follow_symlinks=True)]
+def _subfolders(folder: Path, skipped: list[Skipped] | None = None) -> list[Path]:
+    return [Path(e.path) for e in _visible_entries(folder, skipped) if _entry_kind(e)[0] == "dir"]
 
 
 def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
@@ -135,29 +165,30 @@ def scan_folder(
     if not root.is_dir():
         raise DataError(f"not a folder: {root}")
 
-    top = _subfolders(root)
-    splits = {SPLIT_NAMES[p.name.lower()]: p for p in top if p.name.lower() in SPLIT_NAMES}
     visited: set[str] = set()
     candidates: list[tuple[Path, str | None, str | None]] = []  # path, class name, split
     skipped: list[Skipped] = []
+    top = _subfolders(root, skipped)
+    splits = {SPLIT_NAMES[p.name.lower()]: p for p in top if p.name.lower() in SPLIT_NAMES}
     if splits and labelled is not False:
         layout = "splits"
         for split, folder in sorted(splits.items()):
-            for class_dir in _subfolders(folder):
-                candidates += [(p, class_dir.name, split) for p in _walk_files(class_dir, visited)]
+            for class_dir in _subfolders(folder, skipped):
+                candidates += [(p, class_dir.name, split) for p in _walk_files(class_dir, visited, skipped)]
             skipped += [Skipped(str(p), "outside any class folder") for p in _loose_files(folder)]
         class_names = sorted({d.name for f in splits.values() for d in _subfolders(f)})
     elif top and labelled is not False:
         layout = "classes"
         for class_dir in top:
-            candidates += [(p, class_dir.name, None) for p in _walk_files(class_dir, visited)]
+            candidates += [(p, class_dir.name, None) for p in _walk_files(class_dir, visited, skipped)]
         class_names = [d.name for d in top]
     else:
         layout = "flat"
-        candidates = [(p, None, None) for p in _walk_files(root, visited)]
+        candidates = [(p, None, None) for p in _walk_files(root, visited, skipped)]
         class_names = []
     if layout != "flat":
         skipped += [Skipped(str(p), "outside any class folder") for p in _loose_files(root)]
+        skipped += _bad_entries(root) if layout == "classes" else []
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         reasons = list(pool.map(lambda c: check_image(c[0], max_pixels), candidates))
@@ -179,23 +210,43 @@ def scan_folder(
 
 
 def _loose_files(folder: Path) -> list[Path]:
-    return [Path(e.path) for e in _visible_entries(folder) if e.is_file(follow_symlinks=True)]
+    return [Path(e.path) for e in _visible_entries(folder, []) if _entry_kind(e)[0] == "file"]
 
 
-def expand_inputs(items: list[str]) -> list[Path]:
-    """Files, folders (walked, hidden entries ignored) and glob patterns -> an ordered list of files."""
+def _bad_entries(folder: Path) -> list[Skipped]:
+    """Top-level entries that are neither folders nor files (loops, broken links), reported with their reason."""
+    bad = []
+    for entry in _visible_entries(folder, []):
+        kind, reason = _entry_kind(entry)
+        if kind == "bad":
+            bad.append(Skipped(entry.path, reason or "unusable"))
+    return bad
+
+
+def expand_inputs(items: list[str | os.PathLike]) -> list[Path]:
+    """Files, folders (walked, hidden entries ignored) and glob patterns -> an ordered list of files.
+
+    A path that does not exist, or a pattern that matches no file, is a `DataError` naming it: a typo must not
+    end in an empty, successful run.
+    """
     import glob
 
     paths: list[Path] = []
     for item in items:
         path = Path(item)
+        text = os.fspath(item)
         if path.is_dir():
-            paths.extend(_walk_files(path, set()))
+            paths.extend(_walk_files(path, set(), []))
         elif path.exists():
             paths.append(path)
-        elif any(ch in item for ch in "*?["):
-            matches = sorted(glob.glob(item, recursive=True))
-            paths.extend(Path(m) for m in matches if Path(m).is_file() and not is_hidden(Path(m).name))
+        elif any(ch in text for ch in "*?["):
+            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+            matches = [m for m in matches if m.is_file() and not is_hidden(m.name)]
+            if not matches:
+                raise DataError(f"no file matches {text!r}")
+            paths.extend(matches)
+        elif path.is_symlink():
+            raise DataError(f"{text}: broken symbolic link or link loop")
         else:
-            paths.append(path)  # reported as unreadable by the caller
+            raise DataError(f"not found: {text}")
     return list(dict.fromkeys(paths))

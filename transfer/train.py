@@ -32,11 +32,12 @@ from transfer.data import (
     train_transform,
     train_val_samples,
 )
-from transfer.errors import DataError, NonFiniteLossError, TransferError
-from transfer.io import atomic_path, write_json
+from transfer.errors import DataError, NonFiniteLossError, OptionError, RunDamagedError, TransferError
+from transfer.io import atomic_path, display, write_json
 from transfer.metrics import classification_report, plot_confusion, plot_curves, read_metrics, write_metrics
 from transfer.model import TransferModel, build_transfer_model, group_prefixes, set_trainable, train_mode
 from transfer.preprocess import Preprocessing
+from transfer.rundir import RunDirectory
 from transfer.scan import ScanReport, scan_folder
 
 
@@ -68,6 +69,43 @@ class FinetuneConfig:
     workers: int | None = None
     strict: bool = False
     augmentation: dict = field(default_factory=lambda: Augment().to_dict())
+
+    def check(self) -> FinetuneConfig:
+        """Every value in range before any work; an `OptionError` names the flag (exit code 2)."""
+        from transfer.model import HEADS
+        from transfer.options import check_choice, check_float, check_input_size, check_int, parse_unfreeze
+
+        spec = get_backbone(self.backbone)
+        check_int(self.epochs_head, "--epochs-head", 0)
+        check_int(self.epochs_finetune, "--epochs-finetune", 0)
+        if self.epochs_head + self.epochs_finetune < 1:
+            raise OptionError("nothing to train: --epochs-head plus --epochs-finetune must be at least 1")
+        staged = self.pretrained is not False and (spec.has_pretrained or self.weights is not None)
+        if staged:  # from-scratch runs train everything in one stage and ignore --unfreeze
+            self.unfreeze = parse_unfreeze(self.unfreeze, [g.name for g in spec.unfreeze_groups])
+        check_int(self.batch_size, "--batch-size", 1)
+        check_float(self.lr_head, "--lr-head", 0.0, 10.0, low_open=True)
+        check_float(self.lr_finetune, "--lr-finetune", 0.0, 10.0, low_open=True)
+        check_choice(self.head_optimizer, "--head-optimizer", HEAD_OPTIMIZERS)
+        check_choice(self.head, "--head", HEADS)
+        check_float(self.dropout, "dropout", 0.0, 0.99)
+        check_float(self.val_split, "--val-split", 0.0, 0.9)
+        check_input_size(spec.name, self.input_size)
+        if self.crop_pct is not None:
+            check_float(self.crop_pct, "--crop-pct", 0.1, 1.0)
+        check_int(self.seed, "--seed", 0, 2**32 - 1)
+        check_int(self.patience, "--patience", 1)
+        check_float(self.weight_decay, "weight_decay", 0.0, 1.0)
+        if self.workers is not None:
+            check_int(self.workers, "--workers", 0, 64)
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise OptionError(f"--weights {self.weights}: file not found")
+        if self.pretrained and not spec.has_pretrained:
+            raise OptionError(f"--pretrained: {spec.name} has no pretrained weights; it trains from scratch")
+        return self
+
+
+HEAD_OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 
 
 @dataclass(frozen=True)
@@ -157,11 +195,19 @@ class Trainer:
         if not self.val_samples:
             raise DataError(f"{data_dir}: no validation images; use --val-split > 0 or a val/ folder")
         base = self.spec.preprocessing
-        self.prep = replace(base, input_size=config.input_size or base.input_size,
-                            crop_pct=config.crop_pct or base.crop_pct)
+        self.prep = replace(base, input_size=base.input_size if config.input_size is None else config.input_size,
+                            crop_pct=base.crop_pct if config.crop_pct is None else config.crop_pct)
         self.classes = list(self.scan.classes)
         self.rows: list[dict] = []
+        self.last_good_epoch: int | None = None  # epoch of the checkpoint on disk
         self.feature_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def kept_message(self) -> str:
+        """What survives a failed or interrupted run, truthfully."""
+        if self.last_good_epoch is None:
+            return "no epoch had finished, so nothing was kept"
+        kept = display(self.run_dir / "last.ckpt")
+        return f"the last good checkpoint, epoch {self.last_good_epoch}, is kept in {kept}"
 
     # --- model -------------------------------------------------------------------------------------------------
     def build_model(self, resume_state: dict | None) -> tuple[TransferModel, bool, str]:
@@ -242,9 +288,8 @@ class Trainer:
                 logits = forward(inputs)
                 loss = F.cross_entropy(logits.float(), targets)
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"non-finite loss ({loss.item()}) in stage {stage.name}, epoch {epoch}, batch {step}; the last "
-                    f"good checkpoint is kept at {self.run_dir / 'last.ckpt'} (try a lower learning rate)")
+                raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) in stage {stage.name}, epoch "
+                                         f"{epoch}, batch {step}; {self.kept_message()} (try a lower learning rate)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -267,20 +312,27 @@ class Trainer:
         return loss, float((logits.argmax(1) == labels).float().mean()), logits, labels
 
     # --- the run -----------------------------------------------------------------------------------------------
-    def fit(self, resume_state: dict | None = None) -> FinetuneResult:
+    def fit(self, resume_state: dict | None = None, saved_stages: list[dict] | None = None) -> FinetuneResult:
+        """Walk the stages epoch by epoch; on resume, continue where the checkpoint stopped.
+
+        A stage whose epoch count was raised on resume (`saved_stages` holds the old counts) gets a fresh cosine
+        tail over its added epochs and its early-stopping patience reset.
+        """
         model, pretrained, source = self.build_model(resume_state)
         stages = plan_stages(self.config, self.spec, pretrained)
         self.log(f"{self.spec.name}: weights from {source}; {len(self.classes)} classes, "
                  f"{len(self.train_samples)} train / {len(self.val_samples)} val images, "
                  f"{len(self.scan.skipped)} skipped; device {self.device}")
-        if resume_state is None:
-            self.write_config(stages, source)
         state = {"stage_index": 0, "stage_epoch": 0, "epoch": 0, "best_val_loss": math.inf, "best_val_acc": 0.0,
                  "bad_epochs": 0}
-        if resume_state is not None:
+        if resume_state is None:
+            self.write_config(stages, source)
+        else:
             state.update({key: resume_state[key] for key in STATE_KEYS})
-        if resume_state is not None:
-            self.rows = [r for r in read_metrics(self.run_dir / "metrics.csv") if r["epoch"] <= state["epoch"]]
+            self.last_good_epoch = state["epoch"]
+            self.rows = [r for r in read_run_metrics(self.run_dir) if r["epoch"] <= state["epoch"]]
+            if saved_stages is not None and [s["epochs"] for s in saved_stages] != [s.epochs for s in stages]:
+                self.write_config(stages, source, previous=saved_stages)
         for stage_index in range(state["stage_index"], len(stages)):
             stage = stages[stage_index]
             trainable = set_trainable(model, list(stage.prefixes))
@@ -291,12 +343,19 @@ class Trainer:
                 optimizer.load_state_dict(resume_state["optimizer"])
                 scheduler.load_state_dict(resume_state["scheduler"])
                 start = resume_state["stage_epoch"]
+                saved_epochs = saved_stages[stage_index]["epochs"] if saved_stages else stage.epochs
+                if stage.epochs > saved_epochs:
+                    scheduler = fresh_tail(stage, optimizer, start, stage_finished=start >= saved_epochs)
+                    state["bad_epochs"] = 0
+                    self.log(f"stage {stage.name} extended from {saved_epochs} to {stage.epochs} epochs")
             else:
                 state["bad_epochs"] = 0
             self.log(f"stage {stage.name}: {stage.epochs} epoch(s), {stage.optimizer} lr {stage.lr:g}, "
                      f"{len(trainable)} trainable tensors{', cached features' if stage.cached else ''}")
             for stage_epoch in range(start + 1, stage.epochs + 1):
                 if state["bad_epochs"] >= self.config.patience:
+                    self.log(f"stage {stage.name}: no validation-loss gain in {self.config.patience} epoch(s); "
+                             "stopping it early (--patience)")
                     break
                 self.run_epoch(model, stage, stage_index, stage_epoch, optimizer, scheduler, state)
         return self.finish(model, state)
@@ -312,6 +371,9 @@ class Trainer:
         row = {"stage": stage.name, "epoch": epoch, "stage_epoch": stage_epoch, "lr": lr, "train_loss": train_loss,
                "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
                "seconds": round(time.perf_counter() - started, 3)}
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            raise NonFiniteLossError(f"non-finite validation loss ({val_loss}) in stage {stage.name}, epoch {epoch}; "
+                                     f"{self.kept_message()} (try a lower learning rate)")
         improved = val_loss < state["best_val_loss"]
         state.update(epoch=epoch, stage_index=stage_index, stage_epoch=stage_epoch,
                      bad_epochs=0 if improved else state["bad_epochs"] + 1)
@@ -319,6 +381,7 @@ class Trainer:
             state.update(best_val_loss=val_loss, best_val_acc=val_acc)
             save_weights(model, self.run_dir / "best.safetensors")
         save_checkpoint(self.run_dir / "last.ckpt", model, optimizer, scheduler, state)
+        self.last_good_epoch = epoch
         self.rows.append(row)
         write_metrics(self.run_dir / "metrics.csv", self.rows)
         self.log(f"[{stage.name} {stage_epoch}/{stage.epochs}] epoch {epoch}: train loss {train_loss:.4f} "
@@ -344,12 +407,20 @@ class Trainer:
                  f"run saved in {self.run_dir}")
         return FinetuneResult(self.run_dir, state["best_val_loss"], report["accuracy"], state["epoch"], report)
 
-    def write_config(self, stages: list[Stage], source: str) -> None:
+    def write_config(self, stages: list[Stage], source: str, previous: list[dict] | None = None) -> None:
         import timm
 
         from transfer import __version__
 
-        write_json(self.run_dir / "config.json", {
+        path = self.run_dir / "config.json"
+        history = []
+        if previous is not None:
+            old = load_run_config(self.run_dir)
+            history = old.get("extensions", []) + [{
+                "at_epoch": self.last_good_epoch, "when": datetime.now().isoformat(timespec="seconds"),
+                "stage_epochs_before": {s["name"]: s["epochs"] for s in previous},
+                "stage_epochs_after": {s.name: s.epochs for s in stages}}]
+        write_json(path, {
             "backbone": self.spec.name,
             "timm_model": self.spec.timm_name,
             "classes": self.classes,
@@ -361,7 +432,21 @@ class Trainer:
             "settings": asdict(self.config),
             "created": datetime.now().isoformat(timespec="seconds"),
             "versions": {"transfer": __version__, "torch": torch.__version__, "timm": timm.__version__},
+            **({"extensions": history} if history else {}),
         })
+
+
+def fresh_tail(stage: Stage, optimizer: torch.optim.Optimizer, done: int, stage_finished: bool):
+    """The schedule for a stage extended on resume: a new cosine over its remaining epochs, from the stage's base
+    rate when the stage had finished (a warm restart), else from the rate it had reached. Constant-rate stages
+    simply continue."""
+    if not stage.cosine:
+        return make_scheduler(stage, optimizer)
+    start_lr = stage.lr if stage_finished else optimizer.param_groups[0]["lr"]
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = start_lr
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, stage.epochs - done),
+                                                      eta_min=stage.lr * 0.01)
 
 
 # --- weights and checkpoints (atomic) -------------------------------------------------------------------------------
@@ -374,9 +459,20 @@ def save_weights(model: nn.Module, path: Path) -> None:
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
+    """best.safetensors into `model`; unreadable or mismatched weights are a `RunDamagedError`."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(path), device=str(next(model.parameters()).device)))
+    try:
+        state = load_file(str(path), device=str(next(model.parameters()).device))
+        model.load_state_dict(state)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise RunDamagedError(display(path.parent), path.name, _first_line(exc)) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 STATE_KEYS = ("stage_index", "stage_epoch", "epoch", "best_val_loss", "best_val_acc", "bad_epochs")
@@ -391,9 +487,25 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: d
 
 
 def load_checkpoint(path: Path) -> dict:
+    """last.ckpt with `weights_only=True`; a truncated, corrupt or unsafe file is a `RunDamagedError`."""
+    import pickle
+
+    run_dir = display(path.parent)
     if not path.is_file():
-        raise TransferError(f"--resume: no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise TransferError(f"--resume {run_dir}: no checkpoint ({path.name}); the run never finished an epoch, so "
+                            "start it again without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise RunDamagedError(run_dir, path.name, "not a plain checkpoint: it holds Python objects besides tensors, "
+                                                  "and loading it could run code, so it is refused") from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as exc:
+        raise RunDamagedError(run_dir, path.name, _first_line(exc)) from None
+    missing = [key for key in ("model", "optimizer", "scheduler", *STATE_KEYS) if not isinstance(state, dict)
+               or key not in state]
+    if missing:
+        raise RunDamagedError(run_dir, path.name, f"missing {', '.join(missing)}")
+    return state
 
 
 # --- entry point ---------------------------------------------------------------------------------------------------
@@ -410,44 +522,114 @@ def finetune(
     log: Callable[[str], None] = print,
     on_epoch_end: Callable[[dict], None] | None = None,
     on_batch: Callable[[str, int, int], None] | None = None,
+    changes: dict | None = None,
 ) -> FinetuneResult:
-    """Fine-tune on `data_dir`; with `resume`, continue that run from its last.ckpt with its saved settings."""
+    """Fine-tune on `data_dir` into a new run directory, or continue `resume` from its last.ckpt.
+
+    On resume the run's saved settings apply; `changes` holds the settings given anew: raised `epochs_head` /
+    `epochs_finetune` train the extra epochs, `workers`/`patience` may change, any other difference is an
+    `OptionError` naming the flag. The run directory is locked while training; a fresh run that fails or is
+    interrupted before its first checkpoint leaves nothing behind.
+    """
     if not Path(data_dir).is_dir():
         raise DataError(f"folder not found: {data_dir}")
-    resume_state, saved = None, None
-    if resume is not None:
-        run_dir = Path(resume)
-        saved = load_run_config(run_dir)
-        config = FinetuneConfig(**saved["settings"])
-        resume_state = load_checkpoint(run_dir / "last.ckpt")
-    else:
+    target = resolve_device(device)
+    if resume is None:
         if config is None:
             raise TransferError("finetune needs a config (at least the backbone)")
-        get_backbone(config.backbone)
-        if config.epochs_head + config.epochs_finetune < 1:
-            raise TransferError("nothing to train: --epochs-head plus --epochs-finetune must be at least 1")
+        config.check()
         run_dir = Path(output) if output is not None else default_run_dir(config.backbone)
-        if (run_dir / "last.ckpt").exists() or (run_dir / "config.json").exists():
-            raise TransferError(f"{run_dir} already holds a run; pass --resume {run_dir} or another --output")
-        run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    trainer = Trainer(config, data_dir, run_dir, resolve_device(device), log, on_epoch_end, on_batch)
-    if saved is not None and trainer.classes != saved["classes"]:
-        raise DataError(f"{data_dir} has classes {trainer.classes}, the run was trained on {saved['classes']}")
+    else:
+        run_dir = Path(resume)
+    with RunDirectory(run_dir, fresh=resume is None) as run:
+        resume_state, saved = None, None
+        if resume is not None:
+            saved = load_run_config(run_dir)
+            config = resumed_config(saved, changes or {}, run_dir)
+            resume_state = load_checkpoint(run.checkpoint)
+            check_extension(saved, config, resume_state, run_dir)
+        torch.manual_seed(config.seed)
+        trainer = Trainer(config, data_dir, run_dir, target, log, on_epoch_end, on_batch)
+        if saved is not None and trainer.classes != saved["classes"]:
+            raise DataError(f"{data_dir} has classes {trainer.classes}, the run was trained on {saved['classes']}")
+        try:
+            return trainer.fit(resume_state, saved["stages"] if saved else None)
+        except KeyboardInterrupt:
+            if trainer.last_good_epoch is None:
+                log("interrupted before the first epoch finished; nothing was kept")
+            else:
+                log(f"interrupted; epoch {trainer.last_good_epoch} is saved: resume with "
+                    f"transfer finetune {display(data_dir)} --resume {display(run_dir)}")
+            raise
+
+
+RESUME_CHANGEABLE = ("epochs_head", "epochs_finetune", "workers", "patience")
+
+
+def resumed_config(saved: dict, changes: dict, run_dir: Path) -> FinetuneConfig:
+    """The run's saved settings with the allowed `changes` applied; any other difference is an `OptionError`."""
     try:
-        return trainer.fit(resume_state)
-    except KeyboardInterrupt:
-        log(f"interrupted; the last completed epoch is saved: resume with --resume {run_dir}")
-        raise
+        config = FinetuneConfig(**saved["settings"])
+    except TypeError as exc:
+        raise RunDamagedError(display(run_dir), "config.json", f"settings: {exc}") from None
+    for key, value in changes.items():
+        if not hasattr(config, key):
+            raise OptionError(f"unknown setting {key!r}")
+        if getattr(config, key) == value:
+            continue
+        if key not in RESUME_CHANGEABLE:
+            flag = "--" + key.replace("_", "-")
+            raise OptionError(f"{flag} {value!r} differs from the run's {getattr(config, key)!r}; a resumed run keeps "
+                              f"its settings (only {', '.join('--' + k.replace('_', '-') for k in RESUME_CHANGEABLE)} "
+                              "may change)")
+        setattr(config, key, value)
+    return config.check()
+
+
+def check_extension(saved: dict, config: FinetuneConfig, state: dict, run_dir: Path) -> None:
+    """Raised epoch counts must belong to a stage the run has not left; lowered ones are refused."""
+    before = {"epochs_head": saved["settings"]["epochs_head"], "epochs_finetune": saved["settings"]["epochs_finetune"]}
+    for key, old in before.items():
+        new = getattr(config, key)
+        flag = "--" + key.replace("_", "-")
+        if new < old:
+            raise OptionError(f"{flag} {new}: the run was planned with {old}; a resumed run can only add epochs")
+    stage_names = [s["name"] for s in saved["stages"]]
+    current = stage_names[state["stage_index"]]
+    if config.epochs_head > before["epochs_head"] and current == "finetune":
+        raise OptionError(f"--epochs-head {config.epochs_head}: {display(run_dir)} is already in stage finetune; "
+                          "raise --epochs-finetune instead")
 
 
 def load_run_config(run_dir: str | os.PathLike) -> dict:
+    """config.json of a run directory; missing, malformed or incomplete is a clear error, never a traceback."""
     import json
 
     path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise TransferError(f"{run_dir} is not a run directory (no config.json)")
-    return json.loads(path.read_text())
+    if not Path(run_dir).is_dir() or not path.is_file():
+        raise TransferError(f"{display(run_dir)} is not a run directory (no config.json)")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RunDamagedError(display(run_dir), "config.json", _first_line(exc)) from None
+    required = {"backbone": str, "classes": list, "preprocessing": dict, "head": dict, "settings": dict,
+                "stages": list}
+    for key, kind in required.items():
+        if not isinstance(config, dict) or not isinstance(config.get(key), kind):
+            raise RunDamagedError(display(run_dir), "config.json", f"{key!r} is missing or not a {kind.__name__}")
+    try:
+        Preprocessing.from_dict(config["preprocessing"])
+        get_backbone(config["backbone"])
+    except TransferError as exc:
+        raise RunDamagedError(display(run_dir), "config.json", str(exc)) from None
+    return config
+
+
+def read_run_metrics(run_dir: Path) -> list[dict]:
+    try:
+        return read_metrics(run_dir / "metrics.csv")
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise RunDamagedError(display(run_dir), "metrics.csv", _first_line(exc)) from None
 
 
 def load_run(run_dir: str | os.PathLike, weights: str = "best.safetensors") -> tuple[TransferModel, dict]:
@@ -455,10 +637,11 @@ def load_run(run_dir: str | os.PathLike, weights: str = "best.safetensors") -> t
     config = load_run_config(run_dir)
     spec = get_backbone(config["backbone"])
     prep = Preprocessing.from_dict(config["preprocessing"])
+    head = config["head"]
     model = build_transfer_model(spec, build_architecture(spec), len(config["classes"]), prep.input_size,
-                                 config["head"]["kind"], config["head"]["dropout"])
+                                 head.get("kind", "mlp"), head.get("dropout", 0.0))
     path = Path(run_dir) / weights
     if not path.is_file():
-        raise TransferError(f"{run_dir} has no {weights} (has the run finished an epoch?)")
+        raise TransferError(f"{display(run_dir)} has no {weights}: the run has not finished an epoch")
     load_weights(model, path)
     return model.eval(), config

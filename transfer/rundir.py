@@ -1,0 +1,105 @@
+"""One run directory, one writer: the lock `finetune` holds, and the clean-up of a run that never got going.
+
+A fresh run creates its folder (or adopts an empty one), holds `RUN/.lock` while it trains, and removes every
+trace of itself if it fails or is interrupted before its first checkpoint exists. Once `last.ckpt` exists the
+run is kept, and every message about resuming it is true. A lock left by a killed process does not block: the
+OS drops `flock` locks with their process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from transfer.errors import TransferError
+from transfer.io import Lock, OutputError, display, os_error_message
+
+CHECKPOINT = "last.ckpt"
+RUN_FILES = ("config.json", "best.safetensors", CHECKPOINT, "metrics.csv", "curves.png", "confusion.png",
+             "report.json")
+LOCK_NAME = ".lock"
+
+
+class RunDirectory:
+    """Context manager around a training run's folder: lock, stale-temp clean-up, and no-trace on early failure."""
+
+    def __init__(self, path: str | os.PathLike, fresh: bool):
+        self.path, self.fresh = Path(path), fresh
+        self.created = False
+        self.lock: Lock | None = None
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    def __enter__(self) -> RunDirectory:
+        if self.fresh:
+            self._create()
+        elif not self.path.is_dir():
+            raise TransferError(f"--resume {display(self.path)}: not a run directory (folder not found)")
+        self.lock = Lock(self.path / LOCK_NAME, f"run directory {display(self.path)}")
+        self.lock.acquire()  # on failure the folder belongs to the holder: leave it alone
+        self._remove_stale_temps()
+        if self.fresh and self.checkpoint.exists():
+            self.lock.release()
+            raise TransferError(f"{display(self.path)} already holds a run; pass --resume {display(self.path)} or "
+                                "another --output")
+        if self.fresh:
+            foreign = sorted(e.name for e in self.path.iterdir() if e.name not in RUN_FILES and e.name != LOCK_NAME)
+            if foreign:
+                self.lock.release()
+                raise OutputError(f"--output {display(self.path)}: the folder holds other files ({foreign[0]}, ...); "
+                                  "name a new or empty folder")
+            for name in RUN_FILES:  # a start that never finished an epoch (killed outright): nothing to keep
+                (self.path / name).unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            if exc_type is not None and self.fresh and not self.checkpoint.exists():
+                self._remove_traces()
+        finally:
+            if self.lock is not None:
+                self.lock.release(remove=self.path.is_dir())
+
+    def _create(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputError(f"--output {display(self.path)}: a file is in the way of the run directory")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir()
+            self.created = True
+        except FileExistsError:
+            if not self.path.is_dir():
+                raise OutputError(f"--output {display(self.path)}: a file is in the way of the run directory") from None
+        except OSError as exc:
+            raise OutputError(f"--output {os_error_message(exc, self.path)}") from None
+        try:
+            probe = self.path / f".probe.{os.getpid()}.transfer-tmp"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            self._remove_if_created()
+            raise OutputError(f"--output {os_error_message(exc, self.path)}") from None
+
+    def _remove_stale_temps(self) -> None:
+        for entry in self.path.glob(".*.transfer-tmp"):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+    def _remove_traces(self) -> None:
+        """Undo a fresh run that never reached a checkpoint: the folder if this run made it, else its files."""
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for name in RUN_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        self._remove_stale_temps()
+
+    def _remove_if_created(self) -> None:
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.created = False
