@@ -6,7 +6,9 @@ Exit codes: 0 success; 2 bad usage or bad input (`TransferError`, one line namin
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -58,6 +60,13 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
+def progress_for(quiet: bool):
+    """Bars on a terminal, plain periodic lines on stderr when piped or logged, nothing with --quiet."""
+    from transfer.progress import Progress
+
+    return Progress.for_stream(sys.stderr, quiet=quiet, console=err_console)
+
+
 def say(text: str, err: bool = False) -> None:
     """Print user data (paths, reasons) verbatim: no rich markup, no highlighting, no wrapping; names that are
     not valid UTF-8 print as \\xNN escapes instead of crashing."""
@@ -87,219 +96,328 @@ def cli_errors(command):
     return wrapper
 
 
-BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="registry name, see `transfer backbones`")]
+# --- the shared vocabulary (README: "Flags shared by all commands") -------------------------------------------------
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
 
 
-@app.command()
+class Pool(str, Enum):
+    none = "none"
+    avg = "avg"
+    max = "max"
+
+
+class Layout(str, Enum):
+    nchw = "nchw"
+    nhwc = "nhwc"
+
+
+class Head(str, Enum):
+    mlp = "mlp"
+    linear = "linear"
+
+
+class HeadOptimizer(str, Enum):
+    adamw = "adamw"
+    rmsprop = "rmsprop"
+    sgd = "sgd"
+
+
+BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="registry name (see `transfer backbones`)")]
+RunOpt = Annotated[Path | None, typer.Option("--run", help="a run directory written by `transfer finetune`")]
+OnnxOpt = Annotated[Path | None, typer.Option("--onnx", help="a .onnx file written by `transfer export`")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="also write the machine-readable record to FILE")]
+DeviceOpt = Annotated[Device, typer.Option(help="cuda never falls back to cpu silently")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
+WorkersOpt = Annotated[int | None, typer.Option(min=0, help="decoding processes (default min(4, cores))")]
+WeightsOpt = Annotated[Path | None, typer.Option(help="backbone weights (.safetensors or a state dict)")]
+PretrainedOpt = Annotated[bool | None, typer.Option("--pretrained/--no-pretrained",
+                                                    help="default: pretrained where weights exist")]
+
+
+def examples(*lines: str) -> str:
+    """The epilog every command's --help ends with: copy-pasteable examples."""
+    return "Examples:\n\n" + "\n\n".join(f"  $ {line}" for line in lines)
+
+
+def check_json_path(path: Path | None) -> None:
+    if path is not None:
+        from transfer.io import check_writable
+
+        check_writable(path, "--json")
+
+
+def write_record(path: Path | None, record) -> None:
+    if path is not None:
+        from transfer.io import output_lock, write_json
+
+        with output_lock(path, "--json"):
+            write_json(path, record)
+
+
+def model_flag_hint(items: list[str], flag: str = "--onnx") -> str:
+    """When the model was given as a positional argument, say which flag takes it."""
+    first = items[0] if items else ""
+    if first.endswith(".onnx") or (Path(first) / "config.json").is_file():
+        flag = "--onnx" if first.endswith(".onnx") else "--run"
+        return f"name the model with {flag} {first} (positional arguments are images)"
+    return f"name the model with {flag} MODEL"
+
+
+@app.command(epilog=examples("transfer backbones", "transfer backbones --json backbones.json"))
 @cli_errors
-def backbones() -> None:
-    """List the registered backbones and where their pretrained weights come from."""
+def backbones(json_out: JsonOpt = None) -> None:
+    """The registered backbones: timm model, input size, parameters, default feature layer, weights."""
     from transfer.api import backbone_table
 
-    table = Table(title="backbones")
-    for column in ("name", "timm model", "input", "params", "weights from", "available now"):
+    check_json_path(json_out)
+    rows = backbone_table()
+    table = Table()
+    for column in ("name", "timm model", "input", "params", "feature layer", "weights from", "available now"):
         table.add_column(column)
-    for row in backbone_table():
+    for row in rows:
         table.add_row(row["name"], row["timm_model"], str(row["input_size"]), f"{row['params'] / 1e6:.1f}M",
-                      row["weights_source"], "yes" if row["available"] else "no")
+                      row["feature_layer"], row["weights_source"], "yes" if row["available"] else "no")
     console.print(table)
+    write_record(json_out, rows)
 
 
-@app.command()
+@app.command(epilog=examples("transfer layers -b vgg16",
+                             "transfer layers -b inception_v3 --layer mixed7 --layer mixed10",
+                             "transfer layers -b resnet50 --input-size 160 --json layers.json"))
 @cli_errors
 def layers(
     backbone: BackboneOpt,
     input_size: Annotated[int | None, typer.Option(help="input side in pixels (default: the backbone's)")] = None,
     layer: Annotated[list[str] | None, typer.Option(help="show only these layers (Keras alias or module path)")] = None,
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Every addressable layer in forward order: Keras alias, module path, output shape, params, unfreeze group."""
     from transfer.api import layer_summary
 
-    rows, size = layer_summary(backbone, input_size, layer)
-    table = Table(title=f"{backbone} at {size}x{size} (shapes from a forward pass, batch of 1)")
+    check_json_path(json_out)
+    with progress_for(quiet).task(f"building {backbone} and running one image through it"):
+        rows, size = layer_summary(backbone, input_size, layer)
+    say(f"{backbone} at {size}x{size} (shapes from a forward pass, batch of 1)")
+    table = Table()
     for column in ("keras name", "module", "type", "output shape", "params", "unfreeze group"):
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(row.alias, row.path, row.kind, row.shape_text, f"{row.params:,}", row.group)
     console.print(table)
+    write_record(json_out, [{"alias": r.alias, "module": r.path, "type": r.kind, "shape": list(r.shape or ()),
+                             "params": r.params, "unfreeze_group": r.group} for r in rows])
 
 
-@app.command()
+@app.command(epilog=examples("transfer scan ./mydata", "transfer scan ./mydata --strict --json scan.json"))
 @cli_errors
 def scan(
     data_dir: Annotated[Path, typer.Argument(help="folder of class sub-folders, train/val/test splits, or images")],
     strict: Annotated[bool, typer.Option(help="treat any unusable file as an error")] = False,
-    json_out: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON")] = None,
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Check a data folder before a long run: classes, counts per split, every skipped file and why."""
     from transfer.scan import scan_folder
 
-    report = scan_folder(data_dir, strict=strict)
+    check_json_path(json_out)
+    report = scan_folder(data_dir, strict=strict, progress=progress_for(quiet))
     counts = report.counts()
-    table = Table(title=f"{display(data_dir)} ({report.layout} layout, {len(report.samples)} usable images)")
+    say(f"{data_dir}: {report.layout} layout, {len(report.samples)} usable images")
+    table = Table()
     table.add_column("class")
     for split in counts:
         table.add_column(split, justify="right")
     for name in report.classes or ["(unlabelled)"]:
-        table.add_row(name, *(str(counts[split].get(name, 0)) for split in counts))
+        table.add_row(display(name), *(str(counts[split].get(name, 0)) for split in counts))
     console.print(table)
     for item in report.skipped:
         say(f"skipped {item.path}: {item.reason}")
-    console.print(f"{len(report.skipped)} file(s) skipped", highlight=False)
-    if json_out is not None:
-        from transfer.io import write_json
-
-        write_json(json_out, report.to_dict())
+    say(f"{len(report.skipped)} file(s) skipped")
+    write_record(json_out, report.to_dict())
     if report.empty_classes:
         from transfer.errors import DataError
 
         raise DataError(f"empty class(es) with no usable image: {', '.join(report.empty_classes)}")
 
 
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda (cuda never falls back silently)")]
+def _raise_interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
 
 
-@app.command()
+@app.command(epilog=examples(
+    "transfer finetune ./mydata -b efficientnet_lite0 -o runs/flowers",
+    "transfer finetune ./mydata -b inception_v3 --head-optimizer rmsprop --unfreeze 2 --lr-finetune 1e-4",
+    "transfer finetune ./mydata --resume runs/flowers --epochs-finetune 6"))
 @cli_errors
 def finetune(
+    ctx: typer.Context,
     data_dir: Annotated[Path, typer.Argument(help="one sub-folder per class, or train/ and val/ splits")],
     backbone: BackboneOpt = "efficientnet_lite0",
-    output: Annotated[Path | None, typer.Option(help="run directory (default runs/BACKBONE-TIME)")] = None,
-    epochs_head: Annotated[int, typer.Option(help="stage 1: epochs with the backbone frozen")] = 3,
-    epochs_finetune: Annotated[int, typer.Option(help="stage 2: epochs with the top groups unfrozen")] = 3,
-    unfreeze: Annotated[str, typer.Option(help="stage 2 trains the top K unfreeze groups, or 'all'")] = "2",
+    output: Annotated[Path | None, typer.Option("--output", "-o",
+                                                help="the run directory (default runs/BACKBONE-TIME)")] = None,
+    epochs_head: Annotated[int, typer.Option(min=0, help="stage 1: epochs with the backbone frozen")] = 3,
+    epochs_finetune: Annotated[int, typer.Option(min=0, help="stage 2: epochs with the top groups unfrozen")] = 3,
+    unfreeze: Annotated[str, typer.Option(help="stage 2 trains the top K unfreeze groups (0..K), or all")] = "2",
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     lr_head: Annotated[float, typer.Option(help="stage 1 learning rate")] = 1e-3,
     lr_finetune: Annotated[float, typer.Option(help="stage 2 learning rate (SGD, momentum 0.9)")] = 1e-4,
-    head_optimizer: Annotated[str, typer.Option(help="stage 1 optimizer: adamw or rmsprop")] = "adamw",
-    head: Annotated[str, typer.Option(help="mlp (pool, dropout, Dense 1024 ReLU, Dense) or linear")] = "mlp",
+    head_optimizer: Annotated[HeadOptimizer, typer.Option(help="stage 1 optimizer")] = HeadOptimizer.adamw,
+    head: Annotated[Head, typer.Option(help="mlp: pool, dropout, Dense 1024 ReLU, Dense; linear: one Dense")
+                    ] = Head.mlp,
     val_split: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.2,
     augment: Annotated[bool, typer.Option(help="rotation, shifts, zoom, flips, colour jitter")] = True,
     cache_features: Annotated[bool | None, typer.Option(
         "--cache-features/--no-cache-features",
         help="stage 1 on cached backbone features, no augmentation (default: when --no-augment)")] = None,
-    weights: Annotated[Path | None, typer.Option(help="backbone weights (.safetensors or state dict)")] = None,
-    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained",
-                                                    help="default: pretrained where weights exist")] = None,
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = None,
     input_size: Annotated[int | None, typer.Option(help="train at this size instead of the backbone's")] = None,
-    crop_pct: Annotated[float | None, typer.Option(min=0.1, max=1.0,
-                                                   help="centre-crop fraction (1.0 keeps the whole image)")] = None,
-    device: DeviceOpt = "auto",
-    seed: int = 0,
-    patience: Annotated[int, typer.Option(help="stop a stage after this many epochs without val-loss gain")] = 5,
-    workers: Annotated[int | None, typer.Option(help="data loader processes (default min(4, cores))")] = None,
+    crop_pct: Annotated[float | None, typer.Option(help="centre-crop fraction, 0.1..1 (1.0 keeps the whole image)")
+                        ] = None,
+    device: DeviceOpt = Device.auto,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    patience: Annotated[int, typer.Option(min=1, help="stop a stage after this many epochs without val-loss gain")
+                        ] = 5,
+    workers: WorkersOpt = None,
     strict: Annotated[bool, typer.Option(help="stop on any unusable image instead of skipping it")] = False,
     bn_stats: Annotated[bool, typer.Option(help="stage 2: unfrozen BatchNorm layers update running stats")] = False,
-    resume: Annotated[Path | None, typer.Option(help="continue RUN_DIR from its last.ckpt")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="continue RUN_DIR from its last.ckpt; raise --epochs-head/--epochs-finetune to train more")] = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune a pretrained backbone with a new head: stage 1 head only, stage 2 top groups unfrozen."""
     from transfer.train import FinetuneConfig
     from transfer.train import finetune as run_finetune
 
-    config = None if resume else FinetuneConfig(
+    settings = dict(
         backbone=backbone, epochs_head=epochs_head, epochs_finetune=epochs_finetune, unfreeze=unfreeze,
-        batch_size=batch_size, lr_head=lr_head, lr_finetune=lr_finetune, head_optimizer=head_optimizer, head=head,
-        val_split=val_split, augment=augment, cache_features=cache_features, pretrained=pretrained,
+        batch_size=batch_size, lr_head=lr_head, lr_finetune=lr_finetune, head_optimizer=head_optimizer.value,
+        head=head.value, val_split=val_split, augment=augment, cache_features=cache_features, pretrained=pretrained,
         weights=str(weights) if weights else None, input_size=input_size, crop_pct=crop_pct, seed=seed,
         patience=patience, workers=workers, strict=strict, bn_stats=bn_stats)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    changes = None
+    if resume is not None:
+        if output is not None:
+            from transfer.errors import OptionError
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task("training", total=None)
-
-        def on_batch(description: str, done: int, total: int) -> None:
-            bar.update(task, description=description, completed=done, total=total)
-
-        def log(line: str) -> None:
-            bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
-
-        result = run_finetune(data_dir, config, output=output, resume=resume, device=device, log=log,
-                              on_batch=on_batch)
-    console.print(f"validation accuracy {result.best_val_acc:.4f} ({result.epochs_run} epochs) -> {result.run_dir}",
-                  highlight=False)
+            raise OptionError("--output: a resumed run continues in its own folder; give only --resume RUN_DIR")
+        given = {name for name in settings if ctx.get_parameter_source(name).name == "COMMANDLINE"}
+        changes = {name: settings[name] for name in given}
+    config = None if resume else FinetuneConfig(**settings)
+    progress = progress_for(quiet)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` is handled like Ctrl-C: nothing half-written stays
+    result = run_finetune(data_dir, config, output=output, resume=resume, device=device.value, log=progress.log,
+                          changes=changes, progress=progress)
+    say(f"validation accuracy {result.best_val_acc:.4f} ({result.epochs_run} epochs) -> {result.run_dir}")
 
 
-@app.command()
+def model_path(run: Path | None, onnx: Path | None, positional: list[str], need: str = "a model") -> Path:
+    """Exactly one of --run / --onnx."""
+    from transfer.errors import OptionError
+
+    if run is not None and onnx is not None:
+        raise OptionError("--run and --onnx exclude each other; give one model")
+    if run is None and onnx is None:
+        raise OptionError(f"{need}: {model_flag_hint(positional, '--run RUN_DIR or --onnx')}")
+    return run if run is not None else onnx
+
+
+@app.command(epilog=examples("transfer evaluate ./mydata_test --run runs/flowers",
+                             "transfer evaluate ./mydata_test --onnx model.onnx --json report.json"))
 @cli_errors
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="a run directory or a .onnx classifier")],
-    data_dir: Annotated[Path, typer.Argument(help="labelled folder (class sub-folders; test/ split if present)")],
-    batch_size: int = 32,
-    device: DeviceOpt = "auto",
-    output: Annotated[Path | None, typer.Option(help="write the report as JSON")] = None,
+    data_dir: Annotated[Path, typer.Argument(help="labelled folder (class sub-folders; its test/ split if present)")],
+    run: RunOpt = None,
+    onnx: OnnxOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    device: DeviceOpt = Device.auto,
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Accuracy, per-class precision/recall/F1 and the confusion matrix on a labelled folder."""
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix of a run or an ONNX classifier."""
     from transfer.evaluate import evaluate as run_evaluate
 
-    report = run_evaluate(model, data_dir, batch_size=batch_size, device=device)
-    table = Table(title=f"{display(model)} on {display(data_dir)}: accuracy {report['accuracy']:.4f} "
-                        f"({report['count']} images)")
+    model = model_path(run, onnx, [str(data_dir)], "evaluate needs a model")
+    check_json_path(json_out)
+    report = run_evaluate(model, data_dir, batch_size=batch_size, device=device.value, progress=progress_for(quiet))
+    say(f"{model} on {data_dir}: accuracy {report['accuracy']:.4f} ({report['count']} images)")
+    table = Table()
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="right")
     for name, row in report["per_class"].items():
-        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+        table.add_row(display(name), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+                      str(row["support"]))
     console.print(table)
-    console.print("confusion matrix (rows true, columns predicted):")
+    say("confusion matrix (rows true, columns predicted):")
+    width = max(len(name) for name in report["per_class"])
     for name, counts in zip(report["per_class"], report["confusion_matrix"], strict=True):
-        console.print(f"  {name:>12} " + " ".join(f"{c:5d}" for c in counts), highlight=False, markup=False)
+        say(f"  {name:>{width}} " + " ".join(f"{c:5d}" for c in counts))
     for item in report["skipped"]:
         say(f"skipped {item['path']}: {item['reason']}")
-    if output is not None:
-        from transfer.io import write_json
-
-        write_json(output, report)
+    write_record(json_out, report)
 
 
-@app.command()
+@app.command(epilog=examples(
+    "transfer extract ./photos -b vgg16",
+    "transfer extract ./photos cat.jpg 'more/*.png' -b resnet50 --layer conv4_block6_out --layer avg_pool -o f.npz",
+    "transfer extract ./photos --run runs/flowers --layer predictions --pool avg -o logits.npy"))
 @cli_errors
 def extract(
-    images_dir: Annotated[Path, typer.Argument(help="folder of images (class sub-folders give labels)")],
-    layer: Annotated[list[str] | None, typer.Option(help="Keras alias or timm module path; repeat for several")] = None,
+    images: Annotated[list[str], typer.Argument(help="a folder (class sub-folders give labels), files or globs")],
+    layer: Annotated[list[str] | None, typer.Option(
+        help="Keras alias or timm module path; repeat for several (default: the backbone's feature layer)")] = None,
     backbone: BackboneOpt = "vgg16",
-    pool: Annotated[str, typer.Option(help="none keeps C x H x W; avg or max pool the spatial axes")] = "none",
-    layout: Annotated[str, typer.Option(help="nchw, or nhwc (Keras' array order)")] = "nchw",
-    weights: Annotated[Path | None, typer.Option(help="backbone weights (.safetensors or state dict)")] = None,
-    run: Annotated[Path | None, typer.Option(help="use a fine-tuned run's weights and preprocessing")] = None,
-    onnx: Annotated[Path | None, typer.Option(help="run an exported feature extractor with onnxruntime")] = None,
-    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
+    run: RunOpt = None,
+    onnx: OnnxOpt = None,
+    pool: Annotated[Pool, typer.Option(help="none keeps C x H x W; avg or max pool the spatial axes")] = Pool.none,
+    layout: Annotated[Layout, typer.Option(help="nchw, or nhwc (Keras' array order)")] = Layout.nchw,
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = None,
     input_size: Annotated[int | None, typer.Option(help="input side (default: the model's)")] = None,
-    output: Annotated[Path | None, typer.Option(help=".npy (one layer) or .npz; default features.npy/.npz")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o",
+                                                help=".npy (one layer) or .npz; default features.npy/.npz")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    device: DeviceOpt = "auto",
-    workers: Annotated[int | None, typer.Option(help="decoding processes (default min(4, cores))")] = None,
+    device: DeviceOpt = Device.auto,
+    workers: WorkersOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Features of intermediate layers, streamed to disk with a JSON sidecar (paths, labels, metadata)."""
-    from rich.progress import Progress
-
+    from transfer.features import default_layers, sidecar_path
     from transfer.features import extract as run_extract
-    from transfer.features import sidecar_path
 
-    layers = layer or ["block4_pool"]
+    if run is not None and onnx is not None:
+        from transfer.errors import OptionError
+
+        raise OptionError("--run and --onnx exclude each other; give one model")
+    layers = layer or default_layers(backbone, run, onnx)
     output = output or Path("features.npy" if len(layers) == 1 else "features.npz")
-    with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
-        task = bar.add_task("extracting", total=None)
-        result = run_extract(images_dir, backbone=backbone, layers=layers, pool=pool, layout=layout, weights=weights,
-                             run=run, onnx=onnx, pretrained=pretrained, input_size=input_size, output=output,
-                             batch_size=batch_size, device=device, workers=workers,
-                             progress=lambda n: bar.advance(task, n))
+    result = run_extract(images if len(images) > 1 else images[0], backbone=backbone, layers=layers,
+                         pool=pool.value, layout=layout.value, weights=weights, run=run, onnx=onnx,
+                         pretrained=pretrained, input_size=input_size, output=output, batch_size=batch_size,
+                         device=device.value, workers=workers, progress=progress_for(quiet))
     for name, shape in result.metadata["shapes"].items():
         module = result.metadata["layers"][name]
-        console.print(f"{name} ({module}): {tuple(shape)}", highlight=False)
+        say(f"{name} ({module}): {tuple(shape)}")
     for item in result.skipped:
         say(f"skipped {item.path}: {item.reason}")
-    console.print(f"wrote {output} and {sidecar_path(output)} ({len(result.paths)} images)", highlight=False)
+    say(f"wrote {output} and {sidecar_path(output)} ({len(result.paths)} images)")
 
 
-@app.command()
+@app.command(epilog=examples("transfer export --run runs/flowers -o flowers.onnx --json record.json",
+                             "transfer export -b vgg16 --layer block4_pool -o vgg_block4.onnx",
+                             "transfer export --run runs/flowers --int8 --calibration ./mydata/train -o f.int8.onnx"))
 @cli_errors
 def export(
-    run_dir: Annotated[Path | None, typer.Argument(help="a finetune run directory (classifier, classes)")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="the .onnx file to write")] = Path("model.onnx"),
+    run: RunOpt = None,
     backbone: Annotated[str | None, typer.Option("--backbone", "-b", help="export a registry backbone")] = None,
-    weights: Annotated[Path | None, typer.Option(help="backbone weights (.safetensors or state dict)")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="the .onnx file to write")] = Path("model.onnx"),
+    weights: WeightsOpt = None,
     layer: Annotated[list[str] | None, typer.Option(help="feature extractor: one output per layer")] = None,
-    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
+    pretrained: PretrainedOpt = None,
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
     fp16: Annotated[bool, typer.Option(help="half-precision weights and compute (for GPU); float32 I/O")] = False,
     int8: Annotated[bool, typer.Option(help="static QDQ int8 (for CPU), calibrated on --calibration")] = False,
@@ -307,100 +425,110 @@ def export(
     embed_preprocessing: Annotated[bool, typer.Option(help="input uint8 NHWC RGB; normalization in the graph")] = False,
     input_size: Annotated[int | None, typer.Option(help="input side (default: the model's)")] = None,
     verify_images: Annotated[Path | None, typer.Option(help="folder of images to verify against PyTorch")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="write the validation record as JSON")] = None,
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Export a verified, self-describing ONNX file: a run's classifier, ImageNet classifier or feature extractor."""
+    """Export a verified, self-describing ONNX file: a run's classifier, an ImageNet classifier or an extractor."""
     from exporters.export import export_onnx
 
-    record = export_onnx(output, run=run_dir, backbone=backbone, weights=weights, layers=layer or [],
+    if run is None and backbone is None:
+        from transfer.errors import OptionError
+
+        raise OptionError("export needs --run RUN_DIR or --backbone NAME")
+    check_json_path(json_out)
+    record = export_onnx(output, run=run, backbone=backbone, weights=weights, layers=layer or [],
                          pretrained=pretrained, opset=opset, fp16=fp16, int8=int8, calibration=calibration,
-                         embed_preprocessing=embed_preprocessing, input_size=input_size, verify_images=verify_images)
+                         embed_preprocessing=embed_preprocessing, input_size=input_size, verify_images=verify_images,
+                         progress=progress_for(quiet))
     size_mib = record.size_bytes / 2**20
-    console.print(f"wrote {record.path} ({size_mib:.1f} MiB, {record.precision}, opset {record.opset})",
-                  highlight=False)
-    console.print(f"input {record.input_name} {record.input_dtype} {record.input_shape}; outputs "
-                  + ", ".join(f"{n} {record.output_shapes[n]}" for n in record.output_names), highlight=False)
-    console.print(f"onnx.checker: {record.checker}", highlight=False)
+    say(f"wrote {record.path} ({size_mib:.1f} MiB, {record.precision}, opset {record.opset}, {record.exporter})")
+    say(f"input {record.input_name} {record.input_dtype} {record.input_shape}; outputs "
+        + ", ".join(f"{n} {record.output_shapes[n]}" for n in record.output_names))
+    say(f"onnx.checker: {record.checker}")
     for name in record.output_names:
-        console.print(f"max difference vs PyTorch ({name}, batch {record.batch_sizes_checked}, {record.verify_images}):"
-                      f" abs {record.max_abs_diff[name]:.3g}, relative {record.max_rel_diff[name]:.3g} "
-                      f"(tolerance {record.tolerance:g})", highlight=False)
+        say(f"max difference vs PyTorch ({name}, batch {record.batch_sizes_checked}, {record.verify_images}): "
+            f"abs {record.max_abs_diff[name]:.3g}, relative {record.max_rel_diff[name]:.3g} "
+            f"(tolerance {record.tolerance:g})")
     if record.top1_agreement is not None:
-        console.print(f"int8 top-1 agreement with fp32 on {record.agreement_images}: {record.top1_agreement:.4f}; "
-                      f"size {record.fp32_size_bytes / record.size_bytes:.2f}x smaller", highlight=False)
-    if json_out is not None:
-        from transfer.io import write_json
-
-        write_json(json_out, record.to_dict())
+        say(f"int8 top-1 agreement with fp32 on {record.agreement_images}: {record.top1_agreement:.4f}; "
+            f"size {record.fp32_size_bytes / record.size_bytes:.2f}x smaller")
+    write_record(json_out, record.to_dict())
 
 
-@app.command()
+@app.command(epilog=examples("transfer predict cat.jpg cup.png --onnx model.onnx",
+                             "transfer predict ./new_images 'more/*.jpg' --onnx model.onnx --top-k 3 -o preds.csv"))
 @cli_errors
 def predict(
-    model: Annotated[Path, typer.Argument(help="a .onnx file written by `transfer export`")],
     images: Annotated[list[str], typer.Argument(help="image files, folders or glob patterns")],
+    onnx: OnnxOpt = None,
     top_k: Annotated[int, typer.Option(min=1)] = 5,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    device: DeviceOpt = "auto",
-    output: Annotated[Path | None, typer.Option(help="write predictions to .csv or .json")] = None,
+    device: DeviceOpt = Device.auto,
+    output: Annotated[Path | None, typer.Option("--output", "-o",
+                                                help="write the predictions to a .csv or .json file")] = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Top-k labels of images with onnxruntime only; unreadable images are listed, not fatal."""
-    from rich.progress import Progress
-
     from exporters.runtime import OnnxModel
+    from transfer.errors import OptionError
     from transfer.io import output_lock
     from transfer.predict import check_predictions_path, write_predictions
     from transfer.scan import expand_inputs
 
+    if onnx is None:
+        raise OptionError(f"predict needs a model: {model_flag_hint(images)}")
     if output is not None:
         check_predictions_path(output)
+    onnx_model = OnnxModel(onnx, device=device.value)
+    onnx_model.require_classifier()
     paths = expand_inputs(images)
-    onnx_model = OnnxModel(model, device=device)
-    err_console.print(f"{model}: {onnx_model.provider}, {len(paths)} image(s)", highlight=False)
-    with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
-        task = bar.add_task("predicting", total=len(paths))
-        results = onnx_model.predict(paths, top_k=top_k, batch_size=batch_size,
-                                     progress=lambda n: bar.advance(task, n))
-    table = Table(title=f"top-{top_k} predictions")
+    say(f"{onnx}: {onnx_model.provider}, {len(paths)} image(s)", err=True)
+    with progress_for(quiet).task("predicting", total=len(paths), unit="images") as advance:
+        results = onnx_model.predict(paths, top_k=top_k, batch_size=batch_size, progress=advance)
+    table = Table()
     for column in ("image", "label", "probability", f"top-{top_k}"):
         table.add_column(column, overflow="fold")
     for item in results:
         if item.error:
             table.add_row(display(item.path), "unreadable", "-", item.error)
         else:
-            others = ", ".join(f"{label} {p:.3f}" for label, p in zip(item.labels, item.probabilities, strict=True))
+            others = " | ".join(f"{label} {p:.3f}" for label, p in zip(item.labels, item.probabilities, strict=True))
             table.add_row(display(item.path), item.labels[0], f"{item.probabilities[0]:.4f}", others)
     console.print(table)
     bad = [r for r in results if r.error]
     if bad:
-        console.print(f"{len(bad)} unreadable image(s)", highlight=False)
+        say(f"{len(bad)} unreadable image(s)")
     if output is not None:
         with output_lock(output):
             write_predictions(output, results)
 
 
-@app.command()
+@app.command(epilog=examples("transfer bench --onnx model.onnx", "transfer bench --onnx model.onnx "
+                             "--batch-sizes 1,16 --against-torch --json bench.json"))
 @cli_errors
 def bench(
-    model: Annotated[Path, typer.Argument(help="a .onnx file written by `transfer export`")],
+    onnx: OnnxOpt = None,
     batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,8,32",
-    device: DeviceOpt = "auto",
-    seconds: Annotated[float, typer.Option(help="timed seconds per batch size")] = 3.0,
-    against_torch: Annotated[str | None, typer.Option(help="also time PyTorch eager: a RUN_DIR or a backbone name")
-                             ] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="write the results as JSON")] = None,
+    device: DeviceOpt = Device.auto,
+    seconds: Annotated[float, typer.Option(min=0.01, help="timed seconds per batch size")] = 3.0,
+    against_torch: Annotated[bool, typer.Option(
+        help="also time PyTorch eager on the model the file came from (its run, else its backbone)")] = False,
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """images/s and latency p50/p95 per batch size on synthetic input, optionally next to PyTorch eager."""
+    from transfer.errors import OptionError
     from transfer.options import parse_batch_sizes
     from transfer.predict import run_bench
 
+    if onnx is None:
+        raise OptionError("bench needs a model: name it with --onnx MODEL.onnx")
     sizes = parse_batch_sizes(batch_sizes)
-    if json_out is not None:
-        from transfer.io import check_writable
-
-        check_writable(json_out, "--json")
-    result = run_bench(model, sizes, device=device, seconds=seconds, against_torch=against_torch)
-    table = Table(title=f"{display(model)} on {result['machine']}")
+    check_json_path(json_out)
+    result = run_bench(onnx, sizes, device=device.value, seconds=seconds, against_torch=against_torch,
+                       progress=progress_for(quiet))
+    say(f"{onnx} on {result['machine']}")
+    table = Table()
     for column in ("engine", "batch", "images/s", "p50 ms", "p95 ms"):
         table.add_column(column, justify="right")
     for row in result["rows"]:
@@ -408,11 +536,8 @@ def bench(
                       f"{row['p95_ms']:.1f}")
     console.print(table)
     for batch, ratio in result.get("speedup_vs_torch", {}).items():
-        console.print(f"batch {batch}: onnxruntime / PyTorch eager = {ratio:.2f}x", highlight=False)
-    if json_out is not None:
-        from transfer.io import write_json
-
-        write_json(json_out, result)
+        say(f"batch {batch}: onnxruntime / PyTorch eager = {ratio:.2f}x")
+    write_record(json_out, result)
 
 
 def main() -> None:  # pragma: no cover - `python cli.py`
@@ -421,4 +546,3 @@ def main() -> None:  # pragma: no cover - `python cli.py`
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-

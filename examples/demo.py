@@ -34,9 +34,9 @@ def main() -> int:
     transfer("scan", str(DATA))
     transfer("finetune", str(DATA), "--backbone", "efficientnet_lite0", "--input-size", "96", "--crop-pct", "1.0",
              "--no-augment", "--epochs-head", "10", "--epochs-finetune", "2", "--output", str(RUN))
-    transfer("export", str(RUN), "--output", str(RUN / "model.onnx"))
+    transfer("export", "--run", str(RUN), "--output", str(RUN / "model.onnx"))
     samples = [str(sorted((DATA / str(d)).iterdir())[-1]) for d in (0, 3, 7, 9)]
-    transfer("predict", str(RUN / "model.onnx"), *samples, "--top-k", "3")
+    transfer("predict", *samples, "--onnx", str(RUN / "model.onnx"), "--top-k", "3")
     report = json.loads((RUN / "report.json").read_text())
     print(f"\nvalidation accuracy {report['accuracy']:.4f} on {report['count']} images; "
           f"curves in {RUN / 'curves.png'}, ONNX model in {RUN / 'model.onnx'}")

@@ -27,8 +27,10 @@ from transfer.io import output_lock, temp_dir_beside
 from transfer.model import resolve_run_layer
 from transfer.options import check_input_size
 from transfer.preprocess import Preprocessing, eval_array, eval_pixels
+from transfer.progress import SILENT, Progress
 
 DEFAULT_OPSET = 18  # well handled by torch's exporter and onnxruntime >= 1.16
+MIN_DYNAMO_OPSET = 18  # torch.export-based exporter; below it only the TorchScript exporter can write the file
 # max |onnx - torch| / max |torch|. An int8 classifier is judged by top-1 agreement instead: quantization moves
 # logits by design, more so on images unlike the calibration set.
 # fp16 is compared with the fp32 PyTorch model, so its tolerance covers half-precision rounding through the net.
@@ -60,6 +62,7 @@ class ExportRecord:
     top1_agreement: float | None = None
     agreement_images: str | None = None
     fp32_size_bytes: int | None = None
+    exporter: str = "dynamo"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,6 +107,7 @@ class _Source:
     description: str
     verify_paths: list[Path]
     validation_paths: list[Path] = field(default_factory=list)
+    run_dir: str | None = None  # absolute path of the run the file came from (for `bench --against-torch`)
 
 
 def _source(run: str | os.PathLike | None, backbone: str | None, weights, layers: Sequence[str], pretrained,
@@ -111,6 +115,7 @@ def _source(run: str | os.PathLike | None, backbone: str | None, weights, layers
     """The PyTorch model to export, with its preprocessing, classes and layer names."""
     from transfer.train import load_run
 
+    run_dir = str(Path(run).resolve()) if run is not None else None
     if run is not None:
         model, config = load_run(run)
         spec = get_backbone(config["backbone"])
@@ -135,8 +140,8 @@ def _source(run: str | os.PathLike | None, backbone: str | None, weights, layers
             paths = [resolve_layer(spec, name, network) for name in layers]
         tap = FeatureTap(network, paths, stop_early=False)
         return _Source(tap, prep, [], spec.name, dict(zip(layers, paths, strict=True)), "features", description,
-                       verify, validation)
-    return _Source(network, prep, classes, spec.name, {}, "logits", description, verify, validation)
+                       verify, validation, run_dir)
+    return _Source(network, prep, classes, spec.name, {}, "logits", description, verify, validation, run_dir)
 
 
 def _imagenet_or_index_labels(spec, network: nn.Module) -> list[str]:
@@ -197,6 +202,7 @@ def _metadata(source: _Source, record_layout: str, precision: str) -> dict[str, 
         "transfer.output_kind": source.output_kind,
         "transfer.precision": precision,
         "transfer.source": source.description,
+        **({"transfer.run": source.run_dir} if source.run_dir else {}),
         "transfer.version": __version__,
     }
     return meta
@@ -216,6 +222,7 @@ def export_onnx(
     embed_preprocessing: bool = False,
     input_size: int | None = None,
     verify_images: str | os.PathLike | None = None,
+    progress: Progress = SILENT,
 ) -> ExportRecord:
     """Export, verify against PyTorch, and only then move the file to `output`."""
     output = Path(output)
@@ -228,15 +235,45 @@ def export_onnx(
     if calibration is not None and not Path(calibration).is_dir():
         raise ExportError(f"--calibration: folder not found: {calibration}")
     if not 11 <= opset <= 20:
-        raise ExportError(f"--opset {opset}: use 11..20 (the TorchScript exporter's range)")
+        raise ExportError(f"--opset {opset}: use 11..20 (18+ with the dynamo exporter, 11..17 with TorchScript)")
     layers = list(dict.fromkeys(layers))
     with output_lock(output):
         return _export(output, run, backbone, weights, layers, pretrained, opset, fp16, int8, calibration,
-                       embed_preprocessing, input_size, verify_images)
+                       embed_preprocessing, input_size, verify_images, progress)
+
+
+def export_graph(model: nn.Module, dummy: torch.Tensor, path: Path, output_names: list[str], opset: int,
+                 exporter: str) -> None:
+    """torch.onnx.export with a dynamic batch axis, quietly.
+
+    The maintained torch.export-based exporter ("dynamo") is used from opset 18 on; it passes the same
+    verification for every registry backbone (tests/test_export.py, slow). The TorchScript exporter stays only
+    for opsets 11..17, which the dynamo exporter does not write. Neither may print: their progress chatter and
+    tracer warnings are ours to report or not.
+    """
+    import contextlib
+    import io
+    import warnings
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            if exporter == "dynamo":
+                torch.onnx.export(model, (dummy,), str(path), input_names=["input"], output_names=output_names,
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                                  opset_version=opset, dynamo=True, external_data=False, verbose=False)
+            else:
+                dynamic_axes = {"input": {0: "batch"}, **{name: {0: "batch"} for name in output_names}}
+                torch.onnx.export(model, (dummy,), str(path), input_names=["input"], output_names=output_names,
+                                  dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False,
+                                  do_constant_folding=True)
+    except Exception as exc:  # the exporters raise many types; any of them means this model cannot be written
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"torch.onnx ({exporter}) cannot export this model: {first[:300]}") from None
 
 
 def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp16, int8, calibration,
-            embed_preprocessing, input_size, verify_images) -> ExportRecord:
+            embed_preprocessing, input_size, verify_images, progress: Progress) -> ExportRecord:
     source = _source(run, backbone, weights, layers, pretrained, input_size)
     precision = "fp16" if fp16 else "int8" if int8 else "fp32"
     model = source.model.eval()
@@ -254,14 +291,9 @@ def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp1
 
     with temp_dir_beside(output) as work:
         fp32_path = Path(work) / "model.onnx"
-        try:
-            with torch.no_grad():
-                torch.onnx.export(export_model, (dummy,), str(fp32_path), input_names=["input"],
-                                  output_names=output_names, dynamic_axes=dynamic_axes, opset_version=opset,
-                                  dynamo=False, do_constant_folding=True)
-        except torch.onnx.errors.OnnxExporterError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"torch.onnx cannot export this model at input size {size}: {first}") from None
+        exporter = "dynamo" if opset >= MIN_DYNAMO_OPSET else "torchscript"
+        with progress.task(f"exporting {source.backbone} to ONNX ({exporter}, opset {opset})"):
+            export_graph(export_model, dummy, fp32_path, output_names, opset, exporter)
         meta = _metadata(source, layout, precision)
         final_path = fp32_path
         images, verify_note = verification_images(source.prep, _verify_paths(verify_images, source))
@@ -269,12 +301,15 @@ def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp1
         if int8:
             _write_metadata(fp32_path, meta | {"transfer.precision": "fp32"})
             final_path = Path(work) / "model.int8.onnx"
-            agreement, agreement_note = _quantize(fp32_path, final_path, source, calibration, embed_preprocessing)
+            with progress.task("calibrating and quantizing to int8"):
+                agreement, agreement_note = _quantize(fp32_path, final_path, source, calibration,
+                                                      embed_preprocessing)
             fp32_size = fp32_path.stat().st_size
         _write_metadata(final_path, meta)
-        checker = _check(final_path)
-        abs_diff, rel_diff, checked = _compare(final_path, reference_model, images, source,
-                                               embed_preprocessing, output_names)
+        with progress.task("verifying: onnx.checker and onnxruntime vs PyTorch at batch 1 and 3"):
+            checker = _check(final_path)
+            abs_diff, rel_diff, checked = _compare(final_path, reference_model, images, source,
+                                                   embed_preprocessing, output_names)
         tolerance = TOLERANCE[precision]
         record = ExportRecord(
             path=str(output), precision=precision, opset=opset, input_name="input",
@@ -283,7 +318,7 @@ def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp1
             output_shapes=_output_shapes(final_path), dynamic_axes=dynamic_axes, checker=checker,
             batch_sizes_checked=checked, max_abs_diff=abs_diff, max_rel_diff=rel_diff, tolerance=tolerance,
             verify_images=verify_note, size_bytes=final_path.stat().st_size, metadata=meta,
-            top1_agreement=agreement, agreement_images=agreement_note, fp32_size_bytes=fp32_size)
+            top1_agreement=agreement, agreement_images=agreement_note, fp32_size_bytes=fp32_size, exporter=exporter)
         worst = max(rel_diff.values())
         judged_by_agreement = int8 and source.output_kind == "logits"
         if worst > tolerance and not judged_by_agreement:

@@ -40,25 +40,6 @@ class Prediction:
     error: str | None = None
 
 
-def _cpu_threads() -> int:
-    """Cores this process may use (physical cores where the OS says so)."""
-    try:
-        logical = len(os.sched_getaffinity(0))
-    except AttributeError:
-        logical = os.cpu_count() or 1
-    try:
-        with open("/proc/cpuinfo") as handle:
-            info = handle.read()
-        siblings = {line.split(":")[1].strip() for line in info.splitlines() if line.startswith("siblings")}
-        cores = {line.split(":")[1].strip() for line in info.splitlines() if line.startswith("cpu cores")}
-        if len(siblings) == 1 and len(cores) == 1:
-            ratio = int(siblings.pop()) // max(1, int(cores.pop()))
-            return max(1, logical // max(1, ratio))
-    except (OSError, ValueError):
-        pass
-    return logical
-
-
 def choose_providers(device: str) -> list:
     """Explicit execution providers; `cuda` without the CUDA provider is an error, never a silent CPU run."""
     available = ort.get_available_providers()
@@ -128,7 +109,7 @@ class OnnxModel:
             raise DataError(f"model file not found: {self.path}")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or _cpu_threads()
+        options.intra_op_num_threads = threads or 0  # 0: onnxruntime uses the physical cores
         providers = choose_providers(device)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
@@ -222,7 +203,7 @@ class OnnxModel:
                             f"{self.output_names[0]} has shape {list(logits.shape)}")
         return logits
 
-    def logits(self, images: Sequence, batch_size: int = 32) -> np.ndarray:
+    def logits(self, images: Sequence, batch_size: int = 32, progress=None) -> np.ndarray:
         """Logits of every image; an unreadable image is an error here (use `predict` to skip and report)."""
         self.require_classifier()
         out = []
@@ -231,6 +212,8 @@ class OnnxModel:
                 index, reason = errors[0]
                 raise DataError(f"{images[index]}: {reason}")
             out.append(self._class_logits(batch))
+            if progress is not None:
+                progress(len(batch))
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict(self, images: Iterable, top_k: int = 5, batch_size: int = 32,

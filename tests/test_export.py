@@ -188,7 +188,7 @@ def test_forced_tolerance_failure_leaves_no_file(small_run, tmp_path, runner, mo
 
     monkeypatch.setattr(torch.onnx, "export", perturbed_export)
     output = tmp_path / "bad.onnx"
-    result = runner.invoke(cli.app, ["export", str(run_dir), "--output", str(output)])
+    result = runner.invoke(cli.app, ["export", "--run", str(run_dir), "--output", str(output)])
     assert result.exit_code == 1, result.output
     assert "verification failed" in result.output
     assert not output.exists() and list(tmp_path.iterdir()) == []
@@ -196,16 +196,16 @@ def test_forced_tolerance_failure_leaves_no_file(small_run, tmp_path, runner, mo
 
 def test_export_cli_record_and_bad_input(small_run, tmp_path, runner):
     run_dir, _ = small_run
-    result = runner.invoke(cli.app, ["export", str(run_dir), "-o", str(tmp_path / "m.onnx"), "--json",
+    result = runner.invoke(cli.app, ["export", "--run", str(run_dir), "-o", str(tmp_path / "m.onnx"), "--json",
                                      str(tmp_path / "record.json")])
     assert result.exit_code == 0, result.output
     assert "onnx.checker: passed" in result.output and "max difference vs PyTorch" in result.output
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["output_names"] == ["logits"] and record["output_shapes"]["logits"] == ["batch", 4]
-    bad_layer = runner.invoke(cli.app, ["export", str(run_dir), "-o", str(tmp_path / "x.onnx"), "--layer",
+    bad_layer = runner.invoke(cli.app, ["export", "--run", str(run_dir), "-o", str(tmp_path / "x.onnx"), "--layer",
                                         "conv5_block2_ou"])
     assert bad_layer.exit_code == 2 and "conv5_block2_out" in bad_layer.output
-    bad_name = runner.invoke(cli.app, ["export", str(run_dir), "-o", str(tmp_path / "x.txt")])
+    bad_name = runner.invoke(cli.app, ["export", "--run", str(run_dir), "-o", str(tmp_path / "x.txt")])
     assert bad_name.exit_code == 2 and ".onnx" in bad_name.output
 
 
@@ -220,17 +220,38 @@ def test_fp16_export_halves_the_file_and_stays_close(small_run, tmp_path):
     assert session.get_outputs()[0].type == "tensor(float)"
 
 
-def test_int8_keeps_same_padding_arithmetic_in_float(imagenet_onnx):
-    """efficientnet's TF-'SAME' padding is computed from Shape at run time; quantizing that arithmetic changed
-    the spatial sizes (7x7 became 6x6). The quantizer must leave it alone."""
+def test_int8_keeps_same_padding_arithmetic_in_float(imagenet_onnx, tmp_path):
+    """In a TorchScript export (opset < 18) efficientnet's TF-'SAME' padding is computed from Shape at run time;
+    quantizing that arithmetic changed the spatial sizes (7x7 became 6x6). The quantizer must leave it alone.
+    The dynamo export (the default) folds the padding into constants."""
     import onnx
 
     from exporters.export import shape_arithmetic_nodes
 
-    model = onnx.load(str(imagenet_onnx[0]))
+    dynamo = onnx.load(str(imagenet_onnx[0]))
+    assert imagenet_onnx[1].exporter == "dynamo" and not shape_arithmetic_nodes(dynamo)
+    record = export_onnx(tmp_path / "ts.onnx", backbone="efficientnet_lite0", opset=17)
+    assert record.exporter == "torchscript"
+    model = onnx.load(str(tmp_path / "ts.onnx"))
     excluded = set(shape_arithmetic_nodes(model))
     by_output = {out: node for node in model.graph.node for out in node.output}
     pads = [node for node in model.graph.node if node.op_type == "Pad"]
     assert pads and all(by_output[pad.input[1]].name in excluded for pad in pads)
     kinds = {node.op_type for node in model.graph.node if node.name in excluded}
     assert "Shape" in kinds and not kinds & {"Conv", "Pad", "Gemm"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["vgg16", "inception_v3", "resnet18", "resnet34", "resnet50", "resnet101",
+                                      "resnet152", "efficientnet_lite0", "alexnet", "lenet5"])
+def test_every_registry_backbone_exports_with_dynamo(backbone, tmp_path):
+    """The maintained exporter passes the same verification (checker, 1e-4 relative at batch 1 and 3) for every
+    registry backbone, as a classifier and as an extractor of its feature layer."""
+    from models.registry import get_backbone
+
+    spec = get_backbone(backbone)
+    classifier = export_onnx(tmp_path / "c.onnx", backbone=backbone, pretrained=False)
+    extractor = export_onnx(tmp_path / "f.onnx", backbone=backbone, pretrained=False, layers=[spec.feature_layer])
+    for record in (classifier, extractor):
+        assert record.exporter == "dynamo" and record.checker == "passed (full check)"
+        assert record.batch_sizes_checked == [1, 3] and max(record.max_rel_diff.values()) <= 1e-4

@@ -141,7 +141,7 @@ def test_cli_bad_layer_or_flag(tmp_path, photo_dir, runner, args, message):
 
 def test_cli_missing_and_empty_folder(tmp_path, runner):
     missing = runner.invoke(cli.app, ["extract", str(tmp_path / "nope"), "--no-pretrained"])
-    assert missing.exit_code == 2 and "folder not found" in missing.output
+    assert missing.exit_code == 2 and "not found" in missing.output
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / ".DS_Store").write_bytes(b"x")
     empty = runner.invoke(cli.app, ["extract", str(tmp_path / "empty"), "--no-pretrained",

@@ -162,13 +162,13 @@ def test_evaluate_run_dir_cli(tmp_path, runner):
     data = digits_folder(tmp_path / "d", per_class=6, size=32, classes=3)
     finetune(data, FinetuneConfig(backbone="lenet5", epochs_head=2, epochs_finetune=0, batch_size=8, workers=0),
              output=tmp_path / "run", device="cpu", log=lambda _: None)
-    result = runner.invoke(cli.app, ["evaluate", str(tmp_path / "run"), str(data), "--output",
+    result = runner.invoke(cli.app, ["evaluate", str(data), "--run", str(tmp_path / "run"), "--json",
                                      str(tmp_path / "eval.json")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["count"] == 18 and sum(map(sum, report["confusion_matrix"])) == 18
     assert f"accuracy {report['accuracy']:.4f}" in result.output
-    bad = runner.invoke(cli.app, ["evaluate", str(tmp_path / "nope"), str(data)])
+    bad = runner.invoke(cli.app, ["evaluate", str(data), "--run", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and "not a run directory" in bad.output
 
 

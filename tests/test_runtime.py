@@ -81,7 +81,7 @@ def test_runtime_preprocessing_equals_training_transform(photos, tmp_path):
 
 def test_predict_cuda_without_cuda_exits_2(lenet_onnx, runner):
     path, _, data = lenet_onnx
-    result = runner.invoke(cli.app, ["predict", str(path), str(data), "--device", "cuda"])
+    result = runner.invoke(cli.app, ["predict", str(data), "--onnx", str(path), "--device", "cuda"])
     assert result.exit_code == 2 and "CUDAExecutionProvider" in result.output
 
 
@@ -93,7 +93,7 @@ def test_predict_lists_unreadable_and_predicts_the_rest(lenet_onnx, runner, tmp_
         (folder / f"{source.parent.name}_{source.name}").write_bytes(source.read_bytes())
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = tmp_path / "preds.json"
-    result = runner.invoke(cli.app, ["predict", str(path), str(folder), "--top-k", "2", "--output", str(out)])
+    result = runner.invoke(cli.app, ["predict", str(folder), "--onnx", str(path), "--top-k", "2", "--output", str(out)])
     assert result.exit_code == 0, result.output
     assert "unreadable" in result.output and "1 unreadable image(s)" in result.output
     records = json.loads(out.read_text())
@@ -103,7 +103,7 @@ def test_predict_lists_unreadable_and_predicts_the_rest(lenet_onnx, runner, tmp_
     good = [r for r in records if not r["error"]]
     assert len(good) == 4 and all(len(r["labels"]) == 2 and abs(sum(r["probabilities"]) - 1) < 1 for r in good)
     csv_out = tmp_path / "preds.csv"
-    assert runner.invoke(cli.app, ["predict", str(path), str(folder / "*.png"), "--output",
+    assert runner.invoke(cli.app, ["predict", str(folder / "*.png"), "--onnx", str(path), "--output",
                                    str(csv_out)]).exit_code == 0
     assert len(csv_out.read_text().strip().splitlines()) == 5
 
@@ -111,14 +111,14 @@ def test_predict_lists_unreadable_and_predicts_the_rest(lenet_onnx, runner, tmp_
 def test_bench_cli_against_torch(lenet_onnx, runner, tmp_path):
     path, run_dir, _ = lenet_onnx
     out = tmp_path / "bench.json"
-    result = runner.invoke(cli.app, ["bench", str(path), "--batch-sizes", "1,4", "--seconds", "0.2",
-                                     "--against-torch", str(run_dir), "--json", str(out)])
+    result = runner.invoke(cli.app, ["bench", "--onnx", str(path), "--batch-sizes", "1,4", "--seconds", "0.2",
+                                     "--against-torch", "--json", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert [r["batch_size"] for r in data["rows"]] == [1, 4, 1, 4]
     assert all(r["images_per_s"] > 0 and r["p95_ms"] >= r["p50_ms"] for r in data["rows"])
     assert set(data["speedup_vs_torch"]) == {"1", "4"}
-    bad = runner.invoke(cli.app, ["bench", str(path), "--batch-sizes", "one"])
+    bad = runner.invoke(cli.app, ["bench", "--onnx", str(path), "--batch-sizes", "one"])
     assert bad.exit_code == 2 and "--batch-sizes" in bad.output
 
 
@@ -142,5 +142,5 @@ def test_evaluate_onnx_equals_evaluate_run(lenet_onnx, runner):
     from_run = evaluate(run_dir, data, device="cpu")
     from_onnx = evaluate(path, data, device="cpu")
     assert from_onnx["confusion_matrix"] == from_run["confusion_matrix"]
-    result = runner.invoke(cli.app, ["evaluate", str(path), str(data)])
+    result = runner.invoke(cli.app, ["evaluate", str(data), "--onnx", str(path)])
     assert result.exit_code == 0 and f"accuracy {from_run['accuracy']:.4f}" in result.output

@@ -9,6 +9,8 @@ import numpy as np
 
 from transfer.errors import DataError
 from transfer.metrics import classification_report
+from transfer.options import check_int
+from transfer.progress import SILENT, Progress
 from transfer.scan import ScanReport, scan_folder
 
 
@@ -22,22 +24,31 @@ def evaluation_samples(report: ScanReport):
 
 
 def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_size: int = 32,
-             device: str = "auto") -> dict:
+             device: str = "auto", progress: Progress = SILENT) -> dict:
     """Evaluate a run directory (PyTorch, best weights) or a .onnx classifier (onnxruntime) on a labelled folder.
 
     The folder's classes are matched to the model's by name; a class the model does not know is an error.
     """
     model_path = Path(model_path)
-    report = scan_folder(data_dir)
-    samples = evaluation_samples(report)
+    check_int(batch_size, "--batch-size", 1)
     if model_path.suffix == ".onnx":
         from exporters.runtime import OnnxModel
 
         onnx_model = OnnxModel(model_path, device=device)
-        classes = onnx_model.classes
-        logits = onnx_model.logits([s.path for s in samples], batch_size=batch_size)
+        onnx_model.require_classifier()
     else:
-        logits, classes = _run_logits(model_path, [s.path for s in samples], batch_size, device)
+        from transfer.train import load_run_config
+
+        load_run_config(model_path)  # a damaged or missing run fails before the folder is scanned
+    report = scan_folder(data_dir, progress=progress)
+    samples = evaluation_samples(report)
+    paths = [s.path for s in samples]
+    with progress.task("evaluating", total=len(paths), unit="images") as advance:
+        if model_path.suffix == ".onnx":
+            classes = onnx_model.classes
+            logits = onnx_model.logits(paths, batch_size=batch_size, progress=advance)
+        else:
+            logits, classes = _run_logits(model_path, paths, batch_size, device, advance)
     unknown = [c for c in report.classes if c not in classes]
     if unknown:
         raise DataError(f"{data_dir}: class(es) {', '.join(unknown)} unknown to the model (it knows {classes})")
@@ -49,7 +60,8 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_s
     return result
 
 
-def _run_logits(run_dir: Path, paths: list[Path], batch_size: int, device: str) -> tuple[np.ndarray, list[str]]:
+def _run_logits(run_dir: Path, paths: list[Path], batch_size: int, device: str,
+                advance=None) -> tuple[np.ndarray, list[str]]:
     import torch
 
     from transfer.data import ImageDataset, eval_transform, make_loader
@@ -67,4 +79,6 @@ def _run_logits(run_dir: Path, paths: list[Path], batch_size: int, device: str) 
     with torch.no_grad():
         for images, _ in loader:
             outputs.append(model(images.to(target)).float().cpu().numpy())
+            if advance is not None:
+                advance(len(images))
     return np.concatenate(outputs), list(config["classes"])

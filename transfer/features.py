@@ -26,7 +26,8 @@ from transfer.io import atomic_path, output_lock, temp_dir_beside, write_json
 from transfer.model import resolve_run_layer
 from transfer.options import check_input_size, check_int
 from transfer.preprocess import Preprocessing
-from transfer.scan import Sample, Skipped, check_image, scan_folder
+from transfer.progress import SILENT, Progress
+from transfer.scan import Sample, Skipped, check_image, expand_inputs, scan_folder
 
 POOLS = ("none", "avg", "max")
 LAYOUTS = ("nchw", "nhwc")
@@ -45,24 +46,45 @@ class ExtractResult:
     output: Path | None = None
 
 
-def collect_samples(images: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[Sample], list[str],
-                                                                                       list[Skipped]]:
-    """A folder (flat, or class sub-folders giving labels) or a list of files -> usable samples, classes, skips."""
-    if isinstance(images, (str, os.PathLike)):
-        report = scan_folder(images)
+def collect_samples(images: str | os.PathLike | Sequence[str | os.PathLike],
+                    progress: Progress = SILENT) -> tuple[list[Sample], list[str], list[Skipped]]:
+    """One folder (flat, or class sub-folders giving labels), or files, folders and glob patterns (unlabelled)
+    -> usable samples, classes, skipped files with reasons."""
+    items = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    if not items:
+        raise DataError("no images given")
+    if len(items) == 1 and Path(items[0]).is_dir():
+        report = scan_folder(items[0], progress=progress)
         if not report.samples:
-            raise DataError(f"{images}: no usable images found")
+            raise DataError(f"{items[0]}: no usable images found")
         return report.samples, report.classes, report.skipped
     samples, skipped = [], []
-    for path in map(Path, images):
-        reason = check_image(path) if path.is_file() else "file not found"
-        if reason is None:
-            samples.append(Sample(path, None))
-        else:
-            skipped.append(Skipped(str(path), reason))
+    paths = expand_inputs(items)
+    with progress.task("checking images", total=len(paths), unit="files") as advance:
+        for path in paths:
+            reason = check_image(path)
+            if reason is None:
+                samples.append(Sample(path, None))
+            else:
+                skipped.append(Skipped(str(path), reason))
+            advance(1)
     if not samples:
         raise DataError("no usable images among the given files")
     return samples, [], skipped
+
+
+def default_layers(backbone: str, run: str | os.PathLike | None, onnx: str | os.PathLike | None) -> list[str]:
+    """Without --layer: every output of an extractor file, else the backbone's documented feature layer
+    (`transfer backbones` lists it: block4_pool for vgg16, mixed7 for inception_v3, ...)."""
+    if onnx is not None:
+        from exporters.runtime import OnnxModel
+
+        return list(OnnxModel(onnx, device="cpu").output_names)
+    if run is not None:
+        from transfer.train import load_run_config
+
+        backbone = load_run_config(run)["backbone"]
+    return [get_backbone(backbone).feature_layer]
 
 
 def _post_process(array: np.ndarray, pool: str, layout: str) -> np.ndarray:
@@ -96,7 +118,7 @@ class _NpyStream:
 def extract(
     images: str | os.PathLike | Sequence[str | os.PathLike],
     backbone: str = "vgg16",
-    layers: Sequence[str] = ("block4_pool",),
+    layers: Sequence[str] | None = None,
     pool: str = "none",
     layout: str = "nchw",
     weights: str | os.PathLike | None = None,
@@ -108,7 +130,7 @@ def extract(
     batch_size: int = 32,
     device: str = "auto",
     workers: int | None = None,
-    progress=None,
+    progress: Progress = SILENT,
 ) -> ExtractResult:
     """Features of `layers` for every usable image; in memory, or streamed to `output` (.npy one layer, .npz more).
 
@@ -120,15 +142,11 @@ def extract(
         raise TransferError(f"--pool {pool!r}: use one of {', '.join(POOLS)}")
     if layout not in LAYOUTS:
         raise TransferError(f"--layout {layout!r}: use one of {', '.join(LAYOUTS)}")
-    layers = list(dict.fromkeys(layers))
-    if not layers:
-        raise TransferError("name at least one --layer")
+    layers = list(dict.fromkeys(layers or default_layers(backbone, run, onnx)))
     if output is not None and Path(output).suffix not in (".npy", ".npz"):
         raise TransferError(f"--output {output}: use a .npy (one layer) or .npz file")
     if output is not None and Path(output).suffix == ".npy" and len(layers) > 1:
         raise TransferError(f"--output {output}: several layers need a .npz file")
-    if isinstance(images, (str, os.PathLike)) and not Path(images).is_dir():
-        raise DataError(f"folder not found: {images}")
     check_int(batch_size, "--batch-size", 1)
     if workers is not None:
         check_int(workers, "--workers", 0, 64)
@@ -143,18 +161,20 @@ def extract(
 
 def _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size, output,
              batch_size, device, workers, progress) -> ExtractResult:
-    samples, classes, skipped = collect_samples(images)
     if onnx is not None:
-        batches, metadata = _onnx_batches(onnx, layers, samples, batch_size, device, input_size)
+        make_batches, metadata = _onnx_batches(onnx, layers, batch_size, device, input_size)
     else:
-        batches, metadata = _torch_batches(backbone, layers, samples, weights, run, pretrained, input_size,
-                                           batch_size, device, workers)
+        make_batches, metadata = _torch_batches(backbone, layers, weights, run, pretrained, input_size,
+                                                batch_size, device, workers)
+    samples, classes, skipped = collect_samples(images, progress)
+    batches = make_batches(samples)
     metadata.update(pool=pool, layout=layout)
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in layers}
     streams: dict[str, _NpyStream] = {}
     with contextlib.ExitStack() as stack:
         temp_dir = stack.enter_context(temp_dir_beside(output)) if output is not None else None
         stack.callback(lambda: [stream.close() for stream in streams.values()])
+        advance = stack.enter_context(progress.task("extracting", total=len(samples), unit="images"))
         for count, outputs in batches:
             for name, raw in zip(layers, outputs, strict=True):
                 array = _post_process(raw, pool, layout)
@@ -165,8 +185,7 @@ def _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrai
                     streams[name] = _NpyStream(temp_dir / f"{name}.npy", (len(samples), *array.shape[1:]))
                     metadata.setdefault("shapes", {})[name] = [len(samples), *array.shape[1:]]
                 streams[name].write(array)
-            if progress is not None:
-                progress(count)
+            advance(count)
         for stream in streams.values():
             stream.close()
         features: dict[str, np.ndarray | None]
@@ -186,8 +205,9 @@ def _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrai
     return result
 
 
-def _torch_batches(backbone, layers, samples, weights, run, pretrained, input_size, batch_size, device, workers):
-    """(batch length, [array per layer]) from a registry backbone or a run, tapped with `FeatureTap`."""
+def _torch_batches(backbone, layers, weights, run, pretrained, input_size, batch_size, device, workers):
+    """The model and its layers, resolved before any image is read; returns `batches(samples)` yielding
+    (batch length, [array per layer]) from a registry backbone or a run, tapped with `FeatureTap`."""
     from transfer.train import load_run, resolve_device
 
     if run is not None:
@@ -205,22 +225,22 @@ def _torch_batches(backbone, layers, samples, weights, run, pretrained, input_si
         prep = replace(prep, input_size=check_input_size(spec.name, input_size))
     target = resolve_device(device)
     tap = FeatureTap(network.eval().to(target), paths_in_model, stop_early=True)
-    loader = make_loader(ImageDataset(samples, eval_transform(prep)), batch_size, workers=workers,
-                         device=target.type)
     metadata = {"backbone": spec.name, "weights": source, "layers": dict(zip(layers, paths_in_model, strict=True)),
                 "input_size": prep.input_size, "preprocessing": prep.to_dict()}
 
-    def generate():
+    def generate(samples):
+        loader = make_loader(ImageDataset(samples, eval_transform(prep)), batch_size, workers=workers,
+                             device=target.type)
         with torch.no_grad():
             for images_batch, _ in loader:
                 outputs = tap(images_batch.to(target))
                 yield len(images_batch), [t.float().cpu().numpy() for t in outputs]
         tap.close()
 
-    return generate(), metadata
+    return generate, metadata
 
 
-def _onnx_batches(onnx, layers, samples, batch_size, device, input_size):
+def _onnx_batches(onnx, layers, batch_size, device, input_size):
     """(batch length, [array per layer]) from an exported feature extractor run by onnxruntime."""
     from exporters.runtime import OnnxModel
     from transfer.errors import UnknownNameError
@@ -239,7 +259,7 @@ def _onnx_batches(onnx, layers, samples, batch_size, device, input_size):
                            for name in layers},
                 "input_size": runtime.prep.input_size, "preprocessing": runtime.prep.to_dict()}
 
-    def generate():
+    def generate(samples):
         for rows, batch, errors in runtime.iter_batches([s.path for s in samples], batch_size):
             if errors:
                 index, reason = errors[0]
@@ -247,7 +267,7 @@ def _onnx_batches(onnx, layers, samples, batch_size, device, input_size):
             outputs = runtime.run(batch)
             yield len(rows), [outputs[i] for i in indices]
 
-    return generate(), metadata
+    return generate, metadata
 
 
 def sidecar_path(output: str | os.PathLike) -> Path:

@@ -12,33 +12,27 @@ import numpy as np
 from transfer.io import write_atomic
 
 
-def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
-    """Rows are true classes, columns predicted classes."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
-    return matrix
-
-
 def classification_report(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str]) -> dict:
-    """Overall accuracy and per-class precision, recall, F1 and support (0 where undefined)."""
-    matrix = confusion_matrix(y_true, y_pred, len(classes))
-    true_pos = np.diag(matrix).astype(float)
-    predicted, support = matrix.sum(0).astype(float), matrix.sum(1).astype(float)
-    precision = np.divide(true_pos, predicted, out=np.zeros_like(true_pos), where=predicted > 0)
-    recall = np.divide(true_pos, support, out=np.zeros_like(true_pos), where=support > 0)
-    denominator = precision + recall
-    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(true_pos), where=denominator > 0)
+    """Overall accuracy, per-class precision, recall, F1 and support (0 where undefined), and the confusion
+    matrix (rows true, columns predicted): scikit-learn's metrics, packed as JSON-ready values."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    labels = list(range(len(classes)))
+    matrix = confusion_matrix(y_true, y_pred, labels=labels) if len(y_true) else np.zeros((len(labels),) * 2, int)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0) if len(y_true) else (np.zeros(len(labels)),) * 4
     total = int(matrix.sum())
+    present = np.asarray(support) > 0
     return {
-        "accuracy": float(true_pos.sum() / total) if total else 0.0,
+        "accuracy": float(np.trace(matrix) / total) if total else 0.0,
         "count": total,
         "per_class": {
             name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                    "support": int(support[i])}
             for i, name in enumerate(classes)
         },
-        "macro_f1": float(f1[support > 0].mean()) if (support > 0).any() else 0.0,
-        "confusion_matrix": matrix.tolist(),
+        "macro_f1": float(np.asarray(f1)[present].mean()) if present.any() else 0.0,
+        "confusion_matrix": matrix.astype(int).tolist(),
     }
 
 
@@ -72,37 +66,47 @@ def _save_figure(figure, path: str | os.PathLike) -> None:
     write_atomic(path, lambda temp: figure.savefig(temp, format="png", dpi=110))
 
 
-def plot_curves(rows: Sequence[dict], path: str | os.PathLike) -> None:
+def plot_curves(rows: Sequence[dict], path: str | os.PathLike, title: str = "training curves") -> None:
     """Loss and accuracy per epoch, train and validation, with a dashed line at each stage boundary."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    figure = Figure(figsize=(10, 4), layout="tight")
+    figure = Figure(figsize=(10, 4.2), layout="constrained")
+    figure.suptitle(title)
     epochs = [row["epoch"] for row in rows]
     boundaries = [rows[i]["epoch"] - 0.5 for i in range(1, len(rows)) if rows[i]["stage"] != rows[i - 1]["stage"]]
-    for index, (metric, title) in enumerate((("loss", "loss"), ("acc", "accuracy"))):
+    for index, (metric, name) in enumerate((("loss", "loss (cross-entropy)"), ("acc", "accuracy"))):
         axes = figure.add_subplot(1, 2, index + 1)
         axes.plot(epochs, [row[f"train_{metric}"] for row in rows], "o-", label="train")
         axes.plot(epochs, [row[f"val_{metric}"] for row in rows], "o-", label="validation")
-        for boundary in boundaries:
-            axes.axvline(boundary, color="grey", linestyle="--", label="stage boundary")
+        for number, boundary in enumerate(boundaries):
+            axes.axvline(boundary, color="grey", linestyle="--", label="stage boundary" if number == 0 else None)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("epoch")
-        axes.set_title(title)
+        axes.set_title(name)
+        axes.grid(alpha=0.3)
         axes.legend()
     _save_figure(figure, path)
 
 
-def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: str | os.PathLike) -> None:
+def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: str | os.PathLike,
+                   title: str = "validation confusion matrix") -> None:
+    """Counts and the row-normalised view (recall per class) side by side, with readable cell labels."""
     from matplotlib.figure import Figure
+    from sklearn.metrics import ConfusionMatrixDisplay
 
-    size = max(4.0, 0.5 * len(classes) + 2)
-    figure = Figure(figsize=(size, size), layout="tight")
-    axes = figure.add_subplot(1, 1, 1)
-    axes.imshow(matrix, cmap="Blues")
-    axes.set_xticks(range(len(classes)), classes, rotation=90)
-    axes.set_yticks(range(len(classes)), classes)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    if len(classes) <= 30:
-        for (row, col), value in np.ndenumerate(matrix):
-            axes.text(col, row, str(value), ha="center", va="center", fontsize=8)
+    matrix = np.asarray(matrix)
+    side = max(4.0, 0.45 * len(classes) + 2.5)
+    figure = Figure(figsize=(2 * side + 1, side + 0.6), layout="constrained")
+    figure.suptitle(f"{title} ({int(matrix.sum())} images)")
+    totals = matrix.sum(axis=1, keepdims=True)
+    normalised = np.divide(matrix, totals, out=np.zeros(matrix.shape, float), where=totals > 0)
+    show_values = len(classes) <= 30
+    for index, (values, name, fmt) in enumerate(((matrix, "counts", "d"), (normalised, "share of each true class",
+                                                                            ".2f"))):
+        axes = figure.add_subplot(1, 2, index + 1)
+        display = ConfusionMatrixDisplay(values, display_labels=list(classes))
+        display.plot(ax=axes, cmap="Blues", values_format=fmt, include_values=show_values, colorbar=True,
+                     xticks_rotation="vertical")
+        axes.set_title(name)
     _save_figure(figure, path)

@@ -68,6 +68,8 @@ def resolve_run_layer(spec: BackboneSpec, name: str, model: TransferModel) -> st
         return "global_pool"
     if name.startswith("head.") and name in dict(model.named_modules()):
         return name
+    if spec.constructor is not None and spec.aliases.get(name, "").startswith("classifier."):
+        return "head." + spec.aliases[name].removeprefix("classifier.")  # a classic net's own dense layers
     dropped = (spec.classifier, "global_pool", "pre_logits", "head", "fc", "classifier")
     running = {path for path, _ in model.backbone.named_modules() if path
                and not any(path == d or path.startswith(d + ".") for d in dropped)}

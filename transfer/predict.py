@@ -12,6 +12,7 @@ from pathlib import Path
 from exporters.runtime import OnnxModel, Prediction
 from transfer.errors import TransferError
 from transfer.io import write_text
+from transfer.progress import SILENT, Progress
 
 PREDICTION_FORMATS = (".csv", ".json")
 
@@ -34,20 +35,25 @@ def write_predictions(path: str | os.PathLike, results: list[Prediction]) -> Non
     path = Path(path)
     if path.suffix == ".json":
         write_text(path, json.dumps([r.__dict__ for r in results], indent=2) + "\n")
-    elif path.suffix == ".csv":
+    elif path.suffix == ".csv":  # one column pair per rank, so labels with commas stay intact
+        k = max((len(r.labels) for r in results), default=1)
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["path", "label", "probability", "top_k", "error"])
+        writer.writerow(["path", *(f"{kind}_{rank}" for rank in range(1, k + 1) for kind in ("label", "probability")),
+                         "error"])
         for r in results:
-            top = ";".join(f"{label}:{p:.6f}" for label, p in zip(r.labels, r.probabilities, strict=True))
-            writer.writerow([r.path, r.labels[0] if r.labels else "", f"{r.probabilities[0]:.6f}" if r.labels else "",
-                             top, r.error or ""])
+            pairs = zip(r.labels, r.probabilities, strict=True)
+            ranked = [value for label, p in pairs for value in (label, f"{p:.6f}")]
+            writer.writerow([r.path, *ranked, *([""] * (2 * k - len(ranked))), r.error or ""])
         write_text(path, buffer.getvalue())
     else:
         raise TransferError(f"--output {path}: use a .csv or .json file")
 
 
 def machine_name() -> str:
+    """CPU model and its physical cores (psutil), for benchmark records."""
+    import psutil
+
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as handle:
@@ -55,25 +61,37 @@ def machine_name() -> str:
         model = names[0] if names else model
     except OSError:
         pass
-    return f"{model}, {len(os.sched_getaffinity(0))} cores"
+    return f"{model}, {psutil.cpu_count(logical=False) or os.cpu_count()} cores"
 
 
 def run_bench(model_path: str | os.PathLike, batch_sizes: list[int], device: str = "auto", seconds: float = 3.0,
-              against_torch: str | None = None) -> dict:
-    """onnxruntime rows per batch size, plus PyTorch eager rows and the ratio when `against_torch` is given."""
+              against_torch: bool = False, progress: Progress = SILENT) -> dict:
+    """onnxruntime rows per batch size; with `against_torch`, PyTorch eager rows on the model the file came from
+    (its run directory when it still exists, else its registry backbone: speed does not depend on the weights)."""
     onnx_model = OnnxModel(model_path, device=device)
-    rows = [{"engine": f"onnxruntime {onnx_model.provider}", **onnx_model.benchmark(b, seconds)} for b in batch_sizes]
+    steps = len(batch_sizes) * (2 if against_torch else 1)
     result = {"model": str(model_path), "machine": machine_name(), "device": onnx_model.device,
-              "precision": onnx_model.metadata.get("transfer.precision", "fp32"), "rows": list(rows)}
-    if against_torch:
-        from transfer.bench import torch_benchmark, torch_model
+              "precision": onnx_model.metadata.get("transfer.precision", "fp32"), "rows": []}
+    with progress.task("benchmarking", total=steps, unit="runs") as advance:
+        rows = []
+        for size in batch_sizes:
+            rows.append({"engine": f"onnxruntime {onnx_model.provider}", **onnx_model.benchmark(size, seconds)})
+            advance(1)
+        result["rows"] = list(rows)
+        if against_torch:
+            from transfer.bench import torch_benchmark, torch_model
 
-        network, description = torch_model(against_torch)
-        torch_rows = [{"engine": "pytorch eager", **torch_benchmark(network, onnx_model.prep.input_size, b,
-                                                                     onnx_model.device, seconds=seconds)}
-                      for b in batch_sizes]
-        result["rows"] += torch_rows
-        result["torch_model"] = description
-        result["speedup_vs_torch"] = {str(a["batch_size"]): round(a["images_per_s"] / b["images_per_s"], 3)
-                                      for a, b in zip(rows, torch_rows, strict=True)}
+            source = onnx_model.metadata.get("transfer.run") or onnx_model.metadata.get("transfer.backbone", "")
+            if not source or (source.startswith("/") and not Path(source).is_dir()):
+                source = onnx_model.metadata.get("transfer.backbone", "")
+            network, description = torch_model(source)
+            torch_rows = []
+            for size in batch_sizes:
+                torch_rows.append({"engine": "pytorch eager", **torch_benchmark(
+                    network, onnx_model.prep.input_size, size, onnx_model.device, seconds=seconds)})
+                advance(1)
+            result["rows"] += torch_rows
+            result["torch_model"] = description
+            result["speedup_vs_torch"] = {str(a["batch_size"]): round(a["images_per_s"] / b["images_per_s"], 3)
+                                          for a, b in zip(rows, torch_rows, strict=True)}
     return result

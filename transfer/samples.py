@@ -35,3 +35,38 @@ def write_digits_folder(root: str | os.PathLike, per_class: int | None = None, s
         folder.mkdir(parents=True, exist_ok=True)
         canvas.convert("RGB").save(folder / f"{index:04d}.png")
     return root
+
+
+def write_photos_folder(root: str | os.PathLike) -> Path:
+    """scikit-image's real photos (a cat, a coffee cup, a rocket, an astronaut, ...) as JPEGs in a flat folder."""
+    from skimage import data
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("chelsea", "coffee", "rocket", "astronaut"):
+        Image.fromarray(getattr(data, name)()).convert("RGB").save(root / f"{name}.jpg", quality=95)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m transfer.samples digits DIR [--per-class N]` or `photos DIR`: real data for a first try."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m transfer.samples", description=main.__doc__)
+    parser.add_argument("kind", choices=("digits", "photos"))
+    parser.add_argument("folder")
+    parser.add_argument("--per-class", type=int, default=None, help="digits per class (default: all 1,797)")
+    parser.add_argument("--size", type=int, default=64, help="side of each digit image in pixels")
+    args = parser.parse_args(argv)
+    if Path(args.folder).exists():
+        parser.error(f"{args.folder} exists; name a new folder")
+    if args.kind == "digits":
+        write_digits_folder(args.folder, per_class=args.per_class, size=args.size)
+    else:
+        write_photos_folder(args.folder)
+    print(f"wrote {args.kind} to {args.folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from transfer.errors import DataError
 from transfer.images import DEFAULT_MAX_PIXELS, BadImageError, open_image
+from transfer.progress import SILENT, Progress
 
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini", "__pycache__"}
@@ -154,6 +155,7 @@ def scan_folder(
     labelled: bool | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int = 4,
+    progress: Progress = SILENT,
 ) -> ScanReport:
     """Scan `root`; every file is decoded once (in threads) to sort usable images from bad ones.
 
@@ -190,8 +192,12 @@ def scan_folder(
         skipped += [Skipped(str(p), "outside any class folder") for p in _loose_files(root)]
         skipped += _bad_entries(root) if layout == "classes" else []
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reasons = list(pool.map(lambda c: check_image(c[0], max_pixels), candidates))
+    reasons: list[str | None] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+            progress.task(f"scanning {root}", total=len(candidates), unit="files") as advance:
+        for reason in pool.map(lambda c: check_image(c[0], max_pixels), candidates):
+            reasons.append(reason)
+            advance(1)
     index = {name: i for i, name in enumerate(class_names)}
     samples = []
     for (path, class_name, split), reason in zip(candidates, reasons, strict=True):

@@ -37,6 +37,7 @@ from transfer.io import atomic_path, display, write_json
 from transfer.metrics import classification_report, plot_confusion, plot_curves, read_metrics, write_metrics
 from transfer.model import TransferModel, build_transfer_model, group_prefixes, set_trainable, train_mode
 from transfer.preprocess import Preprocessing
+from transfer.progress import SILENT, Progress
 from transfer.rundir import RunDirectory
 from transfer.scan import ScanReport, scan_folder
 
@@ -183,13 +184,14 @@ class Trainer:
 
     def __init__(self, config: FinetuneConfig, data_dir: str | os.PathLike, run_dir: Path, device: torch.device,
                  log: Callable[[str], None] = print, on_epoch_end: Callable[[dict], None] | None = None,
-                 on_batch: Callable[[str, int, int], None] | None = None):
+                 on_batch: Callable[[str, int, int], None] | None = None, progress: Progress = SILENT):
         self.config, self.run_dir, self.device, self.log = config, run_dir, device, log
-        self.on_batch = on_batch  # (description, batches done, batches in the epoch): progress bars
+        self.on_batch = on_batch  # (description, batches done, batches in the epoch): a hook for callers
+        self.progress = progress
         self.data_dir = Path(data_dir).resolve()
         self.on_epoch_end = on_epoch_end
         self.spec = get_backbone(config.backbone)
-        self.scan: ScanReport = scan_folder(data_dir, strict=config.strict)
+        self.scan: ScanReport = scan_folder(data_dir, strict=config.strict, progress=progress)
         self.scan.check_trainable()
         self.train_samples, self.val_samples = train_val_samples(self.scan, config.val_split, config.seed)
         if not self.val_samples:
@@ -240,21 +242,25 @@ class Trainer:
         if split not in self.feature_cache:
             samples = self.train_samples if split == "train" else self.val_samples
             started = time.perf_counter()
-            features, labels = self.forward_all(model, self.image_loader(samples, False, False), pooled=True)
+            features, labels = self.forward_all(model, self.image_loader(samples, False, False), pooled=True,
+                                                description=f"caching {split} features")
             self.feature_cache[split] = (features, labels)
             self.log(f"cached {split} features {tuple(features.shape)} in {time.perf_counter() - started:.1f}s")
         return self.feature_cache[split]
 
     @torch.no_grad()
-    def forward_all(self, model: TransferModel, loader, pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_all(self, model: TransferModel, loader, pooled: bool = False,
+                    description: str = "validating") -> tuple[torch.Tensor, torch.Tensor]:
         model.eval()
         outputs, labels = [], []
-        for images, targets in loader:
-            images = self.to_device(images)
-            with self.autocast():
-                out = model.pooled_features(images) if pooled else model(images)
-            outputs.append(out.float().cpu())
-            labels.append(targets)
+        with self.progress.task(description, total=len(loader.dataset), unit="images") as advance:
+            for images, targets in loader:
+                images = self.to_device(images)
+                with self.autocast():
+                    out = model.pooled_features(images) if pooled else model(images)
+                outputs.append(out.float().cpu())
+                labels.append(targets)
+                advance(len(targets))
         return torch.cat(outputs), torch.cat(labels)
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
@@ -267,7 +273,8 @@ class Trainer:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     # --- one epoch ---------------------------------------------------------------------------------------------
-    def train_epoch(self, model: TransferModel, stage: Stage, optimizer, epoch: int) -> tuple[float, float]:
+    def train_epoch(self, model: TransferModel, stage: Stage, optimizer, epoch: int,
+                    label: str = "") -> tuple[float, float]:
         torch.manual_seed(epoch_seed(self.config.seed, epoch))
         train_mode(model, list(stage.prefixes), batchnorm_stats=stage.name == "scratch" or self.config.bn_stats)
         if stage.cached:
@@ -282,23 +289,32 @@ class Trainer:
             total = len(batches)
             forward = model
         total_loss, correct, count = 0.0, 0, 0
-        for step, (inputs, targets) in enumerate(batches):
-            inputs, targets = self.to_device(inputs), targets.to(self.device)
-            with self.autocast():
-                logits = forward(inputs)
-                loss = F.cross_entropy(logits.float(), targets)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) in stage {stage.name}, epoch "
-                                         f"{epoch}, batch {step}; {self.kept_message()} (try a lower learning rate)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(targets)
-            correct += int((logits.argmax(1) == targets).sum())
-            count += len(targets)
-            if self.on_batch is not None:
-                self.on_batch(f"{stage.name} epoch {epoch}", step + 1, total)
+        with self.progress.task(label or f"{stage.name} epoch {epoch}", total=total, unit="batches",
+                                min_seconds=0) as advance:
+            for step, (inputs, targets) in enumerate(batches):
+                loss, logits, targets = self.train_step(forward, optimizer, inputs, targets, stage, epoch, step)
+                total_loss += loss * len(targets)
+                correct += int((logits.argmax(1) == targets).sum())
+                count += len(targets)
+                advance(1)
+                if self.on_batch is not None:
+                    self.on_batch(f"{stage.name} epoch {epoch}", step + 1, total)
         return total_loss / count, correct / count
+
+    def train_step(self, forward, optimizer, inputs, targets, stage: Stage, epoch: int,
+                   step: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """One optimisation step; a non-finite loss stops the run before the weights are touched."""
+        inputs, targets = self.to_device(inputs), targets.to(self.device)
+        with self.autocast():
+            logits = forward(inputs)
+            loss = F.cross_entropy(logits.float(), targets)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) in stage {stage.name}, epoch "
+                                     f"{epoch}, batch {step}; {self.kept_message()} (try a lower learning rate)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item(), logits.detach(), targets
 
     def validate(self, model: TransferModel, stage: Stage) -> tuple[float, float, torch.Tensor, torch.Tensor]:
         if stage.cached:
@@ -365,7 +381,8 @@ class Trainer:
         started = time.perf_counter()
         epoch = state["epoch"] + 1
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = self.train_epoch(model, stage, optimizer, epoch)
+        train_loss, train_acc = self.train_epoch(model, stage, optimizer, epoch,
+                                                 f"{stage.name} {stage_epoch}/{stage.epochs} (epoch {epoch})")
         val_loss, val_acc, _, _ = self.validate(model, stage)
         scheduler.step()
         row = {"stage": stage.name, "epoch": epoch, "stage_epoch": stage_epoch, "lr": lr, "train_loss": train_loss,
@@ -401,8 +418,10 @@ class Trainer:
         write_json(self.run_dir / "report.json", report)
         import numpy as np
 
-        plot_confusion(np.asarray(report["confusion_matrix"]), self.classes, self.run_dir / "confusion.png")
-        plot_curves(self.rows, self.run_dir / "curves.png")
+        name = f"{self.spec.name} on {self.data_dir.name} ({self.run_dir.name})"
+        plot_confusion(np.asarray(report["confusion_matrix"]), self.classes, self.run_dir / "confusion.png",
+                       title=f"{name}: validation confusion matrix")
+        plot_curves(self.rows, self.run_dir / "curves.png", title=f"{name}: loss and accuracy per epoch")
         self.log(f"best val loss {state['best_val_loss']:.4f}, val accuracy {report['accuracy']:.4f}; "
                  f"run saved in {self.run_dir}")
         return FinetuneResult(self.run_dir, state["best_val_loss"], report["accuracy"], state["epoch"], report)
@@ -523,6 +542,7 @@ def finetune(
     on_epoch_end: Callable[[dict], None] | None = None,
     on_batch: Callable[[str, int, int], None] | None = None,
     changes: dict | None = None,
+    progress: Progress = SILENT,
 ) -> FinetuneResult:
     """Fine-tune on `data_dir` into a new run directory, or continue `resume` from its last.ckpt.
 
@@ -549,7 +569,7 @@ def finetune(
             resume_state = load_checkpoint(run.checkpoint)
             check_extension(saved, config, resume_state, run_dir)
         torch.manual_seed(config.seed)
-        trainer = Trainer(config, data_dir, run_dir, target, log, on_epoch_end, on_batch)
+        trainer = Trainer(config, data_dir, run_dir, target, log, on_epoch_end, on_batch, progress)
         if saved is not None and trainer.classes != saved["classes"]:
             raise DataError(f"{data_dir} has classes {trainer.classes}, the run was trained on {saved['classes']}")
         try:

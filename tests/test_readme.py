@@ -1,0 +1,40 @@
+"""The README's tour runs as written: every line exits 0 and leaves what it promises."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tour_module():
+    spec = importlib.util.spec_from_file_location("tour", ROOT / "benchmarks" / "tour.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_tour_runs_as_written(tmp_path):
+    tour = load_tour_module()
+    commands = tour.tour_commands()
+    assert len(commands) >= 15 and all(c.startswith(("transfer ", "python -m transfer")) for c in commands)
+    results = tour.run_tour(tmp_path)
+    failed = [r for r in results if r["exit_code"] != 0]
+    assert not failed, (failed[0]["command"], failed[0]["stderr"][-2000:])
+    assert len(results) == len(commands)
+    rows = list(csv.DictReader((tmp_path / "runs" / "digits" / "metrics.csv").open()))
+    assert [r["stage"] for r in rows] == ["head"] * 3 + ["finetune"] * 4
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["checker"] == "passed (full check)" and record["exporter"] == "dynamo"
+    cat = next(r for r in results if "chelsea.jpg" in r["command"])
+    assert "cat" in cat["stdout"]
+    assert np.load(tmp_path / "feats.npy").shape == (4, 112)
+    assert np.load(tmp_path / "logits.npy").shape == (120, 10)
+    with np.load(tmp_path / "feats.npz") as archive:
+        assert archive["top_activation"].shape == (4, 1280, 7, 7)
+    assert len(list(csv.DictReader((tmp_path / "preds.csv").open()))) == 4
