@@ -19,8 +19,10 @@ FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Imag
 
 def preprocess(path: str, meta: dict) -> np.ndarray:
     """Upright RGB, short side to `resize`, centre crop `crop`; float NCHW normalized, or uint8 NHWC."""
-    image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     resize, crop = int(meta["transfer.resize"]), int(meta["transfer.crop"])
+    image = Image.open(path)
+    image.draft("RGB", (resize, resize))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, never below `resize`
+    image = ImageOps.exif_transpose(image).convert("RGB")
     width, height = image.size
     size = (resize, int(resize * height / width)) if width <= height else (int(resize * width / height), resize)
     image = image.resize(size, FILTERS[meta["transfer.interpolation"]])

@@ -26,7 +26,7 @@ from transfer.errors import ExportError, TransferError, VerificationError
 from transfer.io import output_lock, temp_dir_beside
 from transfer.model import resolve_run_layer
 from transfer.options import check_input_size
-from transfer.preprocess import Preprocessing, eval_array, eval_pixels
+from transfer.preprocess import Preprocessing, decode_size, eval_array, eval_pixels
 from transfer.progress import SILENT, Progress
 
 DEFAULT_OPSET = 18  # well handled by torch's exporter and onnxruntime >= 1.16
@@ -171,7 +171,7 @@ def verification_images(prep: Preprocessing, paths: Sequence[Path], count: int =
     from transfer.images import open_image
 
     if paths:
-        images = [open_image(p) for p in list(paths)[:count]]
+        images = [open_image(p, draft_size=decode_size(prep)) for p in list(paths)[:count]]
         return images, f"{len(images)} validation image(s) of the run"
     try:
         from PIL import Image
@@ -434,7 +434,8 @@ class _CalibrationReader:
             return None
         chunk = self.paths[self.position:self.position + self.batch_size]
         self.position += self.batch_size
-        return {"input": _inputs([open_image(p) for p in chunk], self.source, self.embed)}
+        images = [open_image(p, draft_size=decode_size(self.source.prep)) for p in chunk]
+        return {"input": _inputs(images, self.source, self.embed)}
 
     def rewind(self) -> None:
         self.position = 0

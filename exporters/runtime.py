@@ -24,7 +24,15 @@ import onnxruntime as ort
 
 from transfer.errors import DataError, DeviceError
 from transfer.images import BadImageError, as_rgb_image
-from transfer.preprocess import LAYOUTS, OUTPUT_KINDS, Preprocessing, eval_array, eval_pixels, metadata_json
+from transfer.preprocess import (
+    LAYOUTS,
+    OUTPUT_KINDS,
+    Preprocessing,
+    decode_size,
+    eval_array,
+    eval_pixels,
+    metadata_json,
+)
 
 ImageLike = str | os.PathLike | np.ndarray  # or a PIL image
 
@@ -103,8 +111,9 @@ class OnnxModel:
     """A `transfer`-exported ONNX file with its preprocessing, ready to run batched on CPU or CUDA."""
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None,
-                 decode_workers: int | None = None):
+                 decode_workers: int | None = None, exact_decode: bool = False):
         self.path = Path(path)
+        self.exact_decode = exact_decode  # True: full-size JPEG decode (slower; what training saw is the default)
         if not self.path.is_file():
             raise DataError(f"model file not found: {self.path}")
         options = ort.SessionOptions()
@@ -130,7 +139,7 @@ class OnnxModel:
             self.prep, self.classes, self.layout, self.output_kind = read_metadata(self.session)
         except DataError as exc:
             raise DataError(f"{self.path}: {exc}") from None
-        self.decode_workers = decode_workers or min(8, (os.cpu_count() or 1) + 2)
+        self.decode_workers = decode_workers or min(8, os.cpu_count() or 1)  # more only fight onnxruntime
 
     @property
     def device(self) -> str:
@@ -139,7 +148,7 @@ class OnnxModel:
     # --- preprocessing --------------------------------------------------------------------------------------------
     def preprocess_one(self, image) -> np.ndarray:
         """One image (path, PIL image or uint8 array) -> the model's input row, by the file's own metadata."""
-        rgb = as_rgb_image(image)
+        rgb = as_rgb_image(image, draft_size=None if self.exact_decode else decode_size(self.prep))
         return eval_pixels(rgb, self.prep) if self.layout == "NHWC_uint8" else eval_array(rgb, self.prep)
 
     def _load(self, image) -> np.ndarray | BadImageError:

@@ -104,14 +104,14 @@ def test_failures_before_first_epoch_leave_nothing_and_retry_works(tmp_path, run
 
     bad_optimizer = runner.invoke(cli.app, [*base, "--head-optimizer", "adam"])
     assert "--head-optimizer" in one_line_error(bad_optimizer)
-    assert not run_dir.exists()
+    assert not run_dir.exists() and not run_dir.parent.exists()
 
     empty = tmp_path / "withempty"
     shutil.copytree(data, empty)
     (empty / "2").mkdir()
     result = runner.invoke(cli.app, [*base[:1], str(empty), *base[2:]])
     assert "empty class" in one_line_error(result)
-    assert not run_dir.exists()
+    assert not run_dir.exists() and not run_dir.parent.exists()  # runs/ was made for this run: gone too
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("models.weights._timm_cached_file", lambda _name: None)

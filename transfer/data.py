@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from transfer.images import open_image
-from transfer.preprocess import INTERPOLATIONS, Preprocessing, eval_array, normalize
+from transfer.preprocess import INTERPOLATIONS, Preprocessing, decode_size, eval_array, normalize
 from transfer.scan import Sample, ScanReport
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -108,6 +108,12 @@ class ImageDataset(Dataset):
         return self.transform(image), -1 if sample.label is None else sample.label
 
 
+def eval_dataset(samples: Sequence[Sample], prep: Preprocessing) -> ImageDataset:
+    """THE evaluation input pipeline (reduced-scale JPEG decode, resize, centre crop, normalize): training's
+    validation, `evaluate` and `extract` use it, and the ONNX runtime decodes the same way."""
+    return ImageDataset(samples, eval_transform(prep), draft_size=decode_size(prep))
+
+
 def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
@@ -137,5 +143,5 @@ def make_loader(
 
 
 def draft_size_for(prep: Preprocessing) -> tuple[int, int]:
-    """JPEG draft target for training: decode at a reduced scale but never below the resize length."""
-    return (prep.resize, prep.resize)
+    """JPEG draft target for training: the evaluation path's (never below the resize length)."""
+    return decode_size(prep)

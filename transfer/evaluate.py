@@ -64,7 +64,7 @@ def _run_logits(run_dir: Path, paths: list[Path], batch_size: int, device: str,
                 advance=None) -> tuple[np.ndarray, list[str]]:
     import torch
 
-    from transfer.data import ImageDataset, eval_transform, make_loader
+    from transfer.data import eval_dataset, make_loader
     from transfer.preprocess import Preprocessing
     from transfer.scan import Sample
     from transfer.train import load_run, resolve_device
@@ -73,7 +73,7 @@ def _run_logits(run_dir: Path, paths: list[Path], batch_size: int, device: str,
     target = resolve_device(device)
     model.to(target)
     prep = Preprocessing.from_dict(config["preprocessing"])
-    loader = make_loader(ImageDataset([Sample(p, None) for p in paths], eval_transform(prep)), batch_size,
+    loader = make_loader(eval_dataset([Sample(p, None) for p in paths], prep), batch_size,
                          device=target.type)
     outputs = []
     with torch.no_grad():

@@ -20,7 +20,7 @@ import torch
 from models.layers import FeatureTap, resolve_layer
 from models.registry import get_backbone
 from models.weights import create_backbone
-from transfer.data import ImageDataset, eval_transform, make_loader
+from transfer.data import eval_dataset, make_loader
 from transfer.errors import DataError, TransferError
 from transfer.io import atomic_path, output_lock, temp_dir_beside, write_json
 from transfer.model import resolve_run_layer
@@ -229,7 +229,7 @@ def _torch_batches(backbone, layers, weights, run, pretrained, input_size, batch
                 "input_size": prep.input_size, "preprocessing": prep.to_dict()}
 
     def generate(samples):
-        loader = make_loader(ImageDataset(samples, eval_transform(prep)), batch_size, workers=workers,
+        loader = make_loader(eval_dataset(samples, prep), batch_size, workers=workers,
                              device=target.type)
         with torch.no_grad():
             for images_batch, _ in loader:

@@ -96,8 +96,10 @@ def _scale_to_uint8(values: np.ndarray, sixteen_bit: bool) -> np.ndarray:
     return np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
-def as_rgb_image(item: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
-    """A path, PIL image or uint8 HWC/HW array -> RGB PIL image (paths go through `open_image`)."""
+def as_rgb_image(item: str | os.PathLike | Image.Image | np.ndarray,
+                 draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """A path, PIL image or uint8 HWC/HW array -> RGB PIL image (paths go through `open_image`, with
+    `draft_size` for a reduced-scale JPEG decode)."""
     if isinstance(item, Image.Image):
         return to_rgb(ImageOps.exif_transpose(item))
     if isinstance(item, np.ndarray):
@@ -106,4 +108,4 @@ def as_rgb_image(item: str | os.PathLike | Image.Image | np.ndarray) -> Image.Im
         if item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (1, 3, 4)):
             return to_rgb(Image.fromarray(item.squeeze(-1) if item.ndim == 3 and item.shape[2] == 1 else item))
         raise DataError(f"image arrays must be HxW or HxWx(1|3|4), got shape {item.shape}")
-    return open_image(item)
+    return open_image(item, draft_size=draft_size)

@@ -60,14 +60,16 @@ def _new_temp_file(path: Path) -> Path:
     raise OutputError(f"{path.parent}: cannot create a temp file")
 
 
-def make_parent(path: Path) -> None:
+def make_parent(path: Path, flag: str = "") -> None:
     """Create `path`'s folder, as a one-line `OutputError` when that is impossible."""
+    prefix = f"{flag} {display(path)}: " if flag else ""
+    blocking = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise OutputError(f"{prefix}{display(blocking)} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(os_error_message(exc, path.parent)) from None
-    if not path.parent.is_dir():
-        raise OutputError(f"{display(path.parent)}: not a folder")
+        raise OutputError(prefix + os_error_message(exc, path.parent)) from None
 
 
 @contextmanager
@@ -155,7 +157,7 @@ def check_writable(path: str | os.PathLike, flag: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{flag} {display(path)}: is a folder; name a file")
-    make_parent(path)
+    make_parent(path, flag)
     try:
         probe = _new_temp_file(path)
         probe.unlink()

@@ -27,6 +27,9 @@ INTERPOLATIONS = {
 MAX_INPUT_SIZE = 4096  # model input side; larger is a typo or a file meant to exhaust memory
 MAX_RESIZE = 8192  # short side before the centre crop
 LAYOUTS = ("NCHW_float32", "NHWC_uint8")
+DRAFT_FACTOR = 1.0  # JPEGs decode to no less than this many times the resize length (1: the fastest safe choice)
+DECODER = ("pillow; a JPEG is decoded at a reduced scale (1/2, 1/4 or 1/8, by its DCT) to no less than the resize "
+           "length on both sides, then resized with the stated interpolation")
 OUTPUT_KINDS = ("logits", "features")
 
 
@@ -91,6 +94,7 @@ class Preprocessing:
             "transfer.interpolation": self.interpolation,
             "transfer.mean": json.dumps(list(self.mean)),
             "transfer.std": json.dumps(list(self.std)),
+            "transfer.decoder": DECODER,
         }
 
     @classmethod
@@ -169,6 +173,15 @@ def metadata_triple(meta: dict[str, str], key: str) -> tuple[float, float, float
 
 def _short(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def decode_size(prep: Preprocessing, factor: float | None = None) -> tuple[int, int]:
+    """The JPEG draft request of the evaluation path: PIL picks the largest DCT reduction (1/2, 1/4, 1/8) that
+    keeps both sides >= `factor` x the resize length, so the resize that follows never upsamples what the DCT
+    dropped. Training evaluation, extract and the ONNX runtime all decode with it (and training's augmentation).
+    benchmarks/decode.json measures the factor's cost in speed and agreement."""
+    side = math.ceil(prep.resize * (DRAFT_FACTOR if factor is None else factor))
+    return (side, side)
 
 
 def resize_and_crop(image: Image.Image, prep: Preprocessing) -> Image.Image:

@@ -94,6 +94,8 @@ class Progress:
 
         def line(final: bool) -> str:
             elapsed = max(time.monotonic() - started, 1e-9)
+            if total is None and done == 0:  # a step without countable parts: its duration only
+                return f"{description}: {elapsed:.0f}s" + (" (done)" if final else "")
             rate = done / elapsed
             count = f"{done}/{total}" if total is not None else f"{done}"
             text = f"{description}: {count} {unit}, {rate:.1f} {unit}/s, {elapsed:.0f}s"

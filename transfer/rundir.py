@@ -27,6 +27,7 @@ class RunDirectory:
     def __init__(self, path: str | os.PathLike, fresh: bool):
         self.path, self.fresh = Path(path), fresh
         self.created = False
+        self.created_parents: list[Path] = []
         self.lock: Lock | None = None
 
     @property
@@ -66,6 +67,8 @@ class RunDirectory:
     def _create(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise OutputError(f"--output {display(self.path)}: a file is in the way of the run directory")
+        missing = [p for p in reversed(self.path.parents) if not p.exists()]
+        self.created_parents = missing  # removed again with the run if they stay empty
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.mkdir()
@@ -94,6 +97,11 @@ class RunDirectory:
         """Undo a fresh run that never reached a checkpoint: the folder if this run made it, else its files."""
         if self.created:
             shutil.rmtree(self.path, ignore_errors=True)
+            for parent in reversed(self.created_parents):  # e.g. runs/ made for this run
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
             return
         for name in RUN_FILES:
             (self.path / name).unlink(missing_ok=True)

@@ -27,7 +27,7 @@ from transfer.data import (
     Augment,
     ImageDataset,
     draft_size_for,
-    eval_transform,
+    eval_dataset,
     make_loader,
     train_transform,
     train_val_samples,
@@ -232,8 +232,8 @@ class Trainer:
     # --- data --------------------------------------------------------------------------------------------------
     def image_loader(self, samples, augment: bool, shuffle: bool, epoch: int = 0):
         augmentation = Augment(**self.config.augmentation) if augment else None
-        dataset = ImageDataset(samples, train_transform(self.prep, augmentation) if augment else eval_transform(
-            self.prep), draft_size=draft_size_for(self.prep) if augment else None)
+        dataset = ImageDataset(samples, train_transform(self.prep, augmentation),
+                               draft_size=draft_size_for(self.prep)) if augment else eval_dataset(samples, self.prep)
         return make_loader(dataset, self.config.batch_size, shuffle=shuffle, workers=self.config.workers,
                            device=self.device.type, seed=epoch_seed(self.config.seed, epoch))
 
@@ -519,7 +519,8 @@ def load_checkpoint(path: Path) -> dict:
         raise RunDamagedError(run_dir, path.name, "not a plain checkpoint: it holds Python objects besides tensors, "
                                                   "and loading it could run code, so it is refused") from None
     except (RuntimeError, OSError, EOFError, ValueError, KeyError) as exc:
-        raise RunDamagedError(run_dir, path.name, _first_line(exc)) from None
+        detail = _first_line(exc).split(". ")[0]
+        raise RunDamagedError(run_dir, path.name, f"truncated or corrupt ({detail})") from None
     missing = [key for key in ("model", "optimizer", "scheduler", *STATE_KEYS) if not isinstance(state, dict)
                or key not in state]
     if missing:
