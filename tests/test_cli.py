@@ -69,10 +69,9 @@ def test_progress_lines_report_rate_and_eta():
 
 
 def test_resume_with_more_epochs_adds_exactly_those_epochs(tmp_path, runner):
-    data = digits_folder(tmp_path / "d", per_class=8, size=32, classes=2)
-    weights = tmp_path / "w.pth"
     from tests.test_finetune import random_weights_file
 
+    data = digits_folder(tmp_path / "d", per_class=8, size=32, classes=2)
     weights = random_weights_file(tmp_path, "resnet18", size=48)
     run_dir = tmp_path / "run"
     base = ["finetune", str(data), "-b", "resnet18", "--weights", str(weights), "--input-size", "48",
