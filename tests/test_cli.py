@@ -198,6 +198,12 @@ def test_extractor_given_where_a_classifier_is_expected_names_the_command(extrac
     assert evaluate.exit_code == 2 and "transfer extract --onnx" in evaluate.output
     positional = runner.invoke(cli.app, ["predict", str(extractor_onnx), str(photo_dir)])
     assert positional.exit_code == 2 and f"--onnx {extractor_onnx}" in positional.output
+    classifier = tmp_path / "classifier.onnx"
+    export_onnx(classifier, backbone="lenet5", pretrained=False)
+    wrong = runner.invoke(cli.app, ["extract", str(photo_dir), "--onnx", str(classifier), "-o",
+                                    str(tmp_path / "f.npy")])
+    assert wrong.exit_code == 2 and "`transfer export -b NAME --layer LAYER`" in wrong.output
+    assert "transfer predict --onnx" in wrong.output
 
 
 def test_predict_csv_keeps_labels_with_commas(tmp_path, photo_dir, runner):

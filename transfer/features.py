@@ -247,7 +247,9 @@ def _onnx_batches(onnx, layers, batch_size, device, input_size):
 
     runtime = OnnxModel(onnx, device=device)
     if runtime.output_kind != "features":
-        raise TransferError(f"--onnx {onnx} is a classifier; export a feature extractor with `export --layer`")
+        raise TransferError(f"--onnx {onnx} is a classifier (its output is logits): export an extractor with "
+                            "`transfer export -b NAME --layer LAYER` (or `--run RUN_DIR --layer LAYER`), or use "
+                            "`transfer predict --onnx` for its labels")
     if input_size and input_size != runtime.prep.input_size:
         raise TransferError(f"--input-size {input_size}: {onnx} was exported at {runtime.prep.input_size}")
     for name in layers:
