@@ -315,15 +315,23 @@ def finetune(
     say(f"validation accuracy {result.best_val_acc:.4f} ({result.epochs_run} epochs) -> {result.run_dir}")
 
 
+def one_model(run: Path | None, onnx: Path | None) -> Path | None:
+    """At most one of --run / --onnx."""
+    if run is not None and onnx is not None:
+        from transfer.errors import OptionError
+
+        raise OptionError("--run and --onnx exclude each other; give one model")
+    return run if run is not None else onnx
+
+
 def model_path(run: Path | None, onnx: Path | None, positional: list[str], need: str = "a model") -> Path:
     """Exactly one of --run / --onnx."""
-    from transfer.errors import OptionError
+    model = one_model(run, onnx)
+    if model is None:
+        from transfer.errors import OptionError
 
-    if run is not None and onnx is not None:
-        raise OptionError("--run and --onnx exclude each other; give one model")
-    if run is None and onnx is None:
         raise OptionError(f"{need}: {model_flag_hint(positional, '--run RUN_DIR or --onnx')}")
-    return run if run is not None else onnx
+    return model
 
 
 @app.command(epilog=examples("transfer evaluate ./mydata_test --run runs/flowers",
@@ -389,10 +397,7 @@ def extract(
     from transfer.features import default_layers, sidecar_path
     from transfer.features import extract as run_extract
 
-    if run is not None and onnx is not None:
-        from transfer.errors import OptionError
-
-        raise OptionError("--run and --onnx exclude each other; give one model")
+    one_model(run, onnx)
     layers = layer or default_layers(backbone, run, onnx)
     output = output or Path("features.npy" if len(layers) == 1 else "features.npz")
     result = run_extract(images if len(images) > 1 else images[0], backbone=backbone, layers=layers,

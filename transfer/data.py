@@ -140,8 +140,3 @@ def make_loader(
         generator=generator,
         prefetch_factor=2 if workers > 0 else None,
     )
-
-
-def draft_size_for(prep: Preprocessing) -> tuple[int, int]:
-    """JPEG draft target for training: the evaluation path's (never below the resize length)."""
-    return decode_size(prep)

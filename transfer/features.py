@@ -138,6 +138,8 @@ def extract(
     exported feature extractor with onnxruntime (its outputs are the layers).
     """
 
+    if run is not None and onnx is not None:
+        raise TransferError("--run and --onnx exclude each other; give one model")
     if pool not in POOLS:
         raise TransferError(f"--pool {pool!r}: use one of {', '.join(POOLS)}")
     if layout not in LAYOUTS:
@@ -151,12 +153,10 @@ def extract(
     if workers is not None:
         check_int(workers, "--workers", 0, 64)
 
-    if output is None:
-        return _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size, None,
+    output = Path(output) if output is not None else None
+    with output_lock(output) if output is not None else contextlib.nullcontext():
+        return _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size, output,
                         batch_size, device, workers, progress)
-    with output_lock(output):
-        return _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size,
-                        Path(output), batch_size, device, workers, progress)
 
 
 def _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size, output,

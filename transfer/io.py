@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import json
 import os
 import secrets
@@ -129,27 +130,26 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_atomic(path, lambda temp: temp.write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
-def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Remove this tool's temp files and folders for `path` (left by a killed run); call only under its lock."""
-    path = Path(path)
-    removed = []
+def remove_stale_temps(folder: Path, name: str | None = None) -> list[Path]:
+    """Remove this tool's temp files and folders in `folder` (left by a killed run): those of output `name`, or
+    all of them. Call only while holding the lock of what they belong to."""
+    pattern = f".{glob.escape(name)}.*{TEMP_SUFFIX}" if name is not None else f".*{TEMP_SUFFIX}"
     try:
-        candidates = list(path.parent.glob(f".{_glob_escape(path.name)}.*{TEMP_SUFFIX}"))
+        candidates = list(folder.glob(pattern))
     except OSError:
-        return removed
+        return []
     for stale in candidates:
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
-        removed.append(stale)
-    return removed
+    return candidates
 
 
-def _glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
+def probe_folder(folder: Path) -> None:
+    """Create and remove a temp file in `folder`: the one test of writability that also holds for root (which
+    ignores mode bits) and for read-only mounts. Raises the OSError."""
+    _new_temp_file(folder / "probe").unlink()
 
 
 def check_writable(path: str | os.PathLike, flag: str) -> Path:
@@ -159,8 +159,7 @@ def check_writable(path: str | os.PathLike, flag: str) -> Path:
         raise OutputError(f"{flag} {display(path)}: is a folder; name a file")
     make_parent(path, flag)
     try:
-        probe = _new_temp_file(path)
-        probe.unlink()
+        probe_folder(path.parent)
     except OSError as exc:
         raise OutputError(f"{flag} {os_error_message(exc, path.parent)}") from None
     return path
@@ -247,5 +246,5 @@ def output_lock(path: str | os.PathLike, flag: str = "--output") -> Iterator[Pat
     check_writable(path, flag)
     lock = Lock(path.with_name(f".{path.name}.lock"), f"{flag} {display(path)}")
     with lock:
-        remove_stale_temps(path)
+        remove_stale_temps(path.parent, path.name)
         yield path

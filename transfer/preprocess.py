@@ -105,25 +105,15 @@ class Preprocessing:
             raise DataError(f"metadata transfer.crop {meta['transfer.crop']!r}: must equal transfer.input_size {size}")
         if "transfer.crop_pct" in meta:
             crop_pct = metadata_float(meta, "transfer.crop_pct")
-            if not 0 < crop_pct <= 1:
-                raise DataError(f"metadata transfer.crop_pct {meta['transfer.crop_pct']!r}: must be in (0, 1]")
         else:  # files written by other tools: derive it from the resize length
             resize = metadata_int(meta, "transfer.resize", 1, MAX_RESIZE)
             if resize < size:
                 raise DataError(f"metadata transfer.resize {resize}: smaller than the crop {size}")
             crop_pct = size / resize
-        interpolation = meta.get("transfer.interpolation", "")
-        if interpolation not in INTERPOLATIONS:
-            raise DataError(f"metadata transfer.interpolation {interpolation!r}: use one of "
-                            f"{', '.join(INTERPOLATIONS)}")
-        mean, std = metadata_triple(meta, "transfer.mean"), metadata_triple(meta, "transfer.std")
-        if not all(v > 0 for v in std):
-            raise DataError(f"metadata transfer.std {meta['transfer.std']!r}: every value must be > 0")
-        prep = cls(input_size=size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
-        if prep.resize > MAX_RESIZE:
-            raise DataError(f"metadata transfer.crop_pct {crop_pct!r}: resize {prep.resize} exceeds {MAX_RESIZE}")
+        prep = cls(input_size=size, crop_pct=crop_pct, interpolation=meta.get("transfer.interpolation", ""),
+                   mean=metadata_triple(meta, "transfer.mean"), std=metadata_triple(meta, "transfer.std"))
+        prep.check("metadata transfer.")  # the same rules as a run's config.json, named by metadata key
         return prep
-
 
 def metadata_json(meta: dict[str, str], key: str, kind: type, default=None):
     """A JSON value of metadata `key` of type `kind`; malformed or of another type is a `DataError` naming it."""

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from transfer.errors import TransferError
-from transfer.io import Lock, OutputError, display, os_error_message
+from transfer.io import Lock, OutputError, display, os_error_message, probe_folder, remove_stale_temps
 
 CHECKPOINT = "last.ckpt"
 RUN_FILES = ("config.json", "best.safetensors", CHECKPOINT, "metrics.csv", "curves.png", "confusion.png",
@@ -41,7 +41,7 @@ class RunDirectory:
             raise TransferError(f"--resume {display(self.path)}: not a run directory (folder not found)")
         self.lock = Lock(self.path / LOCK_NAME, f"run directory {display(self.path)}")
         self.lock.acquire()  # on failure the folder belongs to the holder: leave it alone
-        self._remove_stale_temps()
+        remove_stale_temps(self.path)
         if self.fresh and self.checkpoint.exists():
             self.lock.release()
             raise TransferError(f"{display(self.path)} already holds a run; pass --resume {display(self.path)} or "
@@ -79,19 +79,10 @@ class RunDirectory:
         except OSError as exc:
             raise OutputError(f"--output {os_error_message(exc, self.path)}") from None
         try:
-            probe = self.path / f".probe.{os.getpid()}.transfer-tmp"
-            probe.touch()
-            probe.unlink()
+            probe_folder(self.path)
         except OSError as exc:
-            self._remove_if_created()
+            self._remove_traces()
             raise OutputError(f"--output {os_error_message(exc, self.path)}") from None
-
-    def _remove_stale_temps(self) -> None:
-        for entry in self.path.glob(".*.transfer-tmp"):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
 
     def _remove_traces(self) -> None:
         """Undo a fresh run that never reached a checkpoint: the folder if this run made it, else its files."""
@@ -105,9 +96,4 @@ class RunDirectory:
             return
         for name in RUN_FILES:
             (self.path / name).unlink(missing_ok=True)
-        self._remove_stale_temps()
-
-    def _remove_if_created(self) -> None:
-        if self.created:
-            shutil.rmtree(self.path, ignore_errors=True)
-            self.created = False
+        remove_stale_temps(self.path)

@@ -26,7 +26,6 @@ from models.weights import build_architecture, create_backbone
 from transfer.data import (
     Augment,
     ImageDataset,
-    draft_size_for,
     eval_dataset,
     make_loader,
     train_transform,
@@ -36,7 +35,7 @@ from transfer.errors import DataError, NonFiniteLossError, OptionError, RunDamag
 from transfer.io import atomic_path, display, write_json
 from transfer.metrics import classification_report, plot_confusion, plot_curves, read_metrics, write_metrics
 from transfer.model import TransferModel, build_transfer_model, group_prefixes, set_trainable, train_mode
-from transfer.preprocess import Preprocessing
+from transfer.preprocess import Preprocessing, decode_size
 from transfer.progress import SILENT, Progress
 from transfer.rundir import RunDirectory
 from transfer.scan import ScanReport, scan_folder
@@ -233,7 +232,7 @@ class Trainer:
     def image_loader(self, samples, augment: bool, shuffle: bool, epoch: int = 0):
         augmentation = Augment(**self.config.augmentation) if augment else None
         dataset = ImageDataset(samples, train_transform(self.prep, augmentation),
-                               draft_size=draft_size_for(self.prep)) if augment else eval_dataset(samples, self.prep)
+                               draft_size=decode_size(self.prep)) if augment else eval_dataset(samples, self.prep)
         return make_loader(dataset, self.config.batch_size, shuffle=shuffle, workers=self.config.workers,
                            device=self.device.type, seed=epoch_seed(self.config.seed, epoch))
 
@@ -328,10 +327,10 @@ class Trainer:
         return loss, float((logits.argmax(1) == labels).float().mean()), logits, labels
 
     # --- the run -----------------------------------------------------------------------------------------------
-    def fit(self, resume_state: dict | None = None, saved_stages: list[dict] | None = None) -> FinetuneResult:
+    def fit(self, resume_state: dict | None = None, saved: dict | None = None) -> FinetuneResult:
         """Walk the stages epoch by epoch; on resume, continue where the checkpoint stopped.
 
-        A stage whose epoch count was raised on resume (`saved_stages` holds the old counts) gets a fresh cosine
+        A stage whose epoch count was raised on resume (`saved` is the run's config.json) gets a fresh cosine
         tail over its added epochs and its early-stopping patience reset.
         """
         model, pretrained, source = self.build_model(resume_state)
@@ -347,8 +346,8 @@ class Trainer:
             state.update({key: resume_state[key] for key in STATE_KEYS})
             self.last_good_epoch = state["epoch"]
             self.rows = [r for r in read_run_metrics(self.run_dir) if r["epoch"] <= state["epoch"]]
-            if saved_stages is not None and [s["epochs"] for s in saved_stages] != [s.epochs for s in stages]:
-                self.write_config(stages, source, previous=saved_stages)
+            if saved is not None and [s["epochs"] for s in saved["stages"]] != [s.epochs for s in stages]:
+                self.write_config(stages, source, previous=saved)
         for stage_index in range(state["stage_index"], len(stages)):
             stage = stages[stage_index]
             trainable = set_trainable(model, list(stage.prefixes))
@@ -359,7 +358,7 @@ class Trainer:
                 optimizer.load_state_dict(resume_state["optimizer"])
                 scheduler.load_state_dict(resume_state["scheduler"])
                 start = resume_state["stage_epoch"]
-                saved_epochs = saved_stages[stage_index]["epochs"] if saved_stages else stage.epochs
+                saved_epochs = saved["stages"][stage_index]["epochs"] if saved else stage.epochs
                 if stage.epochs > saved_epochs:
                     scheduler = fresh_tail(stage, optimizer, start, stage_finished=start >= saved_epochs)
                     state["bad_epochs"] = 0
@@ -426,20 +425,19 @@ class Trainer:
                  f"run saved in {self.run_dir}")
         return FinetuneResult(self.run_dir, state["best_val_loss"], report["accuracy"], state["epoch"], report)
 
-    def write_config(self, stages: list[Stage], source: str, previous: list[dict] | None = None) -> None:
+    def write_config(self, stages: list[Stage], source: str, previous: dict | None = None) -> None:
+        """config.json; `previous` (the config a resumed run was read from) adds an entry to its extensions."""
         import timm
 
         from transfer import __version__
 
-        path = self.run_dir / "config.json"
         history = []
         if previous is not None:
-            old = load_run_config(self.run_dir)
-            history = old.get("extensions", []) + [{
+            history = previous.get("extensions", []) + [{
                 "at_epoch": self.last_good_epoch, "when": datetime.now().isoformat(timespec="seconds"),
-                "stage_epochs_before": {s["name"]: s["epochs"] for s in previous},
+                "stage_epochs_before": {s["name"]: s["epochs"] for s in previous["stages"]},
                 "stage_epochs_after": {s.name: s.epochs for s in stages}}]
-        write_json(path, {
+        write_json(self.run_dir / "config.json", {
             "backbone": self.spec.name,
             "timm_model": self.spec.timm_name,
             "classes": self.classes,
@@ -574,7 +572,7 @@ def finetune(
         if saved is not None and trainer.classes != saved["classes"]:
             raise DataError(f"{data_dir} has classes {trainer.classes}, the run was trained on {saved['classes']}")
         try:
-            return trainer.fit(resume_state, saved["stages"] if saved else None)
+            return trainer.fit(resume_state, saved)
         except KeyboardInterrupt:
             if trainer.last_good_epoch is None:
                 log("interrupted before the first epoch finished; nothing was kept")
@@ -585,6 +583,11 @@ def finetune(
 
 
 RESUME_CHANGEABLE = ("epochs_head", "epochs_finetune", "workers", "patience")
+
+
+def flag_of(setting: str) -> str:
+    """The command-line flag of a FinetuneConfig field: epochs_finetune -> --epochs-finetune."""
+    return "--" + setting.replace("_", "-")
 
 
 def resumed_config(saved: dict, changes: dict, run_dir: Path) -> FinetuneConfig:
@@ -599,10 +602,8 @@ def resumed_config(saved: dict, changes: dict, run_dir: Path) -> FinetuneConfig:
         if getattr(config, key) == value:
             continue
         if key not in RESUME_CHANGEABLE:
-            flag = "--" + key.replace("_", "-")
-            raise OptionError(f"{flag} {value!r} differs from the run's {getattr(config, key)!r}; a resumed run keeps "
-                              f"its settings (only {', '.join('--' + k.replace('_', '-') for k in RESUME_CHANGEABLE)} "
-                              "may change)")
+            raise OptionError(f"{flag_of(key)} {value!r} differs from the run's {getattr(config, key)!r}; a resumed "
+                              f"run keeps its settings (only {', '.join(map(flag_of, RESUME_CHANGEABLE))} may change)")
         setattr(config, key, value)
     return config.check()
 
@@ -612,9 +613,9 @@ def check_extension(saved: dict, config: FinetuneConfig, state: dict, run_dir: P
     before = {"epochs_head": saved["settings"]["epochs_head"], "epochs_finetune": saved["settings"]["epochs_finetune"]}
     for key, old in before.items():
         new = getattr(config, key)
-        flag = "--" + key.replace("_", "-")
         if new < old:
-            raise OptionError(f"{flag} {new}: the run was planned with {old}; a resumed run can only add epochs")
+            raise OptionError(f"{flag_of(key)} {new}: the run was planned with {old}; a resumed run can only add "
+                              "epochs")
     stage_names = [s["name"] for s in saved["stages"]]
     current = stage_names[state["stage_index"]]
     if config.epochs_head > before["epochs_head"] and current == "finetune":
