@@ -454,9 +454,13 @@ def export(
         say(f"max difference vs PyTorch ({name}, batch {record.batch_sizes_checked}, {record.verify_images}): "
             f"abs {record.max_abs_diff[name]:.3g}, relative {record.max_rel_diff[name]:.3g} "
             f"(tolerance {record.tolerance:g})")
-    if record.top1_agreement is not None:
-        say(f"int8 top-1 agreement with fp32 on {record.agreement_images}: {record.top1_agreement:.4f}; "
-            f"size {record.fp32_size_bytes / record.size_bytes:.2f}x smaller")
+    if record.int8 is not None:
+        report = record.int8
+        if report.top1_agreement is not None:
+            say(f"int8 vs fp32 on {report.agreement_images}: top-1 agreement {report.top1_agreement:.4f}, "
+                f"logit cosine {report.logit_cosine:.4f}")
+        say(f"int8: {report.speedup:.2f}x the fp32 file's speed on this CPU, "
+            f"{record.fp32_size_bytes / record.size_bytes:.2f}x smaller; {report.kernel}")
     write_record(json_out, record.to_dict())
 
 

@@ -19,6 +19,7 @@ import onnx
 import torch
 from torch import nn
 
+from exporters.int8 import Int8Report, quantize_int8
 from models.layers import FeatureTap, resolve_layer
 from models.registry import get_backbone
 from models.weights import create_backbone
@@ -59,10 +60,17 @@ class ExportRecord:
     verify_images: str
     size_bytes: int
     metadata: dict[str, str] = field(default_factory=dict)
-    top1_agreement: float | None = None
-    agreement_images: str | None = None
     fp32_size_bytes: int | None = None
     exporter: str = "dynamo"
+    int8: Int8Report | None = None  # agreement, logit cosine, held-out images, speed ratio, kernel choice
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return self.int8.top1_agreement if self.int8 else None
+
+    @property
+    def agreement_images(self) -> str | None:
+        return self.int8.agreement_images if self.int8 else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -297,13 +305,12 @@ def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp1
         meta = _metadata(source, layout, precision)
         final_path = fp32_path
         images, verify_note = verification_images(source.prep, _verify_paths(verify_images, source))
-        agreement, agreement_note, fp32_size = None, None, None
+        int8_report, fp32_size = None, None
         if int8:
             _write_metadata(fp32_path, meta | {"transfer.precision": "fp32"})
             final_path = Path(work) / "model.int8.onnx"
             with progress.task("calibrating and quantizing to int8"):
-                agreement, agreement_note = _quantize(fp32_path, final_path, source, calibration,
-                                                      embed_preprocessing)
+                int8_report = _quantize(fp32_path, final_path, source, calibration, embed_preprocessing)
             fp32_size = fp32_path.stat().st_size
         _write_metadata(final_path, meta)
         with progress.task("verifying: onnx.checker and onnxruntime vs PyTorch at batch 1 and 3"):
@@ -318,16 +325,18 @@ def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp1
             output_shapes=_output_shapes(final_path), dynamic_axes=dynamic_axes, checker=checker,
             batch_sizes_checked=checked, max_abs_diff=abs_diff, max_rel_diff=rel_diff, tolerance=tolerance,
             verify_images=verify_note, size_bytes=final_path.stat().st_size, metadata=meta,
-            top1_agreement=agreement, agreement_images=agreement_note, fp32_size_bytes=fp32_size, exporter=exporter)
+            fp32_size_bytes=fp32_size, exporter=exporter, int8=int8_report)
         worst = max(rel_diff.values())
         judged_by_agreement = int8 and source.output_kind == "logits"
         if worst > tolerance and not judged_by_agreement:
             raise VerificationError(
                 f"export verification failed: onnxruntime differs from PyTorch by {worst:.3g} (relative) > "
                 f"tolerance {tolerance:g} for {precision}; no file written to {output}")
-        if judged_by_agreement and agreement < MIN_INT8_AGREEMENT:
-            raise VerificationError(f"int8 top-1 agreement with fp32 is {agreement:.3f} < {MIN_INT8_AGREEMENT}; "
-                                    f"no file written to {output}")
+        if judged_by_agreement and record.top1_agreement < MIN_INT8_AGREEMENT:
+            raise VerificationError(
+                f"int8 top-1 agreement with fp32 is {record.top1_agreement:.3f} < {MIN_INT8_AGREEMENT} (logit cosine "
+                f"{int8_report.logit_cosine:.3f}) on {int8_report.agreement_images}; no file written to {output}. "
+                f"Keep this model in fp32 (or --fp16 for a GPU)")
         os.replace(final_path, output)
     return record
 
@@ -421,53 +430,18 @@ def shape_arithmetic_nodes(model: onnx.ModelProto) -> list[str]:
     return [name for name in marked if name]
 
 
-class _CalibrationReader:
-    """Feeds preprocessed calibration images to onnxruntime's static quantizer, a batch at a time."""
-
-    def __init__(self, paths: list[Path], source: _Source, embed: bool, batch_size: int = 8):
-        self.paths, self.source, self.embed, self.batch_size, self.position = paths, source, embed, batch_size, 0
-
-    def get_next(self):
-        from transfer.images import open_image
-
-        if self.position >= len(self.paths):
-            return None
-        chunk = self.paths[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
-        images = [open_image(p, draft_size=decode_size(self.source.prep)) for p in chunk]
-        return {"input": _inputs(images, self.source, self.embed)}
-
-    def rewind(self) -> None:
-        self.position = 0
-
-
-def _quantize(fp32_path: Path, int8_path: Path, source: _Source, calibration, embed: bool
-              ) -> tuple[float | None, str | None]:
-    """Static QDQ int8, per-channel weights; uint8 activations (2.5x faster than int8/int8 on AVX2 CPUs here)."""
-    import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
+def _quantize(fp32_path: Path, int8_path: Path, source: _Source, calibration, embed: bool) -> Int8Report:
+    """Static QDQ int8 with weights suited to this CPU's kernels, judged on images not used to calibrate it."""
+    from transfer.images import open_image
     from transfer.scan import scan_folder
 
     paths = [s.path for s in scan_folder(calibration).samples]
     if not paths:
         raise TransferError(f"--calibration {calibration}: no usable images")
-    prepared = fp32_path.with_name("model.prep.onnx")
-    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(int8_path), _CalibrationReader(paths, source, embed),
-                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                    nodes_to_exclude=shape_arithmetic_nodes(onnx.load(str(prepared))))
-    if source.output_kind != "logits":
-        return None, None
-    fp32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
-    quant = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
-    held_out = source.validation_paths
-    note = f"{len(held_out)} validation images of the run" if held_out else f"{len(paths)} calibration images"
-    reader, agree, total = _CalibrationReader(held_out or paths, source, embed, batch_size=32), 0, 0
-    while (batch := reader.get_next()) is not None:
-        a = fp32.run(["logits"], batch)[0].argmax(1)
-        b = quant.run(["logits"], batch)[0].argmax(1)
-        agree, total = agree + int((a == b).sum()), total + len(a)
-    return agree / total, note
+
+    def to_batch(chunk: Sequence[Path]) -> np.ndarray:
+        return _inputs([open_image(p, draft_size=decode_size(source.prep)) for p in chunk], source, embed)
+
+    return quantize_int8(fp32_path, int8_path, paths, source.validation_paths, to_batch,
+                         judge_logits=source.output_kind == "logits",
+                         exclude=shape_arithmetic_nodes(onnx.load(str(fp32_path))))

@@ -233,3 +233,31 @@ def test_export_prints_no_warnings_and_uses_the_dynamo_exporter(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Warning" not in result.stderr and "Warning" not in result.stdout
     assert "dynamo" in result.stdout and "[torch.onnx]" not in result.stdout
+
+
+def test_export_int8_states_agreement_speed_and_kernel(tmp_path, runner):
+    from transfer.samples import write_digits_folder
+    from transfer.train import FinetuneConfig, finetune
+
+    data = write_digits_folder(tmp_path / "digits", per_class=40, size=32)
+    finetune(data, FinetuneConfig(backbone="lenet5", epochs_head=8, epochs_finetune=0, augment=False, lr_head=3e-3,
+                                  workers=0, batch_size=32), output=tmp_path / "run", device="cpu", log=lambda _: None)
+    calibration = write_digits_folder(tmp_path / "calibration", per_class=3, size=32)
+    result = runner.invoke(cli.app, ["export", "--run", str(tmp_path / "run"), "--int8", "--calibration",
+                                     str(calibration), "-o", str(tmp_path / "m.onnx"),
+                                     "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "r.json").read_text())["int8"]
+    assert record["agreement_images"] == "80 validation images of the run (none used for calibration)"
+    output = result.output
+    assert f"top-1 agreement {record['top1_agreement']:.4f}, logit cosine {record['logit_cosine']:.4f}" in output
+    assert f"int8: {record['speedup']:.2f}x the fp32 file's speed" in output and record["kernel"] in output
+    few = tmp_path / "few"
+    few.mkdir()
+    for path in sorted((calibration / "0").iterdir()) + sorted((calibration / "1").iterdir())[:2]:
+        (few / f"{path.parent.name}_{path.name}").write_bytes(path.read_bytes())
+    # without a run there is no validation set, so a quarter of --calibration must be held out to judge the file
+    result = runner.invoke(cli.app, ["export", "-b", "lenet5", "--no-pretrained", "--int8", "--calibration", str(few),
+                                     "-o", str(tmp_path / "few.onnx")])
+    assert result.exit_code == 2 and "--calibration: 5 usable images; int8 needs at least 8" in result.output
+    assert not (tmp_path / "few.onnx").exists()

@@ -143,8 +143,13 @@ def test_int8_trained_run_keeps_top1_and_shrinks(tmp_path):
     ratio = record.fp32_size_bytes / record.size_bytes
     print(f"lenet5 val acc {result.best_val_acc:.4f}; int8 agreement {record.top1_agreement:.4f} on "
           f"{record.agreement_images}, {ratio:.2f}x smaller")
-    assert record.agreement_images == "359 validation images of the run"
-    assert record.top1_agreement >= 0.98 and ratio >= 3
+    assert record.agreement_images == "359 validation images of the run (none used for calibration)"
+    assert record.top1_agreement >= 0.98 and record.int8.logit_cosine >= 0.99 and ratio >= 3
+    assert record.int8.speedup > 0 and record.int8.calibration_images == 100
+    # calibrating on the run's own data leaves no unseen validation image: a quarter of it is held out instead
+    again = export_onnx(tmp_path / "int8b.onnx", run=tmp_path / "run", int8=True, calibration=data)
+    assert again.agreement_images.startswith("449 held-out calibration images")
+    assert again.int8.calibration_images == 1348
     session = ort.InferenceSession(str(tmp_path / "int8.onnx"))
     assert any(node.op_type == "QuantizeLinear" for node in __import__("onnx").load(
         str(tmp_path / "int8.onnx")).graph.node)

@@ -1,0 +1,93 @@
+"""int8: weights chosen by the CPU's int8 kernels, and agreement judged on images the calibration never saw."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from exporters.export import export_onnx
+from exporters.int8 import cpu_flags, gemm_kernel_nodes, kernel_plan, quantize_int8, split_images
+from transfer.errors import TransferError
+from transfer.images import open_image
+from transfer.preprocess import Preprocessing, eval_array
+
+
+def test_cpu_flags_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse4_1 avx2 fma avx512_vnni\nbogomips\t: 4000\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "sse4_1", "avx2", "fma", "avx512_vnni"}
+    assert cpu_flags(tmp_path / "absent") == set()
+
+
+@pytest.mark.parametrize(("flags", "seven_bit", "named"), [
+    ({"avx2", "fma"}, True, "VPMADDUBSW"),
+    ({"avx2", "avx512_vnni"}, False, "avx512_vnni"),
+    ({"avx2", "avx_vnni"}, False, "avx_vnni"),
+    ({"sse4_1"}, True, "VPMADDUBSW"),
+    (set(), False, "no x86 u8s8 saturation"),  # e.g. ARM, whose int8 dot products accumulate in int32
+])
+def test_kernel_plan_follows_cpu_flags(flags, seven_bit, named):
+    plan = kernel_plan(flags)
+    assert plan.seven_bit_weights is seven_bit and named in plan.reason
+
+
+def _int8_weights(path) -> dict[str, tuple[np.ndarray, bool]]:
+    """conv/gemm node name -> (its int8 weight values, whether it goes through the GEMM kernel)."""
+    model = onnx.load(str(path))
+    values = {item.name: numpy_helper.to_array(item) for item in model.graph.initializer}
+    dequantized = {node.output[0]: node.input[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm") and dequantized.get(node.input[1]) in values:
+            depthwise = any(attr.name == "group" and attr.i > 1 for attr in node.attribute)
+            found[node.name] = (values[dequantized[node.input[1]]].astype(int), not depthwise)
+    return found
+
+
+def test_quantized_weights_follow_the_kernel_plan(tmp_path, photo_dir):
+    """Without VNNI every GEMM-kernel weight fits 7 bits (no int16 saturation in VPMADDUBSW) while depthwise keeps
+    8; with VNNI every weight uses 8 bits. Checked on the int8 values in the files themselves."""
+    fp32 = tmp_path / "lite0.onnx"
+    record = export_onnx(fp32, backbone="efficientnet_lite0", pretrained=False, input_size=64)
+    # stem, block 0's pointwise, 15 expand/project pairs, head conv, classifier; not the 16 depthwise convs
+    assert len(gemm_kernel_nodes(onnx.load(str(fp32)))) == 34
+    prep = Preprocessing.from_metadata(record.metadata)
+    paths = sorted(photo_dir.iterdir()) * 3
+
+    def to_batch(chunk):
+        return np.stack([eval_array(open_image(p), prep) for p in chunk]).astype(np.float32)
+
+    spans = {}
+    for name, flags in (("avx2", {"avx2"}), ("vnni", {"avx2", "avx512_vnni"})):
+        quantize_int8(fp32, tmp_path / f"{name}.onnx", paths, [], to_batch, judge_logits=True, flags=flags)
+        weights = _int8_weights(tmp_path / f"{name}.onnx")
+        assert sum(gemm for _, gemm in weights.values()) > 10 and sum(not gemm for _, gemm in weights.values()) > 5
+        spans[name] = {kind: max(int(np.abs(w).max()) for w, gemm in weights.values() if gemm == kind)
+                       for kind in (True, False)}
+    assert spans["avx2"][True] <= 64 and spans["avx2"][False] == 127
+    assert spans["vnni"][True] == 127 and spans["vnni"][False] == 127
+
+
+def test_judgement_images_never_calibrate(tmp_path, monkeypatch):
+    files = []
+    for index in range(12):
+        files.append(tmp_path / f"{index}.jpg")
+        files[-1].write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    # a run whose validation images are partly in --calibration, named by another spelling of the same path
+    calibration = [files[0], files[1], tmp_path / "." / "2.jpg"]
+    validation = [files[1], files[2], files[3], files[4]]
+    used, judged, note = split_images(calibration, validation)
+    assert used == calibration and judged == [files[3], files[4]]
+    assert note == "2 validation images of the run (none used for calibration)"
+    # no run validation images: every 4th calibration image judges instead
+    used, judged, note = split_images(files, [])
+    assert judged == [files[3], files[7], files[11]] and not set(used) & set(judged) and len(used) == 9
+    assert note.startswith("3 held-out calibration images")
+    # every validation image was used to calibrate: the same hold-out rule applies
+    used, judged, _ = split_images(files, files[:4])
+    assert judged == [files[3], files[7], files[11]]
+    with pytest.raises(TransferError, match="at least 8"):
+        split_images(files[:7], [])
