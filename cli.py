@@ -251,7 +251,8 @@ def _raise_interrupt(_signum, _frame) -> None:
 @app.command(epilog=examples(
     "transfer finetune ./mydata -b efficientnet_lite0 -o runs/flowers",
     "transfer finetune ./mydata -b inception_v3 --head-optimizer rmsprop --unfreeze 2 --lr-finetune 1e-4",
-    "transfer finetune ./mydata --resume runs/flowers --epochs-finetune 6"))
+    "transfer finetune ./mydata --resume runs/flowers --epochs-finetune 6",
+    "torchrun --nproc-per-node 8 $(which transfer) finetune ./mydata -b resnet50 -o runs/big --batch-size 256"))
 @cli_errors
 def finetune(
     ctx: typer.Context,
@@ -262,7 +263,8 @@ def finetune(
     epochs_head: Annotated[int, typer.Option(min=0, help="stage 1: epochs with the backbone frozen")] = 3,
     epochs_finetune: Annotated[int, typer.Option(min=0, help="stage 2: epochs with the top groups unfrozen")] = 3,
     unfreeze: Annotated[str, typer.Option(help="stage 2 trains the top K unfreeze groups (0..K), or all")] = "2",
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="the global batch: under torchrun each process takes its "
+                                                         "share, and the learning rate is not rescaled")] = 32,
     lr_head: Annotated[float, typer.Option(help="stage 1 learning rate")] = 1e-3,
     lr_finetune: Annotated[float, typer.Option(help="stage 2 learning rate (SGD, momentum 0.9)")] = 1e-4,
     head_optimizer: Annotated[HeadOptimizer, typer.Option(help="stage 1 optimizer")] = HeadOptimizer.adamw,
@@ -372,7 +374,8 @@ def evaluate(
 @app.command(epilog=examples(
     "transfer extract ./photos -b vgg16",
     "transfer extract ./photos cat.jpg 'more/*.png' -b resnet50 --layer conv4_block6_out --layer avg_pool -o f.npz",
-    "transfer extract ./photos --run runs/flowers --layer predictions --pool avg -o logits.npy"))
+    "transfer extract ./photos --run runs/flowers --layer predictions --pool avg -o logits.npy",
+    "torchrun --nproc-per-node 4 $(which transfer) extract ./photos -b vgg16 --layer block4_pool -o f.npy"))
 @cli_errors
 def extract(
     images: Annotated[list[str], typer.Argument(help="a folder (class sub-folders give labels), files or globs")],
@@ -465,7 +468,8 @@ def export(
 
 
 @app.command(epilog=examples("transfer predict cat.jpg cup.png --onnx model.onnx",
-                             "transfer predict ./new_images 'more/*.jpg' --onnx model.onnx --top-k 3 -o preds.csv"))
+                             "transfer predict ./new_images 'more/*.jpg' --onnx model.onnx --top-k 3 -o preds.csv",
+                             "transfer predict ./huge --onnx model.onnx --shard $SLURM_ARRAY_TASK_ID/16 -o preds.csv"))
 @cli_errors
 def predict(
     images: Annotated[list[str], typer.Argument(help="image files, folders or glob patterns")],
@@ -475,25 +479,43 @@ def predict(
     device: DeviceOpt = Device.auto,
     output: Annotated[Path | None, typer.Option("--output", "-o",
                                                 help="write the predictions to a .csv or .json file")] = None,
+    shard: Annotated[str | None, typer.Option(
+        metavar="K/N", help="predict only block K (from 0) of N, for array jobs; the shard that finishes last "
+                            "merges all N into --output, in input order (under torchrun: RANK/WORLD_SIZE)")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Top-k labels of images with onnxruntime only; unreadable images are listed, not fatal."""
     from exporters.runtime import OnnxModel
+    from transfer.distributed import World, parse_shard
     from transfer.errors import OptionError
     from transfer.io import output_lock
-    from transfer.predict import check_predictions_path, write_predictions
+    from transfer.predict import check_predictions_path, shard_fingerprint, write_predictions, write_shard
     from transfer.scan import expand_inputs
 
     if onnx is None:
         raise OptionError(f"predict needs a model: {model_flag_hint(images)}")
     if output is not None:
         check_predictions_path(output)
+    world = World.from_env()
+    index, shards = parse_shard(shard) or (world.rank, world.size)
     onnx_model = OnnxModel(onnx, device=device.value)
     onnx_model.require_classifier()
-    paths = expand_inputs(images)
-    say(f"{onnx}: {onnx_model.provider}, {len(paths)} image(s)", err=True)
+    all_paths = expand_inputs(images)
+    block = World(index, shards).batch_block(len(all_paths), batch_size)
+    paths = all_paths[block.start:block.stop]
+    where = f"shard {index}/{shards}: " if shards > 1 else ""
+    say(f"{onnx}: {onnx_model.provider}, {where}{len(paths)} image(s)", err=True)
     with progress_for(quiet).task("predicting", total=len(paths), unit="images") as advance:
         results = onnx_model.predict(paths, top_k=top_k, batch_size=batch_size, progress=advance)
+    if shards > 1 and output is not None:
+        fingerprint = shard_fingerprint(onnx, all_paths, top_k, batch_size, shards)
+        missing = write_shard(output, results, index, shards, fingerprint)
+        unreadable = sum(1 for r in results if r.error)
+        done = f"{where}{len(paths)} image(s)" + (f" ({unreadable} unreadable)" if unreadable else "")
+        target = display(output)
+        say(f"{done}; waiting for {missing} more shard(s) to merge into {target}" if missing
+            else f"{done}; merged {shards} shards into {target}")
+        return
     table = Table()
     for column in ("image", "label", "probability", f"top-{top_k}"):
         table.add_column(column, overflow="fold")
@@ -510,6 +532,105 @@ def predict(
     if output is not None:
         with output_lock(output):
             write_predictions(output, results)
+
+
+@app.command(epilog=examples("transfer serve --onnx model.onnx",
+                             "transfer serve --onnx model.onnx --port 8080 --max-batch 32 --max-wait-ms 10",
+                             "transfer serve --onnx extractor.onnx --index photos.idx"))
+@cli_errors
+def serve(
+    onnx: OnnxOpt = None,
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    max_batch: Annotated[int, typer.Option(min=1, max=1024, help="images per model run, at most")] = 16,
+    max_wait_ms: Annotated[float, typer.Option(min=0, max=1000,
+                                               help="how long an image waits for others to batch with")] = 5.0,
+    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="largest upload per image")] = 20.0,
+    max_pixels: Annotated[int, typer.Option(min=1, help="largest image (width x height)")] = 40_000_000,
+    index: Annotated[Path | None, typer.Option(help="an index built with this --onnx file: adds POST /similar")] = None,
+    device: DeviceOpt = Device.auto,
+) -> None:
+    """HTTP inference: POST /predict or /embed (dynamic batching), /health, /metadata, a page at /, docs at /docs."""
+    from transfer.errors import OptionError
+    from transfer.serve import ServeLimits
+    from transfer.serve import serve as run_serve
+
+    if onnx is None:
+        raise OptionError("serve needs a model: --onnx MODEL.onnx (written by `transfer export`)")
+    say(f"serving {onnx} on http://{host}:{port} (page /, API docs /docs); Ctrl-C stops", err=True)
+    run_serve(onnx, host=host, port=port, device=device.value, max_batch=max_batch, max_wait_ms=max_wait_ms,
+              limits=ServeLimits(int(max_upload_mb * 1024 * 1024), max_pixels), index=index)
+
+
+@app.command("index", epilog=examples("transfer index ./photos -o photos.idx",
+                                      "transfer index ./photos --onnx extractor.onnx -o photos.idx",
+                                      "transfer index ./photos --run runs/flowers -o flowers.idx"))
+@cli_errors
+def index_command(
+    images: Annotated[list[str], typer.Argument(help="a folder (class sub-folders give labels), files or globs")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="the index folder (new, or an index to replace)")],
+    backbone: Annotated[str | None, typer.Option("--backbone", "-b", help="registry name (default "
+                                                 "efficientnet_lite0)")] = None,
+    run: RunOpt = None,
+    onnx: OnnxOpt = None,
+    layer: Annotated[str | None, typer.Option(help="default: avg_pool (the backbone's feature layer where it has "
+                                              "none), a run's avg_pool, an extractor's output")] = None,
+    input_size: Annotated[int | None, typer.Option(help="input side (default: the model's)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    device: DeviceOpt = Device.auto,
+    workers: WorkersOpt = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """Build a similar-image index: avg-pooled, L2-normalised features of every image, with paths and labels."""
+    from transfer.search import build_index
+
+    one_model(run, onnx)
+    check_json_path(json_out)
+    record = build_index(images if len(images) > 1 else images[0], output, backbone=backbone, run=run, onnx=onnx,
+                         layer=layer, input_size=input_size, batch_size=batch_size, device=device.value,
+                         workers=workers, progress=progress_for(quiet))
+    for item in record["skipped"]:
+        say(f"skipped {item['path']}: {item['reason']}")
+    model = record["model"]
+    say(f"indexed {record['count']} images ({record['dim']} dimensions, layer {model['layer']}) into {output}")
+    write_record(json_out, {key: value for key, value in record.items() if key != "paths"})
+
+
+@app.command(epilog=examples("transfer similar query.jpg --index photos.idx",
+                             "transfer similar q1.jpg q2.jpg --index photos.idx -k 5 -o sheet.png --json hits.json"))
+@cli_errors
+def similar(
+    queries: Annotated[list[str], typer.Argument(help="query images: files, folders or globs")],
+    index: Annotated[Path, typer.Option(help="an index folder written by `transfer index`")],
+    k: Annotated[int, typer.Option("-k", "--top", min=1, help="neighbours per query")] = 10,
+    output: Annotated[Path, typer.Option("--output", "-o", help="the contact sheet (PNG)")] = Path("similar.png"),
+    device: DeviceOpt = Device.auto,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """The most similar indexed images to each query (cosine), as a table and a contact sheet."""
+    from transfer.io import check_writable
+    from transfer.search import contact_sheet
+    from transfer.search import similar as run_similar
+
+    if output.suffix.lower() != ".png":
+        raise TransferError(f"--output {output}: the contact sheet is a .png file")
+    check_writable(output, "--output")
+    check_json_path(json_out)
+    results = run_similar(queries if len(queries) > 1 else queries[0], index, k=k, device=device.value,
+                          progress=progress_for(quiet))
+    table = Table()
+    for column in ("query", "rank", "score", "label", "image"):
+        table.add_column(column, overflow="fold")
+    for result in results:
+        for rank, hit in enumerate(result["neighbours"], 1):
+            table.add_row(display(result["query"]) if rank == 1 else "", str(rank), f"{hit['score']:.4f}",
+                          hit["label"] or "-", display(hit["path"]))
+    console.print(table)
+    contact_sheet(results, output)
+    say(f"wrote {output}")
+    write_record(json_out, {"index": str(index), "k": k, "results": results})
 
 
 @app.command(epilog=examples("transfer bench --onnx model.onnx", "transfer bench --onnx model.onnx "

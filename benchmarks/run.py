@@ -199,8 +199,23 @@ def markdown(record: dict) -> str:
               f"{record['stage1']['data']}: {record['stage1']['plain_seconds_per_epoch']} s per frozen-forward epoch "
               f"vs {record['stage1']['cached_seconds_per_later_epoch']} s per cached epoch "
               f"({record['stage1']['speedup_per_later_epoch']}x; over 3 epochs including the one feature pass "
-              f"{record['stage1']['speedup_over_3_epochs']}x).", ""]
+              f"{record['stage1']['speedup_over_3_epochs']}x).", "", *scaling_lines()]
     return "\n".join(lines)
+
+
+def scaling_lines() -> list[str]:
+    """1 vs 2 processes under torchrun, from benchmarks/scaling.json (rerun: `python benchmarks/scaling.py`)."""
+    path = ROOT / "benchmarks" / "scaling.json"
+    if not path.exists():
+        return []
+    record = json.loads(path.read_text())
+    rows = [f"| {name} | {record['images_per_s'][name]} | {record['speedup_vs_1_process'][name]}x |"
+            for name in record["images_per_s"]]
+    return ["## extract on 1 vs 2 processes (torchrun, gloo)", "",
+            f"{record['date']}, {record['machine']}: {record['images']} JPEGs, {record['model']}, wall time with "
+            "start-up (`python benchmarks/scaling.py`). Output of 2 processes byte-identical to 1 process at one "
+            f"thread each: {record['two_process_output_identical_to_one_process']}.", "",
+            "| configuration | images/s | vs 1 process, all cores |", "|---|---|---|", *rows, ""]
 
 
 def targets(record: dict) -> list[str]:

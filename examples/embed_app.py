@@ -18,11 +18,14 @@ FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Imag
 
 
 def preprocess(path: str, meta: dict) -> np.ndarray:
-    """Upright RGB, short side to `resize`, centre crop `crop`; float NCHW normalized, or uint8 NHWC."""
+    """Upright RGB, short side to `resize`, centre crop `crop`; float NCHW normalized, or uint8 NHWC. A file
+    exported with --embed-preprocessing (layout NHWC_uint8_any) does all but the decoding itself."""
     resize, crop = int(meta["transfer.resize"]), int(meta["transfer.crop"])
     image = Image.open(path)
     image.draft("RGB", (resize, resize))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, never below `resize`
     image = ImageOps.exif_transpose(image).convert("RGB")
+    if meta["transfer.layout"] == "NHWC_uint8_any":
+        return np.asarray(image, dtype=np.uint8)
     width, height = image.size
     size = (resize, int(resize * height / width)) if width <= height else (int(resize * width / height), resize)
     image = image.resize(size, FILTERS[meta["transfer.interpolation"]])
@@ -38,8 +41,12 @@ def main(model_path: str, image_paths: list[str]) -> None:
     session = ort.InferenceSession(model_path, providers=ort.get_available_providers())
     meta = session.get_modelmeta().custom_metadata_map
     classes = json.loads(meta["transfer.classes"])
-    batch = np.stack([preprocess(path, meta) for path in image_paths])
-    logits = session.run(["logits"], {session.get_inputs()[0].name: batch})[0]
+    rows = [preprocess(path, meta) for path in image_paths]
+    name = session.get_inputs()[0].name
+    if all(row.shape == rows[0].shape for row in rows):
+        logits = session.run(["logits"], {name: np.stack(rows)})[0]
+    else:  # decoded images of several sizes: one at a time
+        logits = np.concatenate([session.run(["logits"], {name: row[None]})[0] for row in rows])
     probabilities = np.exp(logits - logits.max(1, keepdims=True))
     probabilities /= probabilities.sum(1, keepdims=True)
     for path, row in zip(image_paths, probabilities, strict=True):

@@ -66,7 +66,7 @@ def choose_providers(device: str) -> list:
     raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda")
 
 
-INPUT_TYPES = {"NCHW_float32": "tensor(float)", "NHWC_uint8": "tensor(uint8)"}
+INPUT_TYPES = {"NCHW_float32": "tensor(float)", "NHWC_uint8": "tensor(uint8)", "NHWC_uint8_any": "tensor(uint8)"}
 
 
 def read_metadata(session: ort.InferenceSession) -> tuple[Preprocessing, list[str], str, str]:
@@ -90,7 +90,8 @@ def read_metadata(session: ort.InferenceSession) -> tuple[Preprocessing, list[st
         raise DataError(f"the graph has {len(inputs)} inputs; a transfer model has one image input")
     graph_input = inputs[0]
     size = prep.input_size
-    expected = [None, 3, size, size] if layout == "NCHW_float32" else [None, size, size, 3]
+    expected = {"NCHW_float32": [None, 3, size, size], "NHWC_uint8": [None, size, size, 3],
+                "NHWC_uint8_any": [None, None, None, 3]}[layout]
     shape = list(graph_input.shape)
     if graph_input.type != INPUT_TYPES[layout] or len(shape) != 4 or any(
             isinstance(got, int) and want is not None and got != want
@@ -147,8 +148,11 @@ class OnnxModel:
 
     # --- preprocessing --------------------------------------------------------------------------------------------
     def preprocess_one(self, image) -> np.ndarray:
-        """One image (path, PIL image or uint8 array) -> the model's input row, by the file's own metadata."""
+        """One image (path, PIL image or uint8 array) -> the model's input row, by the file's own metadata: the
+        decoded RGB pixels themselves when the file does resize, crop and normalization in its graph."""
         rgb = as_rgb_image(image, draft_size=None if self.exact_decode else decode_size(self.prep))
+        if self.layout == "NHWC_uint8_any":
+            return np.asarray(rgb, dtype=np.uint8)
         return eval_pixels(rgb, self.prep) if self.layout == "NHWC_uint8" else eval_array(rgb, self.prep)
 
     def _load(self, image) -> np.ndarray | BadImageError:
@@ -185,11 +189,17 @@ class OnnxModel:
                     else:
                         rows.append(start + offset)
                         arrays.append(result)
-                yield rows, (np.stack(arrays) if arrays else None), errors
+                yield rows, (_batch(arrays) if arrays else None), errors
 
     # --- running --------------------------------------------------------------------------------------------------
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        """Raw outputs for a preprocessed batch; on CUDA through IO binding (one copy in, outputs on device)."""
+    def run(self, batch: np.ndarray | list[np.ndarray]) -> list[np.ndarray]:
+        """Raw outputs for a preprocessed batch; on CUDA through IO binding (one copy in, outputs on device).
+
+        A list (decoded images of different sizes, for a file with preprocessing in its graph) runs one image at
+        a time and stacks the outputs."""
+        if isinstance(batch, list):
+            outputs = [self.run(image[None]) for image in batch]
+            return [np.concatenate(parts) for parts in zip(*outputs, strict=True)]
         if self.device != "cuda":
             return self.session.run(self.output_names, {self.input_name: batch})
         binding = self.session.io_binding()
@@ -266,6 +276,9 @@ class OnnxModel:
         rng = np.random.default_rng(0)
         if self.layout == "NHWC_uint8":
             batch = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+        elif self.layout == "NHWC_uint8_any":  # a 4:3 photo at twice the resize length
+            height = 2 * self.prep.resize
+            batch = rng.integers(0, 256, (batch_size, height, height * 4 // 3, 3), dtype=np.uint8)
         else:
             batch = rng.standard_normal((batch_size, 3, size, size)).astype(np.float32)
         for _ in range(warmup):
@@ -277,6 +290,13 @@ class OnnxModel:
             self.run(batch)
             latencies.append(time.perf_counter() - tick)
         return latency_summary(batch_size, latencies)
+
+
+def _batch(arrays: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """One array when the rows have one shape; else the list (images of several sizes, run one by one)."""
+    if all(a.shape == arrays[0].shape for a in arrays):
+        return np.stack(arrays)
+    return arrays
 
 
 def latency_summary(batch_size: int, latencies: Sequence[float]) -> dict:

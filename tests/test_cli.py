@@ -18,7 +18,8 @@ from tests.conftest import digits_folder
 from transfer.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("backbones", "layers", "scan", "finetune", "evaluate", "extract", "export", "predict", "bench")
+COMMANDS = ("backbones", "layers", "scan", "finetune", "evaluate", "extract", "export", "predict", "bench", "serve",
+            "index", "similar")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

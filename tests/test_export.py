@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -83,20 +84,50 @@ def test_metadata_has_every_design_key(imagenet_onnx):
     assert len(json.loads(meta["transfer.classes"])) == 1000
 
 
-def test_embedded_preprocessing_matches_float_model(imagenet_onnx, photos, tmp_path):
+def test_preprocessing_in_the_graph_matches_the_python_path(imagenet_onnx, photos, tmp_path):
+    """--embed-preprocessing: decoded uint8 RGB of any size in; resize, crop and normalization in the graph. Same
+    top-1 as the Python path on real photos of several sizes and aspect ratios, through plain onnxruntime, our
+    runtime and the embed example; logits within the stated tolerance."""
+    import onnx
+
+    from exporters.export import IN_GRAPH_TOLERANCE
+    from exporters.runtime import OnnxModel
+
     path, _ = imagenet_onnx
     embedded = tmp_path / "embedded.onnx"
     record = export_onnx(embedded, backbone="efficientnet_lite0", embed_preprocessing=True)
-    assert record.input_dtype == "uint8" and record.input_shape == ["batch", 224, 224, 3]
+    assert record.input_dtype == "uint8" and record.input_shape == ["batch", "height", "width", 3]
+    check = record.preprocessing_in_graph
+    assert check["max_rel_diff"] <= IN_GRAPH_TOLERANCE and check["same_top1"] == "8/8"
+    assert "451x300" in check["images"]  # chelsea at its own size
+    meta = {p.key: p.value for p in onnx.load(str(embedded)).metadata_props}
+    assert meta["transfer.layout"] == "NHWC_uint8_any"
     prep = Preprocessing(224, 0.875, "bicubic", (0.5,) * 3, (0.5,) * 3)
-    images = [Image.fromarray(photos[n]) for n in ("chelsea", "rocket")]
-    from transfer.preprocess import eval_pixels
-
-    raw = np.stack([eval_pixels(i, prep) for i in images])
-    floats = np.stack([eval_array(i, prep) for i in images])
-    a = ort.InferenceSession(str(embedded)).run(["logits"], {"input": raw})[0]
-    b = ort.InferenceSession(str(path)).run(["logits"], {"input": floats})[0]
-    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+    plain, python_path = ort.InferenceSession(str(embedded)), ort.InferenceSession(str(path))
+    files, worst = [], 0.0
+    for name in ("chelsea", "coffee", "astronaut", "rocket"):
+        for size in (None, (333, 517), (640, 360)):
+            image = Image.fromarray(photos[name])
+            image = image if size is None else image.resize(size, Image.BICUBIC)
+            a = plain.run(["logits"], {"input": np.asarray(image)[None]})[0]
+            b = python_path.run(["logits"], {"input": eval_array(image, prep)[None]})[0]
+            assert a.argmax() == b.argmax(), (name, image.size)
+            worst = max(worst, float(np.abs(a - b).max() / np.abs(b).max()))
+            files.append(tmp_path / f"{name}_{image.width}x{image.height}.png")
+            image.save(files[-1])
+    assert worst <= IN_GRAPH_TOLERANCE
+    ours = OnnxModel(embedded, device="cpu").predict(files, top_k=1, batch_size=4)
+    reference = OnnxModel(path, device="cpu").predict(files, top_k=1, batch_size=4)
+    assert [p.labels for p in ours] == [p.labels for p in reference] and not any(p.error for p in ours)
+    assert [p.probabilities[0] for p in ours] == pytest.approx([p.probabilities[0] for p in reference], abs=0.02)
+    same_size = [Image.fromarray(photos[n]).resize((300, 200)) for n in ("chelsea", "coffee")]
+    batch = plain.run(["logits"], {"input": np.stack([np.asarray(i) for i in same_size])})[0]
+    one_by_one = np.concatenate([plain.run(["logits"], {"input": np.asarray(i)[None]})[0] for i in same_size])
+    assert np.abs(batch - one_by_one).max() <= 1e-4 * np.abs(one_by_one).max()
+    embed_app = subprocess.run([sys.executable, "examples/embed_app.py", str(embedded), *map(str, files[:3])],
+                               capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert embed_app.returncode == 0, embed_app.stderr
+    assert [line.split("\t")[1] for line in embed_app.stdout.splitlines()] == [p.labels[0] for p in reference[:3]]
 
 
 @pytest.fixture(scope="module")

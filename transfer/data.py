@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from transfer.distributed import World
 from transfer.images import open_image
 from transfer.preprocess import INTERPOLATIONS, Preprocessing, decode_size, eval_array, normalize
 from transfer.scan import Sample, ScanReport
@@ -118,6 +119,34 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+class GlobalBatchSampler(Sampler[list[int]]):
+    """The one-process batches (a `seed`-ed permutation cut into `batch_size` runs), each cut into `world.size`
+    contiguous blocks; yields this rank's block. Every rank sees the same number of steps, and together the ranks
+    see exactly the batches one process would: `--batch-size` is the global batch."""
+
+    def __init__(self, count: int, batch_size: int, shuffle: bool, seed: int, world: World):
+        self.count, self.batch_size, self.shuffle, self.seed, self.world = count, batch_size, shuffle, seed, world
+
+    def __len__(self) -> int:
+        return -(-self.count // self.batch_size)
+
+    def __iter__(self):
+        order = (torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed)) if self.shuffle
+                 else torch.arange(self.count))
+        for batch in order.split(self.batch_size):
+            span = self.world.block(len(batch))
+            yield batch[span.start:span.stop].tolist()
+
+
+def _collate_allowing_empty(shape: tuple[int, ...]):
+    """default_collate, except that a rank's empty share of a tiny last batch becomes empty tensors."""
+    def collate(batch):
+        if not batch:
+            return torch.empty((0, *shape)), torch.empty(0, dtype=torch.long)
+        return default_collate(batch)
+    return collate
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -125,18 +154,18 @@ def make_loader(
     workers: int | None = None,
     device: str = "cpu",
     seed: int = 0,
+    world: World | None = None,
+    image_shape: tuple[int, ...] = (),
 ) -> DataLoader:
-    """A DataLoader that decodes in worker processes, pins memory on CUDA and shuffles reproducibly by `seed`."""
+    """A DataLoader that decodes in worker processes, pins memory on CUDA and shuffles reproducibly by `seed`.
+
+    With `world` (training), batches come from `GlobalBatchSampler`: this rank's share of each global batch."""
     workers = default_workers() if workers is None else workers
     workers = min(workers, max(0, len(dataset) // max(1, batch_size)))  # tiny sets: no process start-up cost
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=workers,
-        pin_memory=device.startswith("cuda"),
-        persistent_workers=workers > 0,
-        generator=generator,
-        prefetch_factor=2 if workers > 0 else None,
-    )
+    common = {"num_workers": workers, "pin_memory": device.startswith("cuda"), "persistent_workers": workers > 0,
+              "prefetch_factor": 2 if workers > 0 else None}
+    if world is not None:
+        return DataLoader(dataset, batch_sampler=GlobalBatchSampler(len(dataset), batch_size, shuffle, seed, world),
+                          collate_fn=_collate_allowing_empty(image_shape), **common)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(seed), **common)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from models.layers import FeatureTap, resolve_layer
 from models.registry import get_backbone
 from models.weights import create_backbone
 from transfer.data import eval_dataset, make_loader
+from transfer.distributed import World
 from transfer.errors import DataError, TransferError
 from transfer.io import atomic_path, output_lock, temp_dir_beside, write_json
 from transfer.model import resolve_run_layer
@@ -104,6 +106,7 @@ class _NpyStream:
     """Writes a float32 .npy of known shape batch by batch with plain file writes (bounded memory)."""
 
     def __init__(self, path: Path, shape: tuple[int, ...]):
+        self.shape = shape
         self.handle = open(path, "wb")
         np.lib.format.write_array_header_1_0(self.handle, {"descr": "<f4", "fortran_order": False, "shape": shape})
 
@@ -154,27 +157,74 @@ def extract(
         check_int(workers, "--workers", 0, 64)
 
     output = Path(output) if output is not None else None
-    with output_lock(output) if output is not None else contextlib.nullcontext():
-        return _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size, output,
-                        batch_size, device, workers, progress)
+    world = World.from_env()
+    joined = world.join("cpu")  # gloo: only small objects travel between ranks; the features go through files
+    try:
+        with output_lock(output) if output is not None and world.main else contextlib.nullcontext():
+            return _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size,
+                            output, batch_size, device, workers, progress if world.main else SILENT, world)
+    finally:
+        if joined:
+            world.leave()
 
 
 def _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size, output,
-             batch_size, device, workers, progress) -> ExtractResult:
+             batch_size, device, workers, progress, world: World) -> ExtractResult:
     if onnx is not None:
         make_batches, metadata = _onnx_batches(onnx, layers, batch_size, device, input_size)
     else:
         make_batches, metadata = _torch_batches(backbone, layers, weights, run, pretrained, input_size,
                                                 batch_size, device, workers)
     samples, classes, skipped = collect_samples(images, progress)
-    batches = make_batches(samples)
+    mine = world.batch_block(len(samples), batch_size)
     metadata.update(pool=pool, layout=layout)
+    with contextlib.ExitStack() as stack:
+        temp_dir = None
+        if output is not None:  # rank 0 makes the scratch folder beside the output; every rank streams into it
+            made = stack.enter_context(temp_dir_beside(output)) if world.main else None
+            temp_dir = Path(world.gather(str(made) if made else None)[0])
+        advance = stack.enter_context(progress.task("extracting", total=len(samples), unit="images"))
+        parts = _run_block(make_batches(samples[mine.start:mine.stop]) if len(mine) else iter(()), len(mine),
+                           layers, pool, layout, temp_dir, world.rank, advance)
+        shapes = [shape for shape in world.gather(parts.shapes) if shape]
+        if not shapes:
+            raise DataError("no features were produced")
+        metadata["shapes"] = {name: [len(samples), *shapes[0][name]] for name in layers}
+        if output is None:
+            gathered = world.gather(parts.arrays)
+            features: dict[str, np.ndarray | None] = {
+                name: np.concatenate([part[name] for part in gathered if part]) for name in layers}
+        else:
+            if world.main:
+                for name in layers:
+                    _join_parts(temp_dir, name, world.size, metadata["shapes"][name])
+                _finalize(output, temp_dir, layers)
+            features = {name: None for name in layers}
+    labels = [s.label for s in samples] if classes else None
+    result = ExtractResult(features, [str(s.path) for s in samples], labels, classes, metadata, skipped, output)
+    if output is not None and world.main:
+        write_json(sidecar_path(output), {
+            **metadata, "paths": result.paths, "labels": labels, "classes": classes,
+            "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
+        })
+    world.barrier()  # every rank returns once the output exists
+    return result
+
+
+@dataclass
+class _Part:
+    """One rank's features: arrays in memory, or the shape of what it streamed to TEMP/NAME.partRANK.npy."""
+
+    arrays: dict[str, np.ndarray]
+    shapes: dict[str, list[int]]
+
+
+def _run_block(batches, rows: int, layers: list[str], pool: str, layout: str, temp_dir: Path | None, rank: int,
+               advance) -> _Part:
+    """Features of this rank's `rows` images: kept in memory, or streamed to TEMP/NAME.partRANK.npy."""
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in layers}
     streams: dict[str, _NpyStream] = {}
-    with contextlib.ExitStack() as stack:
-        temp_dir = stack.enter_context(temp_dir_beside(output)) if output is not None else None
-        stack.callback(lambda: [stream.close() for stream in streams.values()])
-        advance = stack.enter_context(progress.task("extracting", total=len(samples), unit="images"))
+    try:
         for count, outputs in batches:
             for name, raw in zip(layers, outputs, strict=True):
                 array = _post_process(raw, pool, layout)
@@ -182,27 +232,33 @@ def _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrai
                     chunks[name].append(array)
                     continue
                 if name not in streams:
-                    streams[name] = _NpyStream(temp_dir / f"{name}.npy", (len(samples), *array.shape[1:]))
-                    metadata.setdefault("shapes", {})[name] = [len(samples), *array.shape[1:]]
+                    streams[name] = _NpyStream(temp_dir / f"{name}.part{rank}.npy", (rows, *array.shape[1:]))
                 streams[name].write(array)
             advance(count)
+    finally:
         for stream in streams.values():
             stream.close()
-        features: dict[str, np.ndarray | None]
-        if output is None:
-            features = {name: np.concatenate(chunks[name]) for name in layers}
-            metadata["shapes"] = {name: list(a.shape) for name, a in features.items()}
-        else:
-            _finalize(output, temp_dir, layers)
-            features = {name: None for name in layers}
-    labels = [s.label for s in samples] if classes else None
-    result = ExtractResult(features, [str(s.path) for s in samples], labels, classes, metadata, skipped, output)
-    if output is not None:
-        write_json(sidecar_path(output), {
-            **metadata, "paths": result.paths, "labels": labels, "classes": classes,
-            "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
-        })
-    return result
+    if temp_dir is not None:
+        return _Part({}, {name: list(stream.shape[1:]) for name, stream in streams.items()})
+    arrays = {name: np.concatenate(chunks[name]) for name in layers if chunks[name]}
+    return _Part(arrays, {name: list(a.shape[1:]) for name, a in arrays.items()})
+
+
+def _join_parts(temp_dir: Path, name: str, ranks: int, shape: list[int]) -> None:
+    """TEMP/NAME.part0.npy, part1, ... -> TEMP/NAME.npy in rank order, streamed (one part's data at a time)."""
+    parts = [temp_dir / f"{name}.part{rank}.npy" for rank in range(ranks)]
+    parts = [part for part in parts if part.exists()]
+    if len(parts) == 1:
+        os.replace(parts[0], temp_dir / f"{name}.npy")
+        return
+    with open(temp_dir / f"{name}.npy", "wb") as joined:
+        np.lib.format.write_array_header_1_0(joined, {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)})
+        for part in parts:
+            with open(part, "rb") as handle:
+                np.lib.format.read_magic(handle)
+                np.lib.format.read_array_header_1_0(handle)
+                shutil.copyfileobj(handle, joined, 1 << 22)
+            part.unlink()
 
 
 def _torch_batches(backbone, layers, weights, run, pretrained, input_size, batch_size, device, workers):
@@ -284,8 +340,12 @@ def _finalize(output: Path, temp_dir: Path, names: list[str]) -> None:
             os.replace(temp_dir / f"{names[0]}.npy", temp)
         else:
             with zipfile.ZipFile(temp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-                for name in names:
-                    archive.write(temp_dir / f"{name}.npy", arcname=f"{name}.npy")
+                for name in names:  # a fixed timestamp: the same features give the same bytes
+                    source = temp_dir / f"{name}.npy"
+                    entry = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                    with open(source, "rb") as handle, archive.open(
+                            entry, "w", force_zip64=source.stat().st_size >= zipfile.ZIP64_LIMIT) as target:
+                        shutil.copyfileobj(handle, target, 1 << 22)
 
 
 def load_features(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -30,22 +31,26 @@ class BadImageError(DataError):
 
 
 def open_image(
-    path: str | os.PathLike,
+    path: str | os.PathLike | BinaryIO,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_size: tuple[int, int] | None = None,
+    name: str = "upload",
 ) -> Image.Image:
-    """Decode `path` into an upright RGB image, or raise `BadImageError` with the reason.
+    """Decode `path` (or an open binary file, called `name` in errors) into an upright RGB image, or raise
+    `BadImageError` with the reason.
 
     `draft_size` lets JPEGs decode at a reduced scale (PIL `draft`) when the target is much smaller; the result
     is then at least that size but no longer bit-identical to a full decode, so evaluation paths leave it off.
     """
-    path = Path(path)
+    is_file = hasattr(path, "read")
+    source = path if is_file else Path(path)
+    path = name if is_file else source
     try:
-        if path.stat().st_size == 0:
+        if not is_file and source.stat().st_size == 0:
             raise BadImageError(path, "empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise BadImageError(

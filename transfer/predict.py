@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -15,6 +16,7 @@ from transfer.io import write_text
 from transfer.progress import SILENT, Progress
 
 PREDICTION_FORMATS = (".csv", ".json")
+PART_SUFFIX = ".transfer-part"  # one shard's predictions, waiting for the others
 
 
 def check_predictions_path(path: str | os.PathLike) -> Path:
@@ -48,6 +50,41 @@ def write_predictions(path: str | os.PathLike, results: list[Prediction]) -> Non
         write_text(path, buffer.getvalue())
     else:
         raise TransferError(f"--output {path}: use a .csv or .json file")
+
+
+def shard_fingerprint(onnx: str | os.PathLike, paths: list[Path], top_k: int, batch_size: int, shards: int) -> str:
+    """Names one sharded job (model, inputs, settings): parts of another job are never merged into this one."""
+    digest = hashlib.sha256()
+    for item in (str(Path(onnx).resolve()), top_k, batch_size, shards, *(os.fsencode(p) for p in paths)):
+        digest.update(item if isinstance(item, bytes) else str(item).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def part_path(output: Path, fingerprint: str, shard: int, shards: int) -> Path:
+    return output.parent / f".{output.name}.{fingerprint}.shard-{shard}-of-{shards}{PART_SUFFIX}"
+
+
+def write_shard(output: str | os.PathLike, results: list[Prediction], shard: int, shards: int,
+                fingerprint: str) -> int:
+    """Write this shard's predictions beside `output`; whichever shard finds all parts present (under the output's
+    lock) merges them, in shard order, into `output` and removes the parts. Returns how many shards are missing
+    (0: merged). Shards are contiguous blocks of the inputs, so the merged file is the one-process file."""
+    from transfer.io import output_lock
+
+    output = Path(output)
+    write_text(part_path(output, fingerprint, shard, shards), json.dumps([r.__dict__ for r in results]))
+    with output_lock(output):
+        parts = [part_path(output, fingerprint, index, shards) for index in range(shards)]
+        missing = sum(not part.exists() for part in parts)
+        if missing:
+            return missing
+        merged = [Prediction(**record) for part in parts for record in json.loads(part.read_text(
+            encoding="utf-8", errors="surrogateescape"))]
+        write_predictions(output, merged)
+        for part in parts:
+            part.unlink()
+    return 0
 
 
 def machine_name() -> str:

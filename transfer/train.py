@@ -9,6 +9,7 @@ The schedule in a few lines (see `plan_stages`):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -31,13 +32,14 @@ from transfer.data import (
     train_transform,
     train_val_samples,
 )
+from transfer.distributed import World
 from transfer.errors import DataError, NonFiniteLossError, OptionError, RunDamagedError, TransferError
 from transfer.io import atomic_path, display, write_json
 from transfer.metrics import classification_report, plot_confusion, plot_curves, read_metrics, write_metrics
 from transfer.model import TransferModel, build_transfer_model, group_prefixes, set_trainable, train_mode
 from transfer.preprocess import Preprocessing, decode_size
 from transfer.progress import SILENT, Progress
-from transfer.rundir import RunDirectory
+from transfer.rundir import CHECKPOINT, RunDirectory
 from transfer.scan import ScanReport, scan_folder
 
 
@@ -142,16 +144,22 @@ def plan_stages(config: FinetuneConfig, spec: BackboneSpec, pretrained: bool) ->
     ]
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without CUDA is an error, never a silent fallback."""
+def resolve_device(device: str, world: World | None = None) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without CUDA is an error, never a silent fallback.
+
+    Under torchrun, plain 'cuda' is this process's GPU, cuda:LOCAL_RANK."""
     from transfer.errors import DeviceError
 
+    world = World.from_env() if world is None else world
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False)")
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if device == "cuda" and world.distributed:
+        torch.cuda.set_device(world.local_rank)
+        return torch.device("cuda", world.local_rank)
     return torch.device(device)
 
 
@@ -183,8 +191,11 @@ class Trainer:
 
     def __init__(self, config: FinetuneConfig, data_dir: str | os.PathLike, run_dir: Path, device: torch.device,
                  log: Callable[[str], None] = print, on_epoch_end: Callable[[dict], None] | None = None,
-                 on_batch: Callable[[str, int, int], None] | None = None, progress: Progress = SILENT):
+                 on_batch: Callable[[str, int, int], None] | None = None, progress: Progress = SILENT,
+                 world: World | None = None):
         self.config, self.run_dir, self.device, self.log = config, run_dir, device, log
+        self.world = world or World()  # under torchrun: this rank; only rank 0 writes the run directory
+        self.parallel: nn.Module | None = None  # the stage's trainable module, in DistributedDataParallel if needed
         self.on_batch = on_batch  # (description, batches done, batches in the epoch): a hook for callers
         self.progress = progress
         self.data_dir = Path(data_dir).resolve()
@@ -230,19 +241,32 @@ class Trainer:
 
     # --- data --------------------------------------------------------------------------------------------------
     def image_loader(self, samples, augment: bool, shuffle: bool, epoch: int = 0):
+        """Training (`shuffle`): this rank's share of each global batch. Evaluation: the samples given, in order."""
         augmentation = Augment(**self.config.augmentation) if augment else None
         dataset = ImageDataset(samples, train_transform(self.prep, augmentation),
                                draft_size=decode_size(self.prep)) if augment else eval_dataset(samples, self.prep)
+        size = self.prep.input_size
         return make_loader(dataset, self.config.batch_size, shuffle=shuffle, workers=self.config.workers,
-                           device=self.device.type, seed=epoch_seed(self.config.seed, epoch))
+                           device=self.device.type, seed=epoch_seed(self.config.seed, epoch),
+                           world=self.world if shuffle else None, image_shape=(3, size, size))
+
+    def sharded_forward(self, model: TransferModel, samples, pooled: bool,
+                        description: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs for `samples` in their order: each rank forwards its contiguous block, then all gather."""
+        outputs, labels = self.forward_all(model, self.image_loader(self.world.take(samples), False, False),
+                                           pooled=pooled, description=description)
+        if not self.world.distributed:
+            return outputs, labels
+        parts = [part for part in self.world.gather((outputs, labels)) if len(part[1])]
+        return torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
 
     def cached_features(self, model: TransferModel, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled backbone features of a split, computed once with the evaluation transform."""
         if split not in self.feature_cache:
             samples = self.train_samples if split == "train" else self.val_samples
             started = time.perf_counter()
-            features, labels = self.forward_all(model, self.image_loader(samples, False, False), pooled=True,
-                                                description=f"caching {split} features")
+            features, labels = self.sharded_forward(model, samples, pooled=True,
+                                                    description=f"caching {split} features")
             self.feature_cache[split] = (features, labels)
             self.log(f"cached {split} features {tuple(features.shape)} in {time.perf_counter() - started:.1f}s")
         return self.feature_cache[split]
@@ -260,6 +284,8 @@ class Trainer:
                 outputs.append(out.float().cpu())
                 labels.append(targets)
                 advance(len(targets))
+        if not outputs:  # a rank whose block is empty (fewer images than processes)
+            return torch.empty(0), torch.empty(0, dtype=torch.long)
         return torch.cat(outputs), torch.cat(labels)
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
@@ -280,40 +306,47 @@ class Trainer:
             features, labels = self.cached_features(model, "train")
             order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(
                 epoch_seed(self.config.seed, epoch)))
-            batches = ((features[idx], labels[idx]) for idx in order.split(self.config.batch_size))
+            shares = (idx[span.start:span.stop] for idx in order.split(self.config.batch_size)
+                      for span in [self.world.block(len(idx))])
+            batches = ((features[idx], labels[idx]) for idx in shares)
             total = math.ceil(len(labels) / self.config.batch_size)
-            forward = model.head
         else:
             batches = self.image_loader(self.train_samples, self.config.augment, True, epoch)
             total = len(batches)
-            forward = model
+        forward = self.parallel
         total_loss, correct, count = 0.0, 0, 0
         with self.progress.task(label or f"{stage.name} epoch {epoch}", total=total, unit="batches",
                                 min_seconds=0) as advance:
             for step, (inputs, targets) in enumerate(batches):
-                loss, logits, targets = self.train_step(forward, optimizer, inputs, targets, stage, epoch, step)
-                total_loss += loss * len(targets)
+                loss_sum, logits, targets = self.train_step(forward, optimizer, inputs, targets, stage, epoch, step)
+                total_loss += loss_sum
                 correct += int((logits.argmax(1) == targets).sum())
                 count += len(targets)
                 advance(1)
                 if self.on_batch is not None:
                     self.on_batch(f"{stage.name} epoch {epoch}", step + 1, total)
+        total_loss, correct, count = self.world.sum([total_loss, correct, count])
         return total_loss / count, correct / count
 
     def train_step(self, forward, optimizer, inputs, targets, stage: Stage, epoch: int,
                    step: int) -> tuple[float, torch.Tensor, torch.Tensor]:
-        """One optimisation step; a non-finite loss stops the run before the weights are touched."""
+        """One optimisation step on this rank's share of a global batch; returns the share's summed loss.
+
+        The loss is the global batch's mean: each rank scales its sum by world size / global count, and
+        DistributedDataParallel averages the gradients over the ranks. A non-finite loss (summed over the ranks,
+        so every rank sees it) stops the run before the weights are touched."""
         inputs, targets = self.to_device(inputs), targets.to(self.device)
         with self.autocast():
             logits = forward(inputs)
-            loss = F.cross_entropy(logits.float(), targets)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) in stage {stage.name}, epoch "
-                                     f"{epoch}, batch {step}; {self.kept_message()} (try a lower learning rate)")
+            loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        global_sum, global_count = self.world.sum([loss_sum.item(), len(targets)])
+        if not math.isfinite(global_sum):
+            raise NonFiniteLossError(f"non-finite training loss ({global_sum / global_count}) in stage {stage.name}, "
+                                     f"epoch {epoch}, batch {step}; {self.kept_message()} (try a lower learning rate)")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss_sum * (self.world.size / global_count)).backward()
         optimizer.step()
-        return loss.item(), logits.detach(), targets
+        return loss_sum.item(), logits.detach(), targets
 
     def validate(self, model: TransferModel, stage: Stage) -> tuple[float, float, torch.Tensor, torch.Tensor]:
         if stage.cached:
@@ -322,9 +355,18 @@ class Trainer:
             with torch.no_grad():
                 logits = model.head(features.to(self.device)).float().cpu()
         else:
-            logits, labels = self.forward_all(model, self.image_loader(self.val_samples, False, False))
+            logits, labels = self.sharded_forward(model, self.val_samples, pooled=False, description="validating")
         loss = F.cross_entropy(logits, labels).item()
         return loss, float((logits.argmax(1) == labels).float().mean()), logits, labels
+
+    def data_parallel(self, module: nn.Module) -> nn.Module:
+        """`module` wrapped in DistributedDataParallel under torchrun (gradients averaged over ranks), else itself."""
+        if not self.world.distributed:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
 
     # --- the run -----------------------------------------------------------------------------------------------
     def fit(self, resume_state: dict | None = None, saved: dict | None = None) -> FinetuneResult:
@@ -351,6 +393,7 @@ class Trainer:
         for stage_index in range(state["stage_index"], len(stages)):
             stage = stages[stage_index]
             trainable = set_trainable(model, list(stage.prefixes))
+            self.parallel = self.data_parallel(model.head if stage.cached else model)
             optimizer = make_optimizer(stage, model, self.config.weight_decay)
             scheduler = make_scheduler(stage, optimizer)
             start = 0
@@ -395,11 +438,13 @@ class Trainer:
                      bad_epochs=0 if improved else state["bad_epochs"] + 1)
         if improved:
             state.update(best_val_loss=val_loss, best_val_acc=val_acc)
-            save_weights(model, self.run_dir / "best.safetensors")
-        save_checkpoint(self.run_dir / "last.ckpt", model, optimizer, scheduler, state)
-        self.last_good_epoch = epoch
         self.rows.append(row)
-        write_metrics(self.run_dir / "metrics.csv", self.rows)
+        if self.world.main:
+            if improved:
+                save_weights(model, self.run_dir / "best.safetensors")
+            save_checkpoint(self.run_dir / "last.ckpt", model, optimizer, scheduler, state)
+            write_metrics(self.run_dir / "metrics.csv", self.rows)
+        self.last_good_epoch = epoch
         self.log(f"[{stage.name} {stage_epoch}/{stage.epochs}] epoch {epoch}: train loss {train_loss:.4f} "
                  f"acc {train_acc:.3f} | val loss {val_loss:.4f} acc {val_acc:.3f} | lr {lr:.2e} | "
                  f"{row['seconds']:.1f}s{' *' if improved else ''}")
@@ -407,13 +452,17 @@ class Trainer:
             self.on_epoch_end(row)
 
     def finish(self, model: TransferModel, state: dict) -> FinetuneResult:
-        """Reload the best weights, then write report.json, confusion.png and curves.png."""
+        """Reload the best weights, then write report.json, confusion.png and curves.png (rank 0)."""
+        self.world.barrier()  # rank 0's best.safetensors is complete
         load_weights(model, self.run_dir / "best.safetensors")
-        logits, labels = self.forward_all(model, self.image_loader(self.val_samples, False, False))
+        logits, labels = self.sharded_forward(model, self.val_samples, pooled=False, description="validating")
         predictions = logits.argmax(1)
         report = classification_report(labels.tolist(), predictions.tolist(), self.classes)
         report.update(split="validation", best_val_loss=state["best_val_loss"],
                       skipped=[{"path": s.path, "reason": s.reason} for s in self.scan.skipped])
+        result = FinetuneResult(self.run_dir, state["best_val_loss"], report["accuracy"], state["epoch"], report)
+        if not self.world.main:
+            return result
         write_json(self.run_dir / "report.json", report)
         import numpy as np
 
@@ -423,10 +472,12 @@ class Trainer:
         plot_curves(self.rows, self.run_dir / "curves.png", title=f"{name}: loss and accuracy per epoch")
         self.log(f"best val loss {state['best_val_loss']:.4f}, val accuracy {report['accuracy']:.4f}; "
                  f"run saved in {self.run_dir}")
-        return FinetuneResult(self.run_dir, state["best_val_loss"], report["accuracy"], state["epoch"], report)
+        return result
 
     def write_config(self, stages: list[Stage], source: str, previous: dict | None = None) -> None:
         """config.json; `previous` (the config a resumed run was read from) adds an entry to its extensions."""
+        if not self.world.main:
+            return
         import timm
 
         from transfer import __version__
@@ -552,7 +603,8 @@ def finetune(
     """
     if not Path(data_dir).is_dir():
         raise DataError(f"folder not found: {data_dir}")
-    target = resolve_device(device)
+    world = World.from_env()
+    target = resolve_device(device, world)
     if resume is None:
         if config is None:
             raise TransferError("finetune needs a config (at least the backbone)")
@@ -560,26 +612,35 @@ def finetune(
         run_dir = Path(output) if output is not None else default_run_dir(config.backbone)
     else:
         run_dir = Path(resume)
-    with RunDirectory(run_dir, fresh=resume is None) as run:
-        resume_state, saved = None, None
-        if resume is not None:
-            saved = load_run_config(run_dir)
-            config = resumed_config(saved, changes or {}, run_dir)
-            resume_state = load_checkpoint(run.checkpoint)
-            check_extension(saved, config, resume_state, run_dir)
-        torch.manual_seed(config.seed)
-        trainer = Trainer(config, data_dir, run_dir, target, log, on_epoch_end, on_batch, progress)
-        if saved is not None and trainer.classes != saved["classes"]:
-            raise DataError(f"{data_dir} has classes {trainer.classes}, the run was trained on {saved['classes']}")
-        try:
-            return trainer.fit(resume_state, saved)
-        except KeyboardInterrupt:
-            if trainer.last_good_epoch is None:
-                log("interrupted before the first epoch finished; nothing was kept")
-            else:
-                log(f"interrupted; epoch {trainer.last_good_epoch} is saved: resume with "
-                    f"transfer finetune {display(data_dir)} --resume {display(run_dir)}")
-            raise
+    if world.distributed and output is None and resume is None:
+        raise TransferError("under torchrun give the run directory with --output RUN (every process must name it)")
+    joined = world.join(target.type)
+    if not world.main:  # rank 0 alone writes and reports; the others train their share and stay quiet
+        log, progress = (lambda _: None), SILENT
+    try:
+        with RunDirectory(run_dir, fresh=resume is None) if world.main else contextlib.nullcontext():
+            resume_state, saved = None, None
+            if resume is not None:
+                saved = load_run_config(run_dir)
+                config = resumed_config(saved, changes or {}, run_dir)
+                resume_state = load_checkpoint(run_dir / CHECKPOINT)
+                check_extension(saved, config, resume_state, run_dir)
+            torch.manual_seed(config.seed)
+            trainer = Trainer(config, data_dir, run_dir, target, log, on_epoch_end, on_batch, progress, world)
+            if saved is not None and trainer.classes != saved["classes"]:
+                raise DataError(f"{data_dir} has classes {trainer.classes}, the run was trained on {saved['classes']}")
+            try:
+                return trainer.fit(resume_state, saved)
+            except KeyboardInterrupt:
+                if trainer.last_good_epoch is None:
+                    log("interrupted before the first epoch finished; nothing was kept")
+                else:
+                    log(f"interrupted; epoch {trainer.last_good_epoch} is saved: resume with "
+                        f"transfer finetune {display(data_dir)} --resume {display(run_dir)}")
+                raise
+    finally:
+        if joined:
+            world.leave()
 
 
 RESUME_CHANGEABLE = ("epochs_head", "epochs_finetune", "workers", "patience")
