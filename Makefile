@@ -3,12 +3,20 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test test-all lint bench
+.PHONY: demo test test-all lint bench browser
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
+
+# The browser test drives Debian's Chromium (Playwright only talks to it; no browser download).
+CHROMIUM := $(shell command -v chromium || command -v chromium-browser)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+ifeq ($(CHROMIUM),)
+	$(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+endif
 
 demo: $(BIN)/.installed
 	$(BIN)/python examples/demo.py
@@ -16,9 +24,9 @@ demo: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-test-all: $(BIN)/.installed
+test-all: $(BIN)/.installed browser
 	$(BIN)/python -m pytest -q -m "slow or not slow"

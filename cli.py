@@ -267,7 +267,8 @@ def finetune(
                                                          "share, and the learning rate is not rescaled")] = 32,
     lr_head: Annotated[float, typer.Option(help="stage 1 learning rate")] = 1e-3,
     lr_finetune: Annotated[float, typer.Option(help="stage 2 learning rate (SGD, momentum 0.9)")] = 1e-4,
-    head_optimizer: Annotated[HeadOptimizer, typer.Option(help="stage 1 optimizer")] = HeadOptimizer.adamw,
+    head_optimizer: Annotated[HeadOptimizer, typer.Option(
+        help="stage 1 optimizer (the only stage's for nets trained from scratch)")] = HeadOptimizer.adamw,
     head: Annotated[Head, typer.Option(help="mlp: pool, dropout, Dense 1024 ReLU, Dense; linear: one Dense")
                     ] = Head.mlp,
     val_split: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.2,
@@ -457,6 +458,11 @@ def export(
         say(f"max difference vs PyTorch ({name}, batch {record.batch_sizes_checked}, {record.verify_images}): "
             f"abs {record.max_abs_diff[name]:.3g}, relative {record.max_rel_diff[name]:.3g} "
             f"(tolerance {record.tolerance:g})")
+    if record.preprocessing_in_graph is not None:
+        check = record.preprocessing_in_graph
+        same = f"; same top-1 on {check['same_top1']}" if check["same_top1"] else ""
+        say(f"preprocessing in the graph vs the Python path ({check['images']}): abs {check['max_abs_diff']:.3g}, "
+            f"relative {check['max_rel_diff']:.3g} (tolerance {check['tolerance']:g}){same}")
     if record.int8 is not None:
         report = record.int8
         if report.top1_agreement is not None:

@@ -199,8 +199,23 @@ def markdown(record: dict) -> str:
               f"{record['stage1']['data']}: {record['stage1']['plain_seconds_per_epoch']} s per frozen-forward epoch "
               f"vs {record['stage1']['cached_seconds_per_later_epoch']} s per cached epoch "
               f"({record['stage1']['speedup_per_later_epoch']}x; over 3 epochs including the one feature pass "
-              f"{record['stage1']['speedup_over_3_epochs']}x).", "", *scaling_lines()]
+              f"{record['stage1']['speedup_over_3_epochs']}x).", "", *scaling_lines(), *serve_lines()]
     return "\n".join(lines)
+
+
+def serve_lines() -> list[str]:
+    """`transfer serve` under load, from benchmarks/serve_load.json (rerun: `python benchmarks/serve_load.py`)."""
+    path = ROOT / "benchmarks" / "serve_load.json"
+    if not path.exists():
+        return []
+    record = json.loads(path.read_text())
+    rows = [f"| {name} | {r['requests_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | "
+            f"{r['server']['batches']} |" for name, r in record["results"].items()]
+    return ["## transfer serve under load", "",
+            f"{record['date']}, {record['machine']}: {record['model']}; 2,000 requests, 16 concurrent, client on the "
+            f"same machine (`python benchmarks/serve_load.py`). Dynamic batching / batch 1: "
+            f"{record['dynamic_vs_batch1_throughput']}x.", "",
+            "| server | requests/s | p50 ms | p99 ms | errors | model runs |", "|---|---|---|---|---|---|", *rows, ""]
 
 
 def scaling_lines() -> list[str]:

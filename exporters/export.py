@@ -38,10 +38,11 @@ MIN_DYNAMO_OPSET = 18  # torch.export-based exporter; below it only the TorchScr
 # fp16 is compared with the fp32 PyTorch model, so its tolerance covers half-precision rounding through the net.
 TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "int8": 0.3}
 MIN_INT8_AGREEMENT = 0.9
-# --embed-preprocessing: max |graph - Python path| / max |Python path| on real photos at their own sizes. Measured
-# 0.004 on efficientnet_lite0 over 57 photos of 19 scenes and 3 sizes (the Resize emulates Pillow's two rounded
-# passes; what remains is Pillow's fixed-point filter weights).
-IN_GRAPH_TOLERANCE = 2e-2
+# --embed-preprocessing: max |graph - Python path| / max |Python path| on real photos at their own sizes, the same
+# model on both sides. Measured in fp32 0.004 on efficientnet_lite0 over 57 photos of 19 scenes and 3 sizes (the
+# Resize emulates Pillow's two rounded passes; what remains is Pillow's fixed-point filter weights); int8 turns
+# those last pixel differences into different quantization steps (0.038 measured on a fine-tuned lite0 run).
+IN_GRAPH_TOLERANCE = {"fp32": 2e-2, "fp16": 3e-2, "int8": 0.15}
 
 
 @dataclass
@@ -312,7 +313,8 @@ def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp1
                 onnx.save(with_preprocessing(onnx.load(str(nchw_path)), source.prep), str(final_path))
                 _write_metadata(final_path, meta)
                 checker = _check(final_path)
-                in_graph = _compare_in_graph(final_path, nchw_path, images, source, output_names, verify_note)
+                in_graph = _compare_in_graph(final_path, nchw_path, images, source, output_names, verify_note,
+                                             IN_GRAPH_TOLERANCE[precision])
         tolerance = TOLERANCE[precision]
         record = ExportRecord(
             path=str(output), precision=precision, opset=opset, input_name="input",
@@ -333,15 +335,16 @@ def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp1
                 f"int8 top-1 agreement with fp32 is {record.top1_agreement:.3f} < {MIN_INT8_AGREEMENT} (logit cosine "
                 f"{int8_report.logit_cosine:.3f}) on {int8_report.agreement_images}; no file written to {output}. "
                 f"Keep this model in fp32 (or --fp16 for a GPU)")
-        if in_graph is not None and in_graph["max_rel_diff"] > IN_GRAPH_TOLERANCE:
+        if in_graph is not None and in_graph["max_rel_diff"] > in_graph["tolerance"]:
             raise VerificationError(
                 f"the preprocessing graph differs from the Python path by {in_graph['max_rel_diff']:.3g} (relative) "
-                f"> {IN_GRAPH_TOLERANCE:g}; no file written to {output}")
+                f"> {in_graph['tolerance']:g}; no file written to {output}")
         os.replace(final_path, output)
     return record
 
 
-def _compare_in_graph(path: Path, nchw_path: Path, images, source: _Source, names: list[str], note: str) -> dict:
+def _compare_in_graph(path: Path, nchw_path: Path, images, source: _Source, names: list[str], note: str,
+                      tolerance: float) -> dict:
     """The file with preprocessing in the graph, fed each decoded image at its own size (batch 1), against the
     same model fed `eval_array` (the Python path): max differences and top-1 agreement."""
     import onnxruntime as ort
@@ -361,7 +364,7 @@ def _compare_in_graph(path: Path, nchw_path: Path, images, source: _Source, name
         same_top1 += int(ours[0].reshape(1, -1).argmax() == reference[0].reshape(1, -1).argmax())
         sizes.append(f"{image.width}x{image.height}")
     return {"images": f"{note} at their own sizes ({', '.join(sizes)})", "max_abs_diff": worst_abs,
-            "max_rel_diff": worst_rel, "tolerance": IN_GRAPH_TOLERANCE,
+            "max_rel_diff": worst_rel, "tolerance": tolerance,
             "same_top1": f"{same_top1}/{len(images)}" if source.output_kind == "logits" else None}
 
 

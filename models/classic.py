@@ -1,4 +1,4 @@
-"""The seed texts' classic nets, trained from scratch: single-tower AlexNet and LeNet-5.
+"""The seed texts' classic nets, trained from scratch: single-tower AlexNet, LeNet-5 and the CIFAR-10 ConvNet.
 
 Both expose timm's small interface (`forward_features`, `forward_head`, `num_features`, `num_classes`) so the
 same training loop, extraction and export code handle them.
@@ -70,4 +70,28 @@ class LeNet5(_ClassicNet):
             ("fc1", nn.Linear(16 * 5 * 5, 120)), ("relu1", nn.ReLU()),
             ("fc2", nn.Linear(120, 84)), ("relu2", nn.ReLU()),
             ("fc3", nn.Linear(84, num_classes)),
+        ]))
+
+
+class CifarConvNet(_ClassicNet):
+    """Keras's cifar10_cnn example, layer for layer: Conv 32 (same) -> Conv 32 (valid) -> pool -> dropout 0.25 ->
+    Conv 64 (same) -> Conv 64 (valid) -> pool -> dropout 0.25 -> Flatten (6x6x64 at 32 px) -> Dense 512 ->
+    dropout 0.5 -> Dense classes. 1,250,858 parameters for 10 classes, as Keras counts them."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_features = 64
+        self.features = nn.Sequential(OrderedDict([
+            ("conv1", nn.Conv2d(3, 32, 3, padding=1)), ("relu1", nn.ReLU()),
+            ("conv2", nn.Conv2d(32, 32, 3)), ("relu2", nn.ReLU()),
+            ("pool1", nn.MaxPool2d(2, 2)), ("drop1", nn.Dropout(0.25)),
+            ("conv3", nn.Conv2d(32, 64, 3, padding=1)), ("relu3", nn.ReLU()),
+            ("conv4", nn.Conv2d(64, 64, 3)), ("relu4", nn.ReLU()),
+            ("pool2", nn.MaxPool2d(2, 2)), ("drop2", nn.Dropout(0.25)),
+        ]))
+        self.classifier = nn.Sequential(OrderedDict([
+            ("pool", nn.AdaptiveAvgPool2d((6, 6))), ("flatten", nn.Flatten()),  # the identity at 32 px
+            ("fc1", nn.Linear(64 * 6 * 6, 512)), ("relu1", nn.ReLU()), ("drop", nn.Dropout(0.5)),
+            ("fc2", nn.Linear(512, num_classes)),
         ]))

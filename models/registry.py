@@ -273,6 +273,12 @@ def _build_alexnet(**kwargs):  # imported on use: the registry itself stays torc
     return AlexNet(**kwargs)
 
 
+def _build_cifar_convnet(**kwargs):
+    from models.classic import CifarConvNet
+
+    return CifarConvNet(**kwargs)
+
+
 def _build_lenet5(**kwargs):
     from models.classic import LeNet5
 
@@ -318,4 +324,30 @@ def lenet5() -> BackboneSpec:
         preprocessing_override=Preprocessing(input_size=32, crop_pct=1.0, interpolation="bilinear",
                                              mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
         description="LeNet-5 (LeCun et al.) at 32 px, trained from scratch",
+    )
+
+
+@register_backbone
+def cifar_convnet() -> BackboneSpec:
+    # Keras's own names for the layers of its cifar10_cnn Sequential model (conv2d, activation, ... dense_1)
+    return BackboneSpec(
+        name="cifar_convnet",
+        timm_name=None,
+        constructor=_build_cifar_convnet,
+        aliases={"conv2d": "features.conv1", "activation": "features.relu1", "conv2d_1": "features.conv2",
+                 "activation_1": "features.relu2", "max_pooling2d": "features.pool1", "dropout": "features.drop1",
+                 "conv2d_2": "features.conv3", "activation_2": "features.relu3", "conv2d_3": "features.conv4",
+                 "activation_3": "features.relu4", "max_pooling2d_1": "features.pool2",
+                 "dropout_1": "features.drop2", "flatten": "classifier.flatten", "dense": "classifier.fc1",
+                 "activation_4": "classifier.relu1", "dropout_2": "classifier.drop", "dense_1": "classifier.fc2",
+                 "predictions": "classifier.fc2"},
+        input_size_default=32,
+        feature_layer="max_pooling2d_1",
+        params=1_250_858,
+        unfreeze_groups=(UnfreezeGroup("all", ("features", "classifier")),),
+        weights_source="none",
+        classifier="classifier.fc2",
+        preprocessing_override=Preprocessing(input_size=32, crop_pct=1.0, interpolation="bilinear",
+                                             mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        description="the CIFAR-10 ConvNet of Keras's cifar10_cnn example, 32 px, trained from scratch",
     )

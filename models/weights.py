@@ -25,7 +25,7 @@ NO_WEIGHTS_HINT = ("give weights with --weights FILE (safetensors or a state dic
 def build_architecture(spec: BackboneSpec, num_classes: int | None = None) -> nn.Module:
     """The bare architecture with random weights (ImageNet head unless `num_classes` is given)."""
     if spec.constructor is not None:
-        return spec.constructor(num_classes=num_classes or (10 if spec.name == "lenet5" else 1000))
+        return spec.constructor(num_classes=num_classes or (10 if spec.name in ("lenet5", "cifar_convnet") else 1000))
     import timm
 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}

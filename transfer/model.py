@@ -114,8 +114,8 @@ def build_transfer_model(spec: BackboneSpec, backbone: nn.Module, num_classes: i
                          head: str = "mlp", dropout: float = 0.2) -> TransferModel:
     """Backbone + new head. The classic nets keep their own dense layers and get a new last layer instead."""
     if spec.constructor is not None:
-        classifier = backbone.classifier
-        classifier.fc3 = nn.Linear(classifier.fc3.in_features, num_classes)
+        classifier, last = backbone.classifier, spec.classifier.rsplit(".", 1)[-1]
+        setattr(classifier, last, nn.Linear(getattr(classifier, last).in_features, num_classes))
         backbone.classifier = nn.Identity()
         return TransferModel(backbone, classifier, pool=False)
     backbone = strip_classifier(spec, backbone)

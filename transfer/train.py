@@ -134,8 +134,8 @@ class FinetuneResult:
 def plan_stages(config: FinetuneConfig, spec: BackboneSpec, pretrained: bool) -> list[Stage]:
     """The staged schedule; from-scratch models get a single stage that trains everything."""
     if not pretrained:
-        return [Stage("scratch", config.epochs_head + config.epochs_finetune, ("",), "adamw", config.lr_head,
-                      True, False)]
+        return [Stage("scratch", config.epochs_head + config.epochs_finetune, ("",), config.head_optimizer,
+                      config.lr_head, True, False)]
     cached = config.cache_features if config.cache_features is not None else not config.augment
     return [
         Stage("head", config.epochs_head, (), config.head_optimizer, config.lr_head, False, cached),
