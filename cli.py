@@ -288,6 +288,12 @@ def finetune(
     workers: WorkersOpt = None,
     strict: Annotated[bool, typer.Option(help="stop on any unusable image instead of skipping it")] = False,
     bn_stats: Annotated[bool, typer.Option(help="stage 2: unfrozen BatchNorm layers update running stats")] = False,
+    label_smoothing: Annotated[float, typer.Option(min=0.0, max=0.5, help="spread this share of each target "
+                                                                          "over all classes")] = 0.0,
+    mixup: Annotated[float, typer.Option(min=0.0, help="mixup alpha (timm's; 0.2-0.4 typical, 0 off)")] = 0.0,
+    cutmix: Annotated[float, typer.Option(min=0.0, help="cutmix alpha (timm's; 1.0 typical, 0 off)")] = 0.0,
+    lr_decay: Annotated[float, typer.Option(min=0.0, max=1.0, help="stage 2: the k-th unfrozen group from the "
+                                                                   "top trains at lr-finetune x lr-decay^k")] = 1.0,
     resume: Annotated[Path | None, typer.Option(
         help="continue RUN_DIR from its last.ckpt; raise --epochs-head/--epochs-finetune to train more")] = None,
     quiet: QuietOpt = False,
@@ -301,7 +307,8 @@ def finetune(
         batch_size=batch_size, lr_head=lr_head, lr_finetune=lr_finetune, head_optimizer=head_optimizer.value,
         head=head.value, val_split=val_split, augment=augment, cache_features=cache_features, pretrained=pretrained,
         weights=str(weights) if weights else None, input_size=input_size, crop_pct=crop_pct, seed=seed,
-        patience=patience, workers=workers, strict=strict, bn_stats=bn_stats)
+        patience=patience, workers=workers, strict=strict, bn_stats=bn_stats, label_smoothing=label_smoothing,
+        mixup=mixup, cutmix=cutmix, lr_decay=lr_decay)
     changes = None
     if resume is not None:
         if output is not None:
@@ -345,17 +352,30 @@ def evaluate(
     run: RunOpt = None,
     onnx: OnnxOpt = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    tta: Annotated[bool, typer.Option("--tta", help="also report the accuracy with test-time augmentation "
+                                                    "(each image averaged with its mirror image)")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="plot the most confidently wrong images "
+                                                                       "to this .png")] = None,
     device: DeviceOpt = Device.auto,
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Accuracy, per-class precision/recall/F1 and the confusion matrix of a run or an ONNX classifier."""
+    """Accuracy, per-class precision/recall/F1, the confusion matrix and the worst mistakes of a run or an ONNX
+    classifier."""
     from transfer.evaluate import evaluate as run_evaluate
+    from transfer.io import check_writable
 
     model = model_path(run, onnx, [str(data_dir)], "evaluate needs a model")
     check_json_path(json_out)
-    report = run_evaluate(model, data_dir, batch_size=batch_size, device=device.value, progress=progress_for(quiet))
+    if output is not None:
+        if output.suffix.lower() != ".png":
+            raise TransferError(f"--output {output}: the plot of the worst mistakes is a .png file")
+        check_writable(output, "--output")
+    report = run_evaluate(model, data_dir, batch_size=batch_size, device=device.value, progress=progress_for(quiet),
+                          tta=tta, top_losses_plot=output)
     say(f"{model} on {data_dir}: accuracy {report['accuracy']:.4f} ({report['count']} images)")
+    if tta:
+        say(f"with test-time augmentation (image + mirror): accuracy {report['tta']['accuracy']:.4f}")
     table = Table()
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="right")
@@ -367,8 +387,13 @@ def evaluate(
     width = max(len(name) for name in report["per_class"])
     for name, counts in zip(report["per_class"], report["confusion_matrix"], strict=True):
         say(f"  {name:>{width}} " + " ".join(f"{c:5d}" for c in counts))
+    if report["most_confused"]:
+        say("most confused (true -> predicted: count): " + ", ".join(
+            f"{pair['true']} -> {pair['predicted']}: {pair['count']}" for pair in report["most_confused"][:5]))
     for item in report["skipped"]:
         say(f"skipped {item['path']}: {item['reason']}")
+    if output is not None:
+        say(f"wrote {output} ({len(report['top_losses'])} most confidently wrong images)")
     write_record(json_out, report)
 
 

@@ -166,3 +166,33 @@ def test_serve_command_refuses_bad_input(runner, tmp_path):
     result = runner.invoke(cli.app, ["serve", "--onnx", str(tmp_path / "missing.onnx")])
     assert result.exit_code == 2 and "model file not found" in result.output
     assert os.listdir(tmp_path) == []
+
+
+def test_similar_and_embed_over_http(tmp_path, photos):
+    """An extractor file served with the index built from it: /embed gives its output, /similar the neighbours."""
+    from tests.test_search import write_crops
+    from transfer.search import build_index
+
+    write_crops(tmp_path / "crops", photos, per_class=3, seed=0)
+    extractor = tmp_path / "extractor.onnx"
+    export_onnx(extractor, backbone="efficientnet_lite0", layers=["avg_pool"], input_size=96)
+    build_index(tmp_path / "crops", tmp_path / "idx", onnx=extractor, workers=0)
+    query = tmp_path / "crops" / "coffee" / "coffee_0_1.jpg"
+    running = Server("--onnx", str(extractor), "--index", str(tmp_path / "idx"), "--device", "cpu")
+    try:
+        files = [("files", (query.name, query.read_bytes()))]
+        embedded = httpx.post(running.url + "/embed", files=files, timeout=60)
+        assert embedded.status_code == 200, embedded.text
+        output = embedded.json()["embeddings"][0]["outputs"]["avg_pool"]
+        assert output["shape"] == [1280] and len(output["values"]) == 1280
+        hits = httpx.post(running.url + "/similar?k=3", files=files, timeout=60).json()["similar"][0]["neighbours"]
+        assert hits[0]["path"] == str(query) and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+        assert [h["label"] for h in hits] == ["coffee"] * 3
+        assert httpx.post(running.url + "/predict", files=files).status_code == 400  # an extractor, not a classifier
+    finally:
+        running.stop()
+    other = tmp_path / "other.onnx"
+    export_onnx(other, backbone="efficientnet_lite0", layers=["avg_pool"], input_size=64)
+    refused = subprocess.run([TRANSFER, "serve", "--onnx", str(other), "--index", str(tmp_path / "idx")],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert refused.returncode == 2 and "built with another model" in refused.stderr

@@ -34,11 +34,13 @@ from transfer.data import (
 )
 from transfer.distributed import World
 from transfer.errors import DataError, NonFiniteLossError, OptionError, RunDamagedError, TransferError
+from transfer.interpret import most_confused, plot_top_losses, top_losses
 from transfer.io import atomic_path, display, write_json
 from transfer.metrics import classification_report, plot_confusion, plot_curves, read_metrics, write_metrics
 from transfer.model import TransferModel, build_transfer_model, group_prefixes, set_trainable, train_mode
 from transfer.preprocess import Preprocessing, decode_size
 from transfer.progress import SILENT, Progress
+from transfer.regularize import discriminative_groups, mix_batch, soft_cross_entropy
 from transfer.rundir import CHECKPOINT, RunDirectory
 from transfer.scan import ScanReport, scan_folder
 
@@ -71,6 +73,10 @@ class FinetuneConfig:
     workers: int | None = None
     strict: bool = False
     augmentation: dict = field(default_factory=lambda: Augment().to_dict())
+    label_smoothing: float = 0.0  # timm's; with mixup/cutmix the mixed targets are smoothed too
+    mixup: float = 0.0  # Beta(alpha, alpha) of timm's Mixup; 0 is off
+    cutmix: float = 0.0  # the same for CutMix; with both set, each batch uses one of them
+    lr_decay: float = 1.0  # stage 2: the k-th unfrozen group from the top trains at lr_finetune * lr_decay**k
 
     def check(self) -> FinetuneConfig:
         """Every value in range before any work; an `OptionError` names the flag (exit code 2)."""
@@ -98,6 +104,10 @@ class FinetuneConfig:
         check_int(self.seed, "--seed", 0, 2**32 - 1)
         check_int(self.patience, "--patience", 1)
         check_float(self.weight_decay, "weight_decay", 0.0, 1.0)
+        check_float(self.label_smoothing, "--label-smoothing", 0.0, 0.5)
+        check_float(self.mixup, "--mixup", 0.0, 10.0)
+        check_float(self.cutmix, "--cutmix", 0.0, 10.0)
+        check_float(self.lr_decay, "--lr-decay", 0.0, 1.0, low_open=True)
         if self.workers is not None:
             check_int(self.workers, "--workers", 0, 64)
         if self.weights is not None and not Path(self.weights).is_file():
@@ -136,7 +146,8 @@ def plan_stages(config: FinetuneConfig, spec: BackboneSpec, pretrained: bool) ->
     if not pretrained:
         return [Stage("scratch", config.epochs_head + config.epochs_finetune, ("",), config.head_optimizer,
                       config.lr_head, True, False)]
-    cached = config.cache_features if config.cache_features is not None else not config.augment
+    mixing = config.mixup > 0 or config.cutmix > 0  # mixes images, so stage 1 runs on them, not on a cache
+    cached = config.cache_features if config.cache_features is not None else not (config.augment or mixing)
     return [
         Stage("head", config.epochs_head, (), config.head_optimizer, config.lr_head, False, cached),
         Stage("finetune", config.epochs_finetune, tuple(group_prefixes(spec, config.unfreeze)), "sgd",
@@ -163,8 +174,10 @@ def resolve_device(device: str, world: World | None = None) -> torch.device:
     return torch.device(device)
 
 
-def make_optimizer(stage: Stage, model: nn.Module, weight_decay: float) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(stage: Stage, model: nn.Module, weight_decay: float,
+                   groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """The stage's optimizer over the trainable parameters, or over `groups` (each with its own lr)."""
+    params = groups or [p for p in model.parameters() if p.requires_grad]
     if stage.optimizer == "sgd":
         return torch.optim.SGD(params, lr=stage.lr, momentum=0.9)
     if stage.optimizer == "rmsprop":
@@ -175,10 +188,20 @@ def make_optimizer(stage: Stage, model: nn.Module, weight_decay: float) -> torch
 
 
 def make_scheduler(stage: Stage, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine from the stage's rate down to 1% of it; with discriminative rates (several parameter groups) each
+    group from its own rate to 1% of its own, so the groups keep their ratios."""
     if stage.cosine:
+        if len(optimizer.param_groups) > 1:
+            return cosine_to_one_percent(optimizer, max(1, stage.epochs))
         return torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(1, stage.epochs), eta_min=stage.lr * 0.01)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+
+
+def cosine_to_one_percent(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """CosineAnnealingLR's curve with eta_min = 1% of each group's own starting rate."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda epoch: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(epoch, epochs) / epochs)))
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -336,9 +359,15 @@ class Trainer:
         DistributedDataParallel averages the gradients over the ranks. A non-finite loss (summed over the ranks,
         so every rank sees it) stops the run before the weights are touched."""
         inputs, targets = self.to_device(inputs), targets.to(self.device)
+        config = self.config
+        soft = None
+        if config.mixup > 0 or config.cutmix > 0 or config.label_smoothing > 0:
+            inputs, soft = mix_batch(inputs, targets, len(self.classes), config.mixup, config.cutmix,
+                                     config.label_smoothing)
         with self.autocast():
             logits = forward(inputs)
-            loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+            loss_sum = (F.cross_entropy(logits.float(), targets, reduction="sum") if soft is None
+                        else soft_cross_entropy(logits.float(), soft))
         global_sum, global_count = self.world.sum([loss_sum.item(), len(targets)])
         if not math.isfinite(global_sum):
             raise NonFiniteLossError(f"non-finite training loss ({global_sum / global_count}) in stage {stage.name}, "
@@ -358,6 +387,15 @@ class Trainer:
             logits, labels = self.sharded_forward(model, self.val_samples, pooled=False, description="validating")
         loss = F.cross_entropy(logits, labels).item()
         return loss, float((logits.argmax(1) == labels).float().mean()), logits, labels
+
+    def lr_groups(self, model: TransferModel, stage: Stage) -> list[dict] | None:
+        """Stage 2 with --lr-decay below 1: one parameter group per unfrozen group, lower rates further down."""
+        if stage.name != "finetune" or self.config.lr_decay == 1.0:
+            return None
+        groups = self.spec.unfreeze_groups
+        count = len(groups) if self.config.unfreeze == "all" else int(self.config.unfreeze)
+        return discriminative_groups(model, [list(g.modules) for g in groups[:count]], stage.lr,
+                                     self.config.lr_decay)
 
     def data_parallel(self, module: nn.Module) -> nn.Module:
         """`module` wrapped in DistributedDataParallel under torchrun (gradients averaged over ranks), else itself."""
@@ -394,7 +432,7 @@ class Trainer:
             stage = stages[stage_index]
             trainable = set_trainable(model, list(stage.prefixes))
             self.parallel = self.data_parallel(model.head if stage.cached else model)
-            optimizer = make_optimizer(stage, model, self.config.weight_decay)
+            optimizer = make_optimizer(stage, model, self.config.weight_decay, self.lr_groups(model, stage))
             scheduler = make_scheduler(stage, optimizer)
             start = 0
             if resume_state is not None and stage_index == resume_state["stage_index"]:
@@ -458,7 +496,10 @@ class Trainer:
         logits, labels = self.sharded_forward(model, self.val_samples, pooled=False, description="validating")
         predictions = logits.argmax(1)
         report = classification_report(labels.tolist(), predictions.tolist(), self.classes)
+        paths = [s.path for s in self.val_samples]
+        worst = top_losses(logits.numpy(), labels.numpy(), self.classes, paths)
         report.update(split="validation", best_val_loss=state["best_val_loss"],
+                      most_confused=most_confused(report["confusion_matrix"], self.classes), top_losses=worst,
                       skipped=[{"path": s.path, "reason": s.reason} for s in self.scan.skipped])
         result = FinetuneResult(self.run_dir, state["best_val_loss"], report["accuracy"], state["epoch"], report)
         if not self.world.main:
@@ -470,6 +511,7 @@ class Trainer:
         plot_confusion(np.asarray(report["confusion_matrix"]), self.classes, self.run_dir / "confusion.png",
                        title=f"{name}: validation confusion matrix")
         plot_curves(self.rows, self.run_dir / "curves.png", title=f"{name}: loss and accuracy per epoch")
+        plot_top_losses(worst, self.run_dir / "top_losses.png", title=f"{name}: most confidently wrong (validation)")
         self.log(f"best val loss {state['best_val_loss']:.4f}, val accuracy {report['accuracy']:.4f}; "
                  f"run saved in {self.run_dir}")
         return result
@@ -510,6 +552,11 @@ def fresh_tail(stage: Stage, optimizer: torch.optim.Optimizer, done: int, stage_
     simply continue."""
     if not stage.cosine:
         return make_scheduler(stage, optimizer)
+    if len(optimizer.param_groups) > 1:  # discriminative rates: every group restarts in proportion
+        factor = 1.0 if stage_finished else optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["initial_lr"]
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = group["initial_lr"] * factor
+        return cosine_to_one_percent(optimizer, max(1, stage.epochs - done))
     start_lr = stage.lr if stage_finished else optimizer.param_groups[0]["lr"]
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] = start_lr
