@@ -265,8 +265,8 @@ def finetune(
     unfreeze: Annotated[str, typer.Option(help="stage 2 trains the top K unfreeze groups (0..K), or all")] = "2",
     batch_size: Annotated[int, typer.Option(min=1, help="the global batch: under torchrun each process takes its "
                                                          "share, and the learning rate is not rescaled")] = 32,
-    lr_head: Annotated[float, typer.Option(help="stage 1 learning rate")] = 1e-3,
-    lr_finetune: Annotated[float, typer.Option(help="stage 2 learning rate (SGD, momentum 0.9)")] = 1e-4,
+    lr_head: Annotated[str, typer.Option(help="stage 1 learning rate, or auto (the range test picks it)")] = "1e-3",
+    lr_finetune: Annotated[str, typer.Option(help="stage 2 learning rate (SGD, momentum 0.9), or auto")] = "1e-4",
     head_optimizer: Annotated[HeadOptimizer, typer.Option(
         help="stage 1 optimizer (the only stage's for nets trained from scratch)")] = HeadOptimizer.adamw,
     head: Annotated[Head, typer.Option(help="mlp: pool, dropout, Dense 1024 ReLU, Dense; linear: one Dense")
@@ -294,6 +294,9 @@ def finetune(
     cutmix: Annotated[float, typer.Option(min=0.0, help="cutmix alpha (timm's; 1.0 typical, 0 off)")] = 0.0,
     lr_decay: Annotated[float, typer.Option(min=0.0, max=1.0, help="stage 2: the k-th unfrozen group from the "
                                                                    "top trains at lr-finetune x lr-decay^k")] = 1.0,
+    ema: Annotated[float, typer.Option(min=0.0, max=0.99999, help="keep an exponential moving average of the "
+                                       "weights with this decay (0.99-0.9999; 0 off); the better of the two is kept")
+                   ] = 0.0,
     resume: Annotated[Path | None, typer.Option(
         help="continue RUN_DIR from its last.ckpt; raise --epochs-head/--epochs-finetune to train more")] = None,
     quiet: QuietOpt = False,
@@ -304,11 +307,12 @@ def finetune(
 
     settings = dict(
         backbone=backbone, epochs_head=epochs_head, epochs_finetune=epochs_finetune, unfreeze=unfreeze,
-        batch_size=batch_size, lr_head=lr_head, lr_finetune=lr_finetune, head_optimizer=head_optimizer.value,
+        batch_size=batch_size, lr_head=parse_lr(lr_head, "--lr-head"),
+        lr_finetune=parse_lr(lr_finetune, "--lr-finetune"), head_optimizer=head_optimizer.value,
         head=head.value, val_split=val_split, augment=augment, cache_features=cache_features, pretrained=pretrained,
         weights=str(weights) if weights else None, input_size=input_size, crop_pct=crop_pct, seed=seed,
         patience=patience, workers=workers, strict=strict, bn_stats=bn_stats, label_smoothing=label_smoothing,
-        mixup=mixup, cutmix=cutmix, lr_decay=lr_decay)
+        mixup=mixup, cutmix=cutmix, lr_decay=lr_decay, ema=ema)
     changes = None
     if resume is not None:
         if output is not None:
@@ -323,6 +327,69 @@ def finetune(
     result = run_finetune(data_dir, config, output=output, resume=resume, device=device.value, log=progress.log,
                           changes=changes, progress=progress)
     say(f"validation accuracy {result.best_val_acc:.4f} ({result.epochs_run} epochs) -> {result.run_dir}")
+
+
+def parse_lr(text: str, flag: str) -> float | str:
+    """A learning rate, or "auto"."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        from transfer.errors import OptionError
+
+        raise OptionError(f"{flag} {text!r}: give a number such as 1e-3, or auto") from None
+
+
+@app.command("lr-find", epilog=examples("transfer lr-find ./mydata -b efficientnet_lite0",
+                                        "transfer lr-find ./mydata -b resnet50 --stage finetune --epochs-head 2 "
+                                        "-o lr.png --json lr.json"))
+@cli_errors
+def lr_find_command(
+    data_dir: Annotated[Path, typer.Argument(help="one sub-folder per class, or train/ and val/ splits")],
+    backbone: BackboneOpt = "efficientnet_lite0",
+    stage: Annotated[list[str] | None, typer.Option(help="head, finetune (default both), or scratch")] = None,
+    epochs_head: Annotated[int, typer.Option(min=0, help="for the finetune test: head epochs to train first")] = 1,
+    lr_head: Annotated[str, typer.Option(help="the head's rate for those epochs, or auto")] = "1e-3",
+    unfreeze: Annotated[str, typer.Option(help="stage 2: top K unfreeze groups (0..K), or all")] = "2",
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    input_size: Annotated[int | None, typer.Option(help="train at this size instead of the backbone's")] = None,
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="the plot (PNG)")] = Path("lr_find.png"),
+    device: DeviceOpt = Device.auto,
+    workers: WorkersOpt = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """The learning-rate range test: loss against an exponentially rising rate, and a suggested rate per stage."""
+    from transfer.io import check_writable
+    from transfer.lr_find import lr_find
+    from transfer.train import FinetuneConfig
+
+    check_writable(output, "--output")
+    check_json_path(json_out)
+    config = FinetuneConfig(backbone=backbone, epochs_head=epochs_head, epochs_finetune=1, unfreeze=unfreeze,
+                            batch_size=batch_size, lr_head=parse_lr(lr_head, "--lr-head"), input_size=input_size,
+                            weights=str(weights) if weights else None, pretrained=pretrained, augment=False,
+                            workers=workers)
+    progress = progress_for(quiet)
+    stages = tuple(stage) if stage else (("scratch",) if config.check() and not _staged(config) else
+                                         ("head", "finetune"))
+    results = lr_find(data_dir, config, stages, output=output, device=device.value, log=progress.log,
+                      progress=progress)
+    for result in results:
+        say(f"stage {result.stage}: suggested learning rate {result.suggestion:.2e} ({result.rule}; "
+            f"{result.stopped}; {len(result.lrs)} steps from {result.lrs[0]:.1e})")
+    say(f"wrote {output}")
+    write_record(json_out, [result.to_dict() for result in results])
+
+
+def _staged(config) -> bool:
+    from models.registry import get_backbone
+
+    spec = get_backbone(config.backbone)
+    return config.pretrained is not False and (spec.has_pretrained or config.weights is not None)
 
 
 def one_model(run: Path | None, onnx: Path | None) -> Path | None:

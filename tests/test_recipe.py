@@ -130,3 +130,105 @@ def test_discriminative_rates_per_unfrozen_group(tmp_path):
     assert (settings["lr_decay"], settings["label_smoothing"], settings["mixup"]) == (0.5, 0.1, 0.2)
     stages = json.loads((tmp_path / "run" / "config.json").read_text())["stages"]
     assert stages[0]["cached"] is False  # mixup mixes images: stage 1 cannot run on cached features
+
+
+def test_ema_follows_the_decay_formula_for_two_steps(tmp_path):
+    import torch
+
+    from transfer.train import FinetuneConfig, Stage, Trainer, resolve_device
+
+    data = digits_folder(tmp_path / "digits", per_class=4, size=32, classes=2)
+    config = FinetuneConfig(backbone="lenet5", ema=0.5, workers=0).check()
+    trainer = Trainer(config, data, tmp_path / "run", resolve_device("cpu"), log=lambda _: None)
+    from timm.utils import ModelEmaV3
+
+    model, _, _ = trainer.build_model(None)
+    trainer.model, trainer.ema = model, ModelEmaV3(model, decay=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stage = Stage("scratch", 1, ("",), "sgd", 0.1, False, False)
+    snapshots = [{k: v.clone() for k, v in model.state_dict().items()}]
+    for step in range(2):
+        inputs, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+        trainer.train_step(model, optimizer, inputs, targets, stage, 1, step)
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+    ema = trainer.ema.module.state_dict()
+    for name in ema:  # ema_2 = d * (d * p0 + (1 - d) * p1) + (1 - d) * p2, with d = 0.5
+        expected = 0.25 * snapshots[0][name] + 0.25 * snapshots[1][name] + 0.5 * snapshots[2][name]
+        assert torch.allclose(ema[name], expected, atol=1e-6), name
+    assert not torch.allclose(ema["head.fc3.weight"], snapshots[2]["head.fc3.weight"])
+
+
+def test_a_resumed_run_with_ema_equals_the_straight_run(tmp_path):
+    from safetensors.torch import load_file
+
+    from transfer.train import FinetuneConfig, finetune, load_checkpoint
+
+    data = digits_folder(tmp_path / "digits", per_class=6, size=32, classes=3)
+    config = FinetuneConfig(backbone="lenet5", epochs_head=3, epochs_finetune=0, ema=0.9, workers=0, batch_size=6,
+                            augment=False)
+    straight = finetune(data, config, output=tmp_path / "straight", device="cpu", log=lambda _: None)
+
+    def stop(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(data, config, output=tmp_path / "resumed", device="cpu", log=lambda _: None, on_epoch_end=stop)
+    assert "ema" in load_checkpoint(tmp_path / "resumed" / "last.ckpt")
+    resumed = finetune(data, resume=tmp_path / "resumed", device="cpu", log=lambda _: None)
+    a, b = (load_checkpoint(tmp_path / run / "last.ckpt") for run in ("straight", "resumed"))
+    for key in a["ema"]:
+        assert np.allclose(a["ema"][key].numpy(), b["ema"][key].numpy(), atol=1e-6), key
+    best_a, best_b = (load_file(str(tmp_path / run / "best.safetensors")) for run in ("straight", "resumed"))
+    assert all(np.allclose(best_a[k].numpy(), best_b[k].numpy(), atol=1e-6) for k in best_a)
+    assert straight.report["best_weights"] == resumed.report["best_weights"]
+    assert straight.best_val_loss == pytest.approx(resumed.best_val_loss, abs=1e-6)
+
+
+def test_lr_find_suggests_the_steepest_descent_inside_the_range():
+    from transfer.lr_find import range_test, suggest
+
+    centre = 1e-3  # the loss falls fastest here (a sigmoid in log10(lr)), then explodes past 0.1
+
+    def loss_at(lr: float) -> float:
+        x = np.log10(lr)
+        return float(2 - 1.5 / (1 + np.exp(-(x - np.log10(centre)) * 2)) + (np.exp((x + 1) * 8) if x > -1 else 0))
+
+    lrs, losses, smoothed, stopped = range_test(loss_at, 1e-7, 10.0, 100, beta=0.0)
+    assert stopped.startswith("loss diverged") and lrs[-1] < 10.0 and losses == smoothed
+    suggestion = suggest(lrs, smoothed)
+    grid = np.asarray(lrs)
+    assert lrs[0] <= suggestion <= lrs[-1] and abs(np.log10(suggestion) - np.log10(centre)) <= np.log10(grid[1] /
+                                                                                                      grid[0]) + 1e-9
+
+
+def test_lr_find_command_and_finetune_auto_rates(tmp_path, runner):
+    from transfer.train import load_checkpoint
+
+    data = digits_folder(tmp_path / "digits", per_class=6, size=32, classes=2)
+    result = runner.invoke(cli.app, ["lr-find", str(data), "-b", "lenet5", "-o", str(tmp_path / "lr.png"),
+                                     "--json", str(tmp_path / "lr.json"), "--batch-size", "4", "--workers", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "lr.json").read_text())
+    assert [r["stage"] for r in record] == ["scratch"] and (tmp_path / "lr.png").stat().st_size > 1000
+    assert min(record[0]["lrs"]) <= record[0]["suggestion"] <= max(record[0]["lrs"])
+    assert f"suggested learning rate {record[0]['suggestion']:.2e}" in result.output
+    bad = runner.invoke(cli.app, ["lr-find", str(data), "-b", "lenet5", "--stage", "head", "-o",
+                                  str(tmp_path / "x.png")])
+    assert bad.exit_code == 2 and "lenet5 trains in stage(s) scratch" in bad.output
+
+    result = runner.invoke(cli.app, ["finetune", str(data), "-b", "lenet5", "--lr-head", "auto", "--epochs-head",
+                                     "2", "--epochs-finetune", "0", "-o", str(tmp_path / "run"), "--workers", "0",
+                                     "--batch-size", "4", "-q"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    chosen = config["lr_find"]["scratch"]["suggestion"]
+    assert config["settings"]["lr_head"] == "auto" and config["stages"][0]["lr"] == chosen
+    assert load_checkpoint(tmp_path / "run" / "last.ckpt")["optimizer"]["param_groups"][0]["initial_lr"] == chosen
+    assert (tmp_path / "run" / "lr_find.png").exists()
+    more = runner.invoke(cli.app, ["finetune", str(data), "--resume", str(tmp_path / "run"), "--epochs-head", "3",
+                                   "-q"])
+    assert more.exit_code == 0, more.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr_find"]["scratch"]["suggestion"] == chosen
+    bad = runner.invoke(cli.app, ["finetune", str(data), "-b", "lenet5", "--lr-head", "fast"])
+    assert bad.exit_code == 2 and "--lr-head 'fast': give a number such as 1e-3, or auto" in bad.output

@@ -17,7 +17,7 @@ from transfer.io import Lock, OutputError, display, os_error_message, probe_fold
 
 CHECKPOINT = "last.ckpt"
 RUN_FILES = ("config.json", "best.safetensors", CHECKPOINT, "metrics.csv", "curves.png", "confusion.png",
-             "report.json", "top_losses.png")
+             "report.json", "top_losses.png", "lr_find.png")
 LOCK_NAME = ".lock"
 
 

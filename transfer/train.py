@@ -10,6 +10,7 @@ The schedule in a few lines (see `plan_stages`):
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -54,8 +55,8 @@ class FinetuneConfig:
     epochs_finetune: int = 3
     unfreeze: str = "2"
     batch_size: int = 32
-    lr_head: float = 1e-3
-    lr_finetune: float = 1e-4
+    lr_head: float | str = 1e-3  # or "auto": the learning-rate range test picks it when the stage starts
+    lr_finetune: float | str = 1e-4
     head_optimizer: str = "adamw"
     head: str = "mlp"
     dropout: float = 0.2
@@ -77,6 +78,7 @@ class FinetuneConfig:
     mixup: float = 0.0  # Beta(alpha, alpha) of timm's Mixup; 0 is off
     cutmix: float = 0.0  # the same for CutMix; with both set, each batch uses one of them
     lr_decay: float = 1.0  # stage 2: the k-th unfrozen group from the top trains at lr_finetune * lr_decay**k
+    ema: float = 0.0  # decay of timm's model EMA, updated every step; 0 is off
 
     def check(self) -> FinetuneConfig:
         """Every value in range before any work; an `OptionError` names the flag (exit code 2)."""
@@ -92,8 +94,9 @@ class FinetuneConfig:
         if staged:  # from-scratch runs train everything in one stage and ignore --unfreeze
             self.unfreeze = parse_unfreeze(self.unfreeze, [g.name for g in spec.unfreeze_groups])
         check_int(self.batch_size, "--batch-size", 1)
-        check_float(self.lr_head, "--lr-head", 0.0, 10.0, low_open=True)
-        check_float(self.lr_finetune, "--lr-finetune", 0.0, 10.0, low_open=True)
+        for name in ("lr_head", "lr_finetune"):
+            if getattr(self, name) != "auto":
+                check_float(getattr(self, name), flag_of(name), 0.0, 10.0, low_open=True)
         check_choice(self.head_optimizer, "--head-optimizer", HEAD_OPTIMIZERS)
         check_choice(self.head, "--head", HEADS)
         check_float(self.dropout, "dropout", 0.0, 0.99)
@@ -108,6 +111,7 @@ class FinetuneConfig:
         check_float(self.mixup, "--mixup", 0.0, 10.0)
         check_float(self.cutmix, "--cutmix", 0.0, 10.0)
         check_float(self.lr_decay, "--lr-decay", 0.0, 1.0, low_open=True)
+        check_float(self.ema, "--ema", 0.0, 0.99999)
         if self.workers is not None:
             check_int(self.workers, "--workers", 0, 64)
         if self.weights is not None and not Path(self.weights).is_file():
@@ -219,6 +223,9 @@ class Trainer:
         self.config, self.run_dir, self.device, self.log = config, run_dir, device, log
         self.world = world or World()  # under torchrun: this rank; only rank 0 writes the run directory
         self.parallel: nn.Module | None = None  # the stage's trainable module, in DistributedDataParallel if needed
+        self.ema = None  # timm ModelEmaV3 of the whole model with --ema
+        self.lr_found: dict[str, dict] = {}  # stage name -> the range test's choice, for config.json
+        self.lr_results: list = []  # this session's range tests, for lr_find.png
         self.on_batch = on_batch  # (description, batches done, batches in the epoch): a hook for callers
         self.progress = progress
         self.data_dir = Path(data_dir).resolve()
@@ -352,12 +359,13 @@ class Trainer:
         return total_loss / count, correct / count
 
     def train_step(self, forward, optimizer, inputs, targets, stage: Stage, epoch: int,
-                   step: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+                   step: int, check: bool = True) -> tuple[float, torch.Tensor, torch.Tensor]:
         """One optimisation step on this rank's share of a global batch; returns the share's summed loss.
 
         The loss is the global batch's mean: each rank scales its sum by world size / global count, and
         DistributedDataParallel averages the gradients over the ranks. A non-finite loss (summed over the ranks,
-        so every rank sees it) stops the run before the weights are touched."""
+        so every rank sees it) stops the run before the weights are touched; with `check` off (the learning-rate
+        range test) the step is skipped and the loss returned."""
         inputs, targets = self.to_device(inputs), targets.to(self.device)
         config = self.config
         soft = None
@@ -369,12 +377,16 @@ class Trainer:
             loss_sum = (F.cross_entropy(logits.float(), targets, reduction="sum") if soft is None
                         else soft_cross_entropy(logits.float(), soft))
         global_sum, global_count = self.world.sum([loss_sum.item(), len(targets)])
+        if not math.isfinite(global_sum) and not check:
+            return global_sum, logits.detach(), targets
         if not math.isfinite(global_sum):
             raise NonFiniteLossError(f"non-finite training loss ({global_sum / global_count}) in stage {stage.name}, "
                                      f"epoch {epoch}, batch {step}; {self.kept_message()} (try a lower learning rate)")
         optimizer.zero_grad(set_to_none=True)
         (loss_sum * (self.world.size / global_count)).backward()
         optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         return loss_sum.item(), logits.detach(), targets
 
     def validate(self, model: TransferModel, stage: Stage) -> tuple[float, float, torch.Tensor, torch.Tensor]:
@@ -387,6 +399,31 @@ class Trainer:
             logits, labels = self.sharded_forward(model, self.val_samples, pooled=False, description="validating")
         loss = F.cross_entropy(logits, labels).item()
         return loss, float((logits.argmax(1) == labels).float().mean()), logits, labels
+
+    def resolve_lr(self, model: TransferModel, stage: Stage) -> Stage:
+        """A stage whose rate is "auto" gets the range test's suggestion (or, resumed, the one it got before),
+        recorded in config.json with the rule, and plotted to lr_find.png."""
+        if stage.lr != "auto":
+            return stage
+        from transfer.lr_find import find_lr, plot
+
+        found = self.lr_found.get(stage.name)  # a resumed run keeps the rate it found before
+        if found is None:
+            result = find_lr(self, model, stage)
+            found = {"suggestion": result.suggestion, "rule": result.rule, "stopped": result.stopped,
+                     "tried": [result.lrs[0], result.lrs[-1]]}
+            self.lr_results.append(result)
+            if self.world.main:
+                plot(self.lr_results, self.run_dir / "lr_find.png")
+            self.log(f"stage {stage.name}: learning rate {found['suggestion']:.2e} from the range test ({result.rule})")
+            self.lr_found[stage.name] = found
+            if self.world.main:  # the chosen rate goes into config.json, next to the setting "auto"
+                record = json.loads((self.run_dir / "config.json").read_text())
+                record["stages"] = [{**saved_stage, "lr": found["suggestion"]} if saved_stage["name"] == stage.name
+                                    else saved_stage for saved_stage in record["stages"]]
+                record["lr_find"] = self.lr_found
+                write_json(self.run_dir / "config.json", record)
+        return replace(stage, lr=found["suggestion"])
 
     def lr_groups(self, model: TransferModel, stage: Stage) -> list[dict] | None:
         """Stage 2 with --lr-decay below 1: one parameter group per unfrozen group, lower rates further down."""
@@ -414,16 +451,26 @@ class Trainer:
         tail over its added epochs and its early-stopping patience reset.
         """
         model, pretrained, source = self.build_model(resume_state)
+        self.model = model
+        if self.config.ema > 0:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=self.config.ema)
+            if resume_state is not None and "ema" in resume_state:
+                self.ema.module.load_state_dict(resume_state["ema"])
         stages = plan_stages(self.config, self.spec, pretrained)
         self.log(f"{self.spec.name}: weights from {source}; {len(self.classes)} classes, "
                  f"{len(self.train_samples)} train / {len(self.val_samples)} val images, "
                  f"{len(self.scan.skipped)} skipped; device {self.device}")
         state = {"stage_index": 0, "stage_epoch": 0, "epoch": 0, "best_val_loss": math.inf, "best_val_acc": 0.0,
                  "bad_epochs": 0}
+        if saved is not None:
+            self.lr_found = dict(saved.get("lr_find", {}))
         if resume_state is None:
             self.write_config(stages, source)
         else:
             state.update({key: resume_state[key] for key in STATE_KEYS})
+            state["best_source"] = resume_state.get("best_source", "model")
             self.last_good_epoch = state["epoch"]
             self.rows = [r for r in read_run_metrics(self.run_dir) if r["epoch"] <= state["epoch"]]
             if saved is not None and [s["epochs"] for s in saved["stages"]] != [s.epochs for s in stages]:
@@ -431,6 +478,7 @@ class Trainer:
         for stage_index in range(state["stage_index"], len(stages)):
             stage = stages[stage_index]
             trainable = set_trainable(model, list(stage.prefixes))
+            stage = stages[stage_index] = self.resolve_lr(model, stage)
             self.parallel = self.data_parallel(model.head if stage.cached else model)
             optimizer = make_optimizer(stage, model, self.config.weight_decay, self.lr_groups(model, stage))
             scheduler = make_scheduler(stage, optimizer)
@@ -464,6 +512,11 @@ class Trainer:
         train_loss, train_acc = self.train_epoch(model, stage, optimizer, epoch,
                                                  f"{stage.name} {stage_epoch}/{stage.epochs} (epoch {epoch})")
         val_loss, val_acc, _, _ = self.validate(model, stage)
+        candidate, candidate_loss, candidate_acc, source = model, val_loss, val_acc, "model"
+        if self.ema is not None:
+            ema_loss, ema_acc, _, _ = self.validate(self.ema.module, stage)
+            if math.isfinite(ema_loss) and ema_loss < val_loss:
+                candidate, candidate_loss, candidate_acc, source = self.ema.module, ema_loss, ema_acc, "ema"
         scheduler.step()
         row = {"stage": stage.name, "epoch": epoch, "stage_epoch": stage_epoch, "lr": lr, "train_loss": train_loss,
                "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
@@ -471,21 +524,24 @@ class Trainer:
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             raise NonFiniteLossError(f"non-finite validation loss ({val_loss}) in stage {stage.name}, epoch {epoch}; "
                                      f"{self.kept_message()} (try a lower learning rate)")
-        improved = val_loss < state["best_val_loss"]
+        improved = candidate_loss < state["best_val_loss"]
         state.update(epoch=epoch, stage_index=stage_index, stage_epoch=stage_epoch,
                      bad_epochs=0 if improved else state["bad_epochs"] + 1)
         if improved:
-            state.update(best_val_loss=val_loss, best_val_acc=val_acc)
+            state.update(best_val_loss=candidate_loss, best_val_acc=candidate_acc, best_source=source)
         self.rows.append(row)
         if self.world.main:
             if improved:
-                save_weights(model, self.run_dir / "best.safetensors")
-            save_checkpoint(self.run_dir / "last.ckpt", model, optimizer, scheduler, state)
+                save_weights(candidate, self.run_dir / "best.safetensors")
+            save_checkpoint(self.run_dir / "last.ckpt", model, optimizer, scheduler, state,
+                            ema=self.ema.module if self.ema is not None else None)
             write_metrics(self.run_dir / "metrics.csv", self.rows)
         self.last_good_epoch = epoch
         self.log(f"[{stage.name} {stage_epoch}/{stage.epochs}] epoch {epoch}: train loss {train_loss:.4f} "
-                 f"acc {train_acc:.3f} | val loss {val_loss:.4f} acc {val_acc:.3f} | lr {lr:.2e} | "
-                 f"{row['seconds']:.1f}s{' *' if improved else ''}")
+                 f"acc {train_acc:.3f} | val loss {val_loss:.4f} acc {val_acc:.3f} | "
+                 + (f"EMA val loss {ema_loss:.4f} acc {ema_acc:.3f} | " if self.ema is not None else "")
+                 + f"lr {lr:.2e} | {row['seconds']:.1f}s{' *' if improved else ''}"
+                 + (" (EMA weights)" if improved and source == "ema" else ""))
         if self.on_epoch_end is not None:
             self.on_epoch_end(row)
 
@@ -499,6 +555,7 @@ class Trainer:
         paths = [s.path for s in self.val_samples]
         worst = top_losses(logits.numpy(), labels.numpy(), self.classes, paths)
         report.update(split="validation", best_val_loss=state["best_val_loss"],
+                      best_weights=state.get("best_source", "model"),
                       most_confused=most_confused(report["confusion_matrix"], self.classes), top_losses=worst,
                       skipped=[{"path": s.path, "reason": s.reason} for s in self.scan.skipped])
         result = FinetuneResult(self.run_dir, state["best_val_loss"], report["accuracy"], state["epoch"], report)
@@ -512,7 +569,8 @@ class Trainer:
                        title=f"{name}: validation confusion matrix")
         plot_curves(self.rows, self.run_dir / "curves.png", title=f"{name}: loss and accuracy per epoch")
         plot_top_losses(worst, self.run_dir / "top_losses.png", title=f"{name}: most confidently wrong (validation)")
-        self.log(f"best val loss {state['best_val_loss']:.4f}, val accuracy {report['accuracy']:.4f}; "
+        kept = " (kept the EMA weights: they validated better)" if report["best_weights"] == "ema" else ""
+        self.log(f"best val loss {state['best_val_loss']:.4f}{kept}, val accuracy {report['accuracy']:.4f}; "
                  f"run saved in {self.run_dir}")
         return result
 
@@ -543,6 +601,7 @@ class Trainer:
             "created": datetime.now().isoformat(timespec="seconds"),
             "versions": {"transfer": __version__, "torch": torch.__version__, "timm": timm.__version__},
             **({"extensions": history} if history else {}),
+            **({"lr_find": self.lr_found} if self.lr_found else {}),
         })
 
 
@@ -593,10 +652,13 @@ def _first_line(exc: BaseException) -> str:
 STATE_KEYS = ("stage_index", "stage_epoch", "epoch", "best_val_loss", "best_val_acc", "bad_epochs")
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: dict) -> None:
-    """last.ckpt: weights, optimizer, scheduler, position in the schedule, RNG; readable with weights_only=True."""
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: dict,
+                    ema: nn.Module | None = None) -> None:
+    """last.ckpt: weights, optimizer, scheduler, position in the schedule, RNG, and the EMA weights with --ema;
+    readable with weights_only=True."""
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-               "rng": torch.get_rng_state(), **{key: state[key] for key in STATE_KEYS}}
+               "rng": torch.get_rng_state(), **{key: state[key] for key in STATE_KEYS},
+               "best_source": state.get("best_source", "model"), **({"ema": ema.state_dict()} if ema else {})}
     with atomic_path(path) as temp:
         torch.save(payload, temp)
 

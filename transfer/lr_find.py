@@ -1,0 +1,192 @@
+"""The learning-rate range test (Smith 2015; fastai's `lr_find`): raise the rate exponentially, one batch per step,
+from `start` to `end`, and watch the loss; stop once it diverges.
+
+The suggestion is the steepest descent: the rate where the smoothed loss falls fastest against log(rate), taken
+before the loss reached its minimum (fastai's `steep` rule; it lands a little below the minimum's rate, where
+training is still stable). The test runs on a copy of the model and optimizer, so the run it serves is untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+RULE = "steepest descent of the smoothed loss (fastai's 'steep'), before its minimum"
+
+
+@dataclass
+class LrFindResult:
+    """Rates tried, raw and smoothed losses, and the suggestion (always one of the rates tried)."""
+
+    stage: str
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    suggestion: float
+    rule: str = RULE
+    stopped: str = "end of range"
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "suggestion": self.suggestion, "rule": self.rule, "stopped": self.stopped,
+                "lrs": self.lrs, "losses": self.losses, "smoothed": self.smoothed, **self.extra}
+
+
+def suggest(lrs: list[float], smoothed: list[float], skip_start: int = 5) -> float:
+    """Steepest descent of `smoothed` against log(lr), between the first `skip_start` points (fastai skips them
+    too: the average is still settling there) and the minimum; the minimum's rate when nothing falls before it."""
+    best = int(np.argmin(smoothed))
+    start = min(skip_start, max(0, best - 2))
+    if best - start < 2:
+        return lrs[best]
+    window = slice(start, best + 1)
+    slopes = np.gradient(np.asarray(smoothed[window]), np.log(np.asarray(lrs[window])))
+    return float(lrs[start + int(np.argmin(slopes))])
+
+
+def range_test(step: Callable[[float], float], start: float = 1e-7, end: float = 10.0, steps: int = 100,
+               beta: float = 0.98, diverge: float = 4.0) -> tuple[list[float], list[float], list[float], str]:
+    """Call `step(lr)` (one optimisation step, returns its loss) at `steps` rates from `start` to `end`;
+    stop when the smoothed loss exceeds `diverge` x its minimum or turns non-finite."""
+    lrs, losses, smoothed = [], [], []
+    average, stopped = 0.0, "end of range"
+    for index, lr in enumerate(np.geomspace(start, end, steps)):
+        loss = step(float(lr))
+        if not math.isfinite(loss):
+            stopped = f"loss not finite at lr {lr:.3g}"
+            break
+        average = beta * average + (1 - beta) * loss
+        value = average / (1 - beta ** (index + 1))  # bias-corrected exponential average
+        lrs.append(float(lr))
+        losses.append(float(loss))
+        smoothed.append(float(value))
+        if index > 5 and value > diverge * min(smoothed):
+            stopped = f"loss diverged at lr {lr:.3g}"
+            break
+    return lrs, losses, smoothed, stopped
+
+
+def cycle(batches: Callable[[], Iterator]) -> Iterator:
+    """Batches without end: a new pass (`batches()`) whenever one ends."""
+    while True:
+        empty = True
+        for batch in batches():
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("no training batches")
+
+
+def find_lr(trainer, model, stage, steps: int = 100, start: float = 1e-7, end: float = 10.0) -> LrFindResult:
+    """The range test for `stage` of `trainer` on a copy of `model` (the trainer's data, batches and loss)."""
+    from transfer.model import set_trainable, train_mode
+    from transfer.train import make_optimizer
+
+    stage = replace(stage, lr=1.0)  # the rates below are set step by step; 1.0 keeps the groups' ratios
+    probe = copy.deepcopy(model)
+    set_trainable(probe, list(stage.prefixes))
+    optimizer = make_optimizer(stage, probe, trainer.config.weight_decay, trainer.lr_groups(probe, stage))
+    base = [group["lr"] for group in optimizer.param_groups]
+    train_mode(probe, list(stage.prefixes), batchnorm_stats=stage.name == "scratch" or trainer.config.bn_stats)
+    forward = probe.head if stage.cached else probe
+    if stage.cached:
+        features, labels = trainer.cached_features(probe, "train")
+        size = trainer.config.batch_size
+
+        def batches():
+            order = torch.randperm(len(labels))
+            return ((features[i], labels[i]) for i in order.split(size))
+    else:
+        def batches():
+            return iter(trainer.image_loader(trainer.train_samples, False, True, 0))
+    stream = cycle(batches)
+    saved_ema, trainer.ema = trainer.ema, None  # the probe must not move the run's EMA
+
+    def step(lr: float) -> float:
+        for group, rate in zip(optimizer.param_groups, base, strict=True):
+            group["lr"] = lr * rate / base[0]  # discriminative groups keep their ratios
+        inputs, targets = next(stream)
+        loss_sum, _, targets = trainer.train_step(forward, optimizer, inputs, targets, stage, 0, 0, check=False)
+        return loss_sum / max(1, len(targets))
+
+    try:
+        lrs, losses, smoothed, stopped = range_test(step, start, end, steps)
+    finally:
+        trainer.ema = saved_ema
+    if len(lrs) < 3:
+        from transfer.errors import TransferError
+
+        raise TransferError(f"lr-find: the loss diverged after {len(lrs)} step(s) from {start:g}; lower the start")
+    return LrFindResult(stage.name, lrs, losses, smoothed, suggest(lrs, smoothed), stopped=stopped)
+
+
+def lr_find(data_dir: str | os.PathLike, config, stages: tuple[str, ...] = ("head", "finetune"),
+            output: str | os.PathLike | None = None, device: str = "auto", log=print, progress=None) -> list:
+    """`transfer lr-find`: the range test for the head stage, and for stage 2 after training the head for
+    `config.epochs_head` epochs at `config.lr_head` (or at the head test's suggestion when that is "auto").
+    Nothing is written but the plot at `output`."""
+    import tempfile
+
+    from transfer.model import set_trainable
+    from transfer.progress import SILENT
+    from transfer.train import Trainer, make_optimizer, plan_stages, resolve_device
+
+    config.check()
+    target = resolve_device(device)
+    torch.manual_seed(config.seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = Trainer(config, data_dir, scratch, target, log=log, progress=progress or SILENT)
+        model, pretrained, _ = trainer.build_model(None)
+        planned = {stage.name: stage for stage in plan_stages(config, trainer.spec, pretrained)}
+        results = []
+        for name in stages:
+            if name not in planned:
+                from transfer.errors import OptionError
+
+                raise OptionError(f"--stage {name}: {config.backbone} trains in stage(s) {', '.join(planned)}")
+            stage = planned[name]
+            if name == "finetune" and "head" in planned and planned["head"].epochs:
+                head = planned["head"]
+                if head.lr == "auto":
+                    tested = [r.suggestion for r in results if r.stage == "head"]
+                    head = replace(head, lr=tested[0] if tested else find_lr(trainer, model, head).suggestion)
+                set_trainable(model, list(head.prefixes))
+                trainer.parallel = model.head if head.cached else model
+                optimizer = make_optimizer(head, model, config.weight_decay)
+                for epoch in range(1, head.epochs + 1):
+                    trainer.train_epoch(model, head, optimizer, epoch, f"training the head first ({epoch})")
+            set_trainable(model, list(stage.prefixes))
+            results.append(find_lr(trainer, model, stage))
+            log(f"stage {name}: suggested learning rate {results[-1].suggestion:.2e} ({results[-1].stopped})")
+    if output is not None:
+        plot(results, output)
+    return results
+
+
+def plot(results: list[LrFindResult], path: str | os.PathLike) -> None:
+    """Loss against learning rate (log scale) per stage, the suggestion marked."""
+    from matplotlib.figure import Figure
+
+    from transfer.metrics import _save_figure
+
+    figure = Figure(figsize=(6 * len(results), 4.2), layout="constrained")
+    for index, result in enumerate(results):
+        axes = figure.add_subplot(1, len(results), index + 1)
+        axes.plot(result.lrs, result.losses, alpha=0.3, label="loss")
+        axes.plot(result.lrs, result.smoothed, label="smoothed")
+        axes.axvline(result.suggestion, color="red", linestyle="--", label=f"suggestion {result.suggestion:.2e}")
+        axes.set_xscale("log")
+        low, first = min(result.smoothed), result.smoothed[0]
+        axes.set_ylim(low - 0.1 * abs(low), max(first, low) + 0.6 * abs(first - low) + 0.1 * abs(first))
+        axes.set_xlabel("learning rate")
+        axes.set_ylabel("training loss")
+        axes.set_title(f"stage {result.stage}: {result.stopped}")
+        axes.grid(alpha=0.3)
+        axes.legend()
+    _save_figure(figure, path)
