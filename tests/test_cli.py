@@ -19,7 +19,7 @@ from transfer.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("backbones", "layers", "scan", "finetune", "evaluate", "extract", "export", "predict", "bench", "serve",
-            "index", "similar")
+            "index", "similar", "lr-find")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

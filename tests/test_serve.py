@@ -196,3 +196,15 @@ def test_similar_and_embed_over_http(tmp_path, photos):
     refused = subprocess.run([TRANSFER, "serve", "--onnx", str(other), "--index", str(tmp_path / "idx")],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert refused.returncode == 2 and "built with another model" in refused.stderr
+
+
+def test_serving_imports_no_torch(classifier):
+    code = ("import sys\nfrom transfer.serve import create_app\n"
+            f"app = create_app({str(classifier)!r}, device='cpu')\n"
+            "from fastapi.testclient import TestClient\n"
+            "with TestClient(app) as client:\n"
+            "    assert client.get('/health').json()['status'] == 'ok'\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
