@@ -279,7 +279,7 @@ def test_int8_keeps_same_padding_arithmetic_in_float(imagenet_onnx, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["vgg16", "inception_v3", "resnet18", "resnet34", "resnet50", "resnet101",
-                                      "resnet152", "efficientnet_lite0", "alexnet", "lenet5"])
+                                      "resnet152", "efficientnet_lite0", "alexnet", "lenet5", "cifar_convnet"])
 def test_every_registry_backbone_exports_with_dynamo(backbone, tmp_path):
     """The maintained exporter passes the same verification (checker, 1e-4 relative at batch 1 and 3) for every
     registry backbone, as a classifier and as an extractor of its feature layer."""
