@@ -374,22 +374,13 @@ def lr_find_command(
                             weights=str(weights) if weights else None, pretrained=pretrained, augment=False,
                             workers=workers)
     progress = progress_for(quiet)
-    stages = tuple(stage) if stage else (("scratch",) if config.check() and not _staged(config) else
-                                         ("head", "finetune"))
-    results = lr_find(data_dir, config, stages, output=output, device=device.value, log=progress.log,
-                      progress=progress)
+    results = lr_find(data_dir, config, tuple(stage) if stage else None, output=output, device=device.value,
+                      log=progress.log, progress=progress)
     for result in results:
         say(f"stage {result.stage}: suggested learning rate {result.suggestion:.2e} ({result.rule}; "
             f"{result.stopped}; {len(result.lrs)} steps from {result.lrs[0]:.1e})")
     say(f"wrote {output}")
     write_record(json_out, [result.to_dict() for result in results])
-
-
-def _staged(config) -> bool:
-    from models.registry import get_backbone
-
-    spec = get_backbone(config.backbone)
-    return config.pretrained is not False and (spec.has_pretrained or config.weights is not None)
 
 
 def one_model(run: Path | None, onnx: Path | None) -> Path | None:

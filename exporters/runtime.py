@@ -209,6 +209,12 @@ class OnnxModel:
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
+    def mirrored(self, batch: np.ndarray | list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+        """Model inputs flipped left to right, whatever the layout (the width axis of NCHW, NHWC, or HWC rows)."""
+        if isinstance(batch, list):
+            return [np.ascontiguousarray(row[:, ::-1]) for row in batch]
+        return np.ascontiguousarray(batch[..., ::-1] if self.layout == "NCHW_float32" else batch[:, :, ::-1])
+
     def require_classifier(self) -> None:
         """A `DataError` that names the right command when this file is a feature extractor."""
         if self.output_kind != "logits":
@@ -222,15 +228,16 @@ class OnnxModel:
                             f"{self.output_names[0]} has shape {list(logits.shape)}")
         return logits
 
-    def logits(self, images: Sequence, batch_size: int = 32, progress=None) -> np.ndarray:
-        """Logits of every image; an unreadable image is an error here (use `predict` to skip and report)."""
+    def logits(self, images: Sequence, batch_size: int = 32, progress=None, mirror: bool = False) -> np.ndarray:
+        """Logits of every image; an unreadable image is an error here (use `predict` to skip and report).
+        `mirror`: of the model inputs flipped left to right (test-time augmentation)."""
         self.require_classifier()
         out = []
         for _, batch, errors in self.iter_batches(list(images), batch_size):
             if errors:
                 index, reason = errors[0]
                 raise DataError(f"{images[index]}: {reason}")
-            out.append(self._class_logits(batch))
+            out.append(self._class_logits(self.mirrored(batch) if mirror else batch))
             if progress is not None:
                 progress(len(batch))
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
@@ -246,12 +253,13 @@ class OnnxModel:
                 results[index] = Prediction(_name(images[index]), error=reason)
             if batch is not None:
                 for row, logits in zip(rows, self._class_logits(batch), strict=True):
-                    results[row] = self._top_k(_name(images[row]), logits, top_k)
+                    results[row] = self.top_k(_name(images[row]), logits, top_k)
             if progress is not None:
                 progress(len(rows) + len(errors))
         return results  # type: ignore[return-value]
 
-    def _top_k(self, name: str, logits: np.ndarray, top_k: int) -> Prediction:
+    def top_k(self, name: str, logits: np.ndarray, top_k: int) -> Prediction:
+        """One image's top-k labels and softmax probabilities from its logits."""
         shifted = np.exp(logits - logits.max())
         probabilities = shifted / shifted.sum()
         order = np.argsort(-probabilities)[:max(1, top_k)]

@@ -55,7 +55,7 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_s
                            unit="images") as advance:
             if model_path.suffix == ".onnx":
                 classes = onnx_model.classes
-                outputs.append(_onnx_logits(onnx_model, paths, batch_size, flip, advance))
+                outputs.append(onnx_model.logits(paths, batch_size=batch_size, progress=advance, mirror=flip))
             else:
                 logits, classes = _run_logits(model_path, paths, batch_size, device, advance, flip)
                 outputs.append(logits)
@@ -78,23 +78,6 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_s
     if top_losses_plot is not None:
         plot_top_losses(worst, top_losses_plot, title=f"{Path(model_path).name}: most confidently wrong")
     return result
-
-
-def _onnx_logits(onnx_model, paths: list[Path], batch_size: int, flip: bool, advance) -> np.ndarray:
-    """Logits of an ONNX classifier, of the mirrored model inputs when `flip` (width axis of each layout)."""
-    out = []
-    for _, batch, errors in onnx_model.iter_batches(paths, batch_size):
-        if errors:
-            index, reason = errors[0]
-            raise DataError(f"{paths[index]}: {reason}")
-        if flip:
-            batch = (batch[..., ::-1] if onnx_model.layout == "NCHW_float32" else
-                     [row[:, ::-1] for row in batch] if isinstance(batch, list) else batch[:, :, ::-1])
-            batch = [np.ascontiguousarray(row) for row in batch] if isinstance(batch, list) else \
-                np.ascontiguousarray(batch)
-        out.append(onnx_model._class_logits(batch))
-        advance(len(out[-1]))
-    return np.concatenate(out) if out else np.zeros((0, len(onnx_model.classes)), np.float32)
 
 
 def _run_logits(run_dir: Path, paths: list[Path], batch_size: int, device: str,

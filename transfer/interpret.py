@@ -46,7 +46,7 @@ def plot_top_losses(items: Sequence[dict], path: str | os.PathLike, title: str =
     from matplotlib.figure import Figure
 
     from transfer.images import BadImageError, open_image
-    from transfer.metrics import _save_figure
+    from transfer.metrics import save_figure
 
     columns = min(3, max(1, len(items)))
     rows = max(1, -(-len(items) // columns))
@@ -62,4 +62,4 @@ def plot_top_losses(items: Sequence[dict], path: str | os.PathLike, title: str =
             axes.text(0.5, 0.5, "unreadable", ha="center")
         axes.set_title(f"{item['predicted']} {item['probability']:.2f}\ntrue: {item['true']}", fontsize=9)
         axes.axis("off")
-    _save_figure(figure, path)
+    save_figure(figure, path)

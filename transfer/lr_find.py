@@ -106,19 +106,15 @@ def find_lr(trainer, model, stage, steps: int = 100, start: float = 1e-7, end: f
         def batches():
             return iter(trainer.image_loader(trainer.train_samples, False, True, 0))
     stream = cycle(batches)
-    saved_ema, trainer.ema = trainer.ema, None  # the probe must not move the run's EMA
 
     def step(lr: float) -> float:
         for group, rate in zip(optimizer.param_groups, base, strict=True):
             group["lr"] = lr * rate / base[0]  # discriminative groups keep their ratios
         inputs, targets = next(stream)
-        loss_sum, _, targets = trainer.train_step(forward, optimizer, inputs, targets, stage, 0, 0, check=False)
+        loss_sum, _, targets = trainer.train_step(forward, optimizer, inputs, targets, stage, 0, 0, probe=True)
         return loss_sum / max(1, len(targets))
 
-    try:
-        lrs, losses, smoothed, stopped = range_test(step, start, end, steps)
-    finally:
-        trainer.ema = saved_ema
+    lrs, losses, smoothed, stopped = range_test(step, start, end, steps)
     if len(lrs) < 3:
         from transfer.errors import TransferError
 
@@ -126,10 +122,11 @@ def find_lr(trainer, model, stage, steps: int = 100, start: float = 1e-7, end: f
     return LrFindResult(stage.name, lrs, losses, smoothed, suggest(lrs, smoothed), stopped=stopped)
 
 
-def lr_find(data_dir: str | os.PathLike, config, stages: tuple[str, ...] = ("head", "finetune"),
+def lr_find(data_dir: str | os.PathLike, config, stages: tuple[str, ...] | None = None,
             output: str | os.PathLike | None = None, device: str = "auto", log=print, progress=None) -> list:
-    """`transfer lr-find`: the range test for the head stage, and for stage 2 after training the head for
-    `config.epochs_head` epochs at `config.lr_head` (or at the head test's suggestion when that is "auto").
+    """`transfer lr-find`: the range test for each of `stages` (default: every stage the run would have): the head
+    stage, stage 2 after training the head for `config.epochs_head` epochs at `config.lr_head` (or at the head
+    test's suggestion when that is "auto"), or the single stage of a net trained from scratch.
     Nothing is written but the plot at `output`."""
     import tempfile
 
@@ -145,7 +142,7 @@ def lr_find(data_dir: str | os.PathLike, config, stages: tuple[str, ...] = ("hea
         model, pretrained, _ = trainer.build_model(None)
         planned = {stage.name: stage for stage in plan_stages(config, trainer.spec, pretrained)}
         results = []
-        for name in stages:
+        for name in stages or tuple(planned):
             if name not in planned:
                 from transfer.errors import OptionError
 
@@ -173,7 +170,7 @@ def plot(results: list[LrFindResult], path: str | os.PathLike) -> None:
     """Loss against learning rate (log scale) per stage, the suggestion marked."""
     from matplotlib.figure import Figure
 
-    from transfer.metrics import _save_figure
+    from transfer.metrics import save_figure
 
     figure = Figure(figsize=(6 * len(results), 4.2), layout="constrained")
     for index, result in enumerate(results):
@@ -189,4 +186,4 @@ def plot(results: list[LrFindResult], path: str | os.PathLike) -> None:
         axes.set_title(f"stage {result.stage}: {result.stopped}")
         axes.grid(alpha=0.3)
         axes.legend()
-    _save_figure(figure, path)
+    save_figure(figure, path)

@@ -59,7 +59,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def _save_figure(figure, path: str | os.PathLike) -> None:
+def save_figure(figure, path: str | os.PathLike) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(figure)
@@ -86,7 +86,7 @@ def plot_curves(rows: Sequence[dict], path: str | os.PathLike, title: str = "tra
         axes.set_title(name)
         axes.grid(alpha=0.3)
         axes.legend()
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: str | os.PathLike,
@@ -109,4 +109,4 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: str | os.Pa
         display.plot(ax=axes, cmap="Blues", values_format=fmt, include_values=show_values, colorbar=True,
                      xticks_rotation="vertical")
         axes.set_title(name)
-    _save_figure(figure, path)
+    save_figure(figure, path)

@@ -209,7 +209,7 @@ def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16,
         results = []
         for name, row in await rows_of(files):
             logits = (await batcher.outputs(row))[0]
-            top = model._top_k(name, logits, top_k)
+            top = model.top_k(name, logits, top_k)
             results.append({"filename": name, "labels": top.labels, "probabilities": top.probabilities})
         return {"predictions": results}
 

@@ -359,13 +359,13 @@ class Trainer:
         return total_loss / count, correct / count
 
     def train_step(self, forward, optimizer, inputs, targets, stage: Stage, epoch: int,
-                   step: int, check: bool = True) -> tuple[float, torch.Tensor, torch.Tensor]:
+                   step: int, probe: bool = False) -> tuple[float, torch.Tensor, torch.Tensor]:
         """One optimisation step on this rank's share of a global batch; returns the share's summed loss.
 
         The loss is the global batch's mean: each rank scales its sum by world size / global count, and
         DistributedDataParallel averages the gradients over the ranks. A non-finite loss (summed over the ranks,
-        so every rank sees it) stops the run before the weights are touched; with `check` off (the learning-rate
-        range test) the step is skipped and the loss returned."""
+        so every rank sees it) stops the run before the weights are touched. A `probe` step (the learning-rate range
+        test, on a copy of the model) returns a non-finite loss instead, and leaves the run's EMA alone."""
         inputs, targets = self.to_device(inputs), targets.to(self.device)
         config = self.config
         soft = None
@@ -377,15 +377,15 @@ class Trainer:
             loss_sum = (F.cross_entropy(logits.float(), targets, reduction="sum") if soft is None
                         else soft_cross_entropy(logits.float(), soft))
         global_sum, global_count = self.world.sum([loss_sum.item(), len(targets)])
-        if not math.isfinite(global_sum) and not check:
-            return global_sum, logits.detach(), targets
         if not math.isfinite(global_sum):
+            if probe:
+                return global_sum, logits.detach(), targets
             raise NonFiniteLossError(f"non-finite training loss ({global_sum / global_count}) in stage {stage.name}, "
                                      f"epoch {epoch}, batch {step}; {self.kept_message()} (try a lower learning rate)")
         optimizer.zero_grad(set_to_none=True)
         (loss_sum * (self.world.size / global_count)).backward()
         optimizer.step()
-        if self.ema is not None:
+        if self.ema is not None and not probe:
             self.ema.update(self.model)
         return loss_sum.item(), logits.detach(), targets
 
