@@ -646,9 +646,10 @@ def serve(
 
     if onnx is None:
         raise OptionError("serve needs a model: --onnx MODEL.onnx (written by `transfer export`)")
-    say(f"serving {onnx} on http://{host}:{port} (page /, API docs /docs); Ctrl-C stops", err=True)
     run_serve(onnx, host=host, port=port, device=device.value, max_batch=max_batch, max_wait_ms=max_wait_ms,
-              limits=ServeLimits(int(max_upload_mb * 1024 * 1024), max_pixels), index=index)
+              limits=ServeLimits(int(max_upload_mb * 1024 * 1024), max_pixels), index=index,
+              announce=lambda: say(f"serving {onnx} on http://{host}:{port} (page /, API docs /docs); Ctrl-C stops",
+                                   err=True))
 
 
 @app.command("index", epilog=examples("transfer index ./photos -o photos.idx",

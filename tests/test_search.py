@@ -123,3 +123,22 @@ def test_an_index_only_meets_its_own_model(tmp_path, photos):
     extractor.write_bytes(other.read_bytes())  # the file the index was built with changed
     with pytest.raises(DataError, match="gone or changed"):
         similar(tmp_path / "crops" / "coffee", tmp_path / "by_onnx", k=1)
+
+
+def test_an_unwritable_index_folder_fails_before_any_image_is_embedded(tmp_path, photos, monkeypatch, runner):
+    import transfer.search as search
+
+    write_crops(tmp_path / "crops", photos, per_class=1, seed=0)
+
+    def refuse(folder):
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    def embed_never(*args, **kwargs):
+        raise AssertionError("images were embedded before the output was checked")
+
+    monkeypatch.setattr(search, "probe_folder", refuse)  # root ignores mode bits: simulate a read-only folder
+    monkeypatch.setattr(search, "embed", embed_never)
+    result = runner.invoke(cli.app, ["index", str(tmp_path / "crops"), "-o", str(tmp_path / "out" / "idx")])
+    assert result.exit_code == 2 and result.output.startswith("error: --output")
+    assert "Permission denied" in result.output
+    assert not (tmp_path / "out" / "idx").exists()

@@ -196,6 +196,7 @@ def test_similar_and_embed_over_http(tmp_path, photos):
     refused = subprocess.run([TRANSFER, "serve", "--onnx", str(other), "--index", str(tmp_path / "idx")],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert refused.returncode == 2 and "built with another model" in refused.stderr
+    assert "serving" not in refused.stderr  # announced only once the model and its index have loaded
 
 
 def test_serving_imports_no_torch(classifier):

@@ -27,7 +27,9 @@ from transfer.io import (
     OutputError,
     display,
     make_parent,
+    os_error_message,
     output_lock,
+    probe_folder,
     remove_stale_temps,
     temp_dir_beside,
     temp_name,
@@ -103,6 +105,11 @@ def build_index(images, output: str | os.PathLike, backbone: str | None = None, 
     if output.is_dir() and any(output.iterdir()) and not (output / INDEX_FILE).is_file():
         raise OutputError(f"--output {output}: the folder holds other files; give a new or empty folder (or an "
                           "index to replace)")
+    make_parent(output, "--output")  # an unwritable destination fails before any image is embedded
+    try:
+        probe_folder(output.parent)
+    except OSError as exc:
+        raise OutputError(f"--output {os_error_message(exc, output.parent)}") from None
     spec = _model_spec(backbone, run, onnx, layer, input_size)
     vectors, result = embed(images, spec, batch_size, device, workers, progress)
     record = {"count": int(len(vectors)), "dim": int(vectors.shape[1]), "model": {**spec,
@@ -110,7 +117,6 @@ def build_index(images, output: str | os.PathLike, backbone: str | None = None, 
               "paths": result.paths, "labels": result.labels, "classes": result.classes,
               "skipped": [{"path": s.path, "reason": s.reason} for s in result.skipped],
               "created": datetime.now().isoformat(timespec="seconds")}
-    make_parent(output)
     with Lock(output.with_name(f".{output.name}.lock"), f"--output {display(output)}"):
         remove_stale_temps(output.parent, output.name)  # what a killed writer left
         with temp_dir_beside(output) as work:

@@ -241,9 +241,11 @@ def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16,
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           max_batch: int = 16, max_wait_ms: float = 5.0, limits: ServeLimits | None = None,
-          index: str | Path | None = None) -> None:
-    """Run the app with uvicorn until interrupted."""
+          index: str | Path | None = None, announce=None) -> None:
+    """Run the app with uvicorn until interrupted; `announce()` is called once the model (and index) loaded."""
     import uvicorn
 
     app = create_app(model_path, device, max_batch, max_wait_ms, limits, index)
+    if announce is not None:
+        announce()
     uvicorn.run(app, host=host, port=port, log_level="warning")
