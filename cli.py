@@ -119,6 +119,11 @@ class Head(str, Enum):
     linear = "linear"
 
 
+class Schedule(str, Enum):
+    cosine = "cosine"
+    one_cycle = "one-cycle"
+
+
 class HeadOptimizer(str, Enum):
     adamw = "adamw"
     rmsprop = "rmsprop"
@@ -263,8 +268,9 @@ def finetune(
     epochs_head: Annotated[int, typer.Option(min=0, help="stage 1: epochs with the backbone frozen")] = 3,
     epochs_finetune: Annotated[int, typer.Option(min=0, help="stage 2: epochs with the top groups unfrozen")] = 3,
     unfreeze: Annotated[str, typer.Option(help="stage 2 trains the top K unfreeze groups (0..K), or all")] = "2",
-    batch_size: Annotated[int, typer.Option(min=1, help="the global batch: under torchrun each process takes its "
-                                                         "share, and the learning rate is not rescaled")] = 32,
+    batch_size: Annotated[str, typer.Option(help="the global batch (under torchrun each process takes its share, "
+                                                 "and the learning rate is not rescaled), or auto: the largest that "
+                                                 "fits the GPU, 32 on CPU")] = "32",
     lr_head: Annotated[str, typer.Option(help="stage 1 learning rate, or auto (the range test picks it)")] = "1e-3",
     lr_finetune: Annotated[str, typer.Option(help="stage 2 learning rate (SGD, momentum 0.9), or auto")] = "1e-4",
     head_optimizer: Annotated[HeadOptimizer, typer.Option(
@@ -297,6 +303,9 @@ def finetune(
     ema: Annotated[float, typer.Option(min=0.0, max=0.99999, help="keep an exponential moving average of the "
                                        "weights with this decay (0.99-0.9999; 0 off); the better of the two is kept")
                    ] = 0.0,
+    schedule: Annotated[Schedule, typer.Option(help="cosine: stage 2 anneals per epoch (stage 1 constant); "
+                                                    "one-cycle: fastai's warm-up and anneal per batch, every stage")
+                        ] = Schedule.cosine,
     resume: Annotated[Path | None, typer.Option(
         help="continue RUN_DIR from its last.ckpt; raise --epochs-head/--epochs-finetune to train more")] = None,
     quiet: QuietOpt = False,
@@ -307,12 +316,12 @@ def finetune(
 
     settings = dict(
         backbone=backbone, epochs_head=epochs_head, epochs_finetune=epochs_finetune, unfreeze=unfreeze,
-        batch_size=batch_size, lr_head=parse_lr(lr_head, "--lr-head"),
+        batch_size=parse_batch_size(batch_size), lr_head=parse_lr(lr_head, "--lr-head"),
         lr_finetune=parse_lr(lr_finetune, "--lr-finetune"), head_optimizer=head_optimizer.value,
         head=head.value, val_split=val_split, augment=augment, cache_features=cache_features, pretrained=pretrained,
         weights=str(weights) if weights else None, input_size=input_size, crop_pct=crop_pct, seed=seed,
         patience=patience, workers=workers, strict=strict, bn_stats=bn_stats, label_smoothing=label_smoothing,
-        mixup=mixup, cutmix=cutmix, lr_decay=lr_decay, ema=ema)
+        mixup=mixup, cutmix=cutmix, lr_decay=lr_decay, ema=ema, schedule=schedule.value)
     changes = None
     if resume is not None:
         if output is not None:
@@ -327,6 +336,17 @@ def finetune(
     result = run_finetune(data_dir, config, output=output, resume=resume, device=device.value, log=progress.log,
                           changes=changes, progress=progress)
     say(f"validation accuracy {result.best_val_acc:.4f} ({result.epochs_run} epochs) -> {result.run_dir}")
+
+
+def parse_batch_size(text: str) -> int | str:
+    """A positive batch size, or "auto"."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    if not text.strip().isdigit() or int(text) < 1:
+        from transfer.errors import OptionError
+
+        raise OptionError(f"--batch-size {text!r}: give a positive integer such as 32, or auto")
+    return int(text)
 
 
 def parse_lr(text: str, flag: str) -> float | str:
@@ -403,7 +423,8 @@ def model_path(run: Path | None, onnx: Path | None, positional: list[str], need:
 
 
 @app.command(epilog=examples("transfer evaluate ./mydata_test --run runs/flowers",
-                             "transfer evaluate ./mydata_test --onnx model.onnx --json report.json"))
+                             "transfer evaluate ./mydata_test --onnx model.onnx --json report.json",
+                             "transfer evaluate ./mydata_test --run runs/flowers --tta-crops"))
 @cli_errors
 def evaluate(
     data_dir: Annotated[Path, typer.Argument(help="labelled folder (class sub-folders; its test/ split if present)")],
@@ -412,6 +433,9 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     tta: Annotated[bool, typer.Option("--tta", help="also report the accuracy with test-time augmentation "
                                                     "(each image averaged with its mirror image)")] = False,
+    tta_crops: Annotated[bool, typer.Option("--tta-crops", help="test-time augmentation over ten views: the "
+                                            "image, its four corners (87.5% of each side) and their mirrors")
+                         ] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="plot the most confidently wrong images "
                                                                        "to this .png")] = None,
     device: DeviceOpt = Device.auto,
@@ -430,10 +454,11 @@ def evaluate(
             raise TransferError(f"--output {output}: the plot of the worst mistakes is a .png file")
         check_writable(output, "--output")
     report = run_evaluate(model, data_dir, batch_size=batch_size, device=device.value, progress=progress_for(quiet),
-                          tta=tta, top_losses_plot=output)
+                          tta=tta, top_losses_plot=output, tta_crops=tta_crops)
     say(f"{model} on {data_dir}: accuracy {report['accuracy']:.4f} ({report['count']} images)")
-    if tta:
-        say(f"with test-time augmentation (image + mirror): accuracy {report['tta']['accuracy']:.4f}")
+    if "tta" in report:
+        views = "image + mirror" if len(report["tta"]["views"]) == 2 else "image, 4 corners and their mirrors"
+        say(f"with test-time augmentation ({views}): accuracy {report['tta']['accuracy']:.4f}")
     table = Table()
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="right")
@@ -558,6 +583,7 @@ def export(
 
 @app.command(epilog=examples("transfer predict cat.jpg cup.png --onnx model.onnx",
                              "transfer predict ./new_images 'more/*.jpg' --onnx model.onnx --top-k 3 -o preds.csv",
+                             "transfer predict ./new_images --onnx model.onnx --tta-crops",
                              "transfer predict ./huge --onnx model.onnx --shard $SLURM_ARRAY_TASK_ID/16 -o preds.csv"))
 @cli_errors
 def predict(
@@ -571,6 +597,9 @@ def predict(
     shard: Annotated[str | None, typer.Option(
         metavar="K/N", help="predict only block K (from 0) of N, for array jobs; the shard that finishes last "
                             "merges all N into --output, in input order (under torchrun: RANK/WORLD_SIZE)")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="average each image's probabilities with its mirror's")] = False,
+    tta_crops: Annotated[bool, typer.Option("--tta-crops", help="average ten views: the image, its four corners "
+                                            "and their mirrors (10x the work)")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Top-k labels of images with onnxruntime only; unreadable images are listed, not fatal."""
@@ -579,6 +608,7 @@ def predict(
     from transfer.errors import OptionError
     from transfer.io import output_lock
     from transfer.predict import check_predictions_path, shard_fingerprint, write_predictions, write_shard
+    from transfer.preprocess import tta_views
     from transfer.scan import expand_inputs
 
     if onnx is None:
@@ -594,10 +624,11 @@ def predict(
     paths = all_paths[block.start:block.stop]
     where = f"shard {index}/{shards}: " if shards > 1 else ""
     say(f"{onnx}: {onnx_model.provider}, {where}{len(paths)} image(s)", err=True)
-    with progress_for(quiet).task("predicting", total=len(paths), unit="images") as advance:
-        results = onnx_model.predict(paths, top_k=top_k, batch_size=batch_size, progress=advance)
+    views = tta_views(tta, tta_crops)
+    with progress_for(quiet).task("predicting", total=len(paths) * len(views), unit="images") as advance:
+        results = onnx_model.predict(paths, top_k=top_k, batch_size=batch_size, progress=advance, views=views)
     if shards > 1 and output is not None:
-        fingerprint = shard_fingerprint(onnx, all_paths, top_k, batch_size, shards)
+        fingerprint = shard_fingerprint(onnx, all_paths, top_k, batch_size, shards, len(views))
         missing = write_shard(output, results, index, shards, fingerprint)
         unreadable = sum(1 for r in results if r.error)
         done = f"{where}{len(paths)} image(s)" + (f" ({unreadable} unreadable)" if unreadable else "")

@@ -28,10 +28,12 @@ from transfer.preprocess import (
     LAYOUTS,
     OUTPUT_KINDS,
     Preprocessing,
+    corner_crop,
     decode_size,
     eval_array,
     eval_pixels,
     metadata_json,
+    tta_views,
 )
 
 ImageLike = str | os.PathLike | np.ndarray  # or a PIL image
@@ -147,22 +149,25 @@ class OnnxModel:
         return "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
 
     # --- preprocessing --------------------------------------------------------------------------------------------
-    def preprocess_one(self, image) -> np.ndarray:
+    def preprocess_one(self, image, corner: str | None = None) -> np.ndarray:
         """One image (path, PIL image or uint8 array) -> the model's input row, by the file's own metadata: the
-        decoded RGB pixels themselves when the file does resize, crop and normalization in its graph."""
+        decoded RGB pixels themselves when the file does resize, crop and normalization in its graph. `corner`:
+        that corner of the decoded image first (a test-time-augmentation view, `corner_crop`)."""
         rgb = as_rgb_image(image, draft_size=None if self.exact_decode else decode_size(self.prep))
+        if corner is not None:
+            rgb = corner_crop(rgb, corner)
         if self.layout == "NHWC_uint8_any":
             return np.asarray(rgb, dtype=np.uint8)
         return eval_pixels(rgb, self.prep) if self.layout == "NHWC_uint8" else eval_array(rgb, self.prep)
 
-    def _load(self, image) -> np.ndarray | BadImageError:
+    def _load(self, image, corner: str | None = None) -> np.ndarray | BadImageError:
         try:
-            return self.preprocess_one(image)
+            return self.preprocess_one(image, corner)
         except BadImageError as exc:
             return exc
 
-    def iter_batches(self, images: Sequence, batch_size: int = 32,
-                     prefetch: int = 2) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
+    def iter_batches(self, images: Sequence, batch_size: int = 32, prefetch: int = 2,
+                     corner: str | None = None) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
         """Decode in a thread pool, `prefetch` batches ahead of the model: (row indices, batch, errors)."""
         if batch_size < 1:
             raise DataError("batch size must be at least 1")
@@ -174,7 +179,7 @@ class OnnxModel:
                 start = next(starts, None)
                 if start is not None:
                     chunk = images[start:start + batch_size]
-                    pending.append((start, [pool.submit(self._load, item) for item in chunk]))
+                    pending.append((start, [pool.submit(self._load, item, corner) for item in chunk]))
 
             for _ in range(prefetch + 1):
                 submit_next()
@@ -228,12 +233,14 @@ class OnnxModel:
                             f"{self.output_names[0]} has shape {list(logits.shape)}")
         return logits
 
-    def logits(self, images: Sequence, batch_size: int = 32, progress=None, mirror: bool = False) -> np.ndarray:
+    def logits(self, images: Sequence, batch_size: int = 32, progress=None, mirror: bool = False,
+               corner: str | None = None) -> np.ndarray:
         """Logits of every image; an unreadable image is an error here (use `predict` to skip and report).
-        `mirror`: of the model inputs flipped left to right (test-time augmentation)."""
+        Test-time-augmentation views: `mirror` flips the model inputs left to right; `corner` takes that corner
+        of each decoded image first."""
         self.require_classifier()
         out = []
-        for _, batch, errors in self.iter_batches(list(images), batch_size):
+        for _, batch, errors in self.iter_batches(list(images), batch_size, corner=corner):
             if errors:
                 index, reason = errors[0]
                 raise DataError(f"{images[index]}: {reason}")
@@ -242,21 +249,29 @@ class OnnxModel:
                 progress(len(batch))
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
-    def predict(self, images: Iterable, top_k: int = 5, batch_size: int = 32,
-                progress=None) -> list[Prediction]:
-        """Top-k labels and softmax probabilities per image; unreadable images come back with `error` set."""
+    def predict(self, images: Iterable, top_k: int = 5, batch_size: int = 32, progress=None,
+                views: Sequence[tuple[str, str | None, bool]] = tta_views()) -> list[Prediction]:
+        """Top-k labels and softmax probabilities per image; unreadable images come back with `error` set.
+
+        `views` (`tta_views`): with more than one, the probabilities are the average over the views (test-time
+        augmentation; each view decodes the images again). `progress` advances once per image and view."""
         self.require_classifier()
         images = list(images)
-        results: list[Prediction | None] = [None] * len(images)
-        for rows, batch, errors in self.iter_batches(images, batch_size):
-            for index, reason in errors:
-                results[index] = Prediction(_name(images[index]), error=reason)
-            if batch is not None:
-                for row, logits in zip(rows, self._class_logits(batch), strict=True):
-                    results[row] = self.top_k(_name(images[row]), logits, top_k)
-            if progress is not None:
-                progress(len(rows) + len(errors))
-        return results  # type: ignore[return-value]
+        errors_by_row: dict[int, str] = {}
+        probabilities = np.zeros((len(images), len(self.classes)), np.float64)
+        for _, corner, mirror in views:
+            for rows, batch, errors in self.iter_batches(images, batch_size, corner=corner):
+                errors_by_row.update(errors)
+                if batch is not None:
+                    logits = self._class_logits(self.mirrored(batch) if mirror else batch).astype(np.float64)
+                    shifted = np.exp(logits - logits.max(1, keepdims=True))
+                    probabilities[rows] += shifted / shifted.sum(1, keepdims=True)
+                if progress is not None:
+                    progress(len(rows) + len(errors))
+        probabilities /= len(views)
+        return [Prediction(_name(image), error=errors_by_row[row]) if row in errors_by_row
+                else self.top_k(_name(image), np.log(np.maximum(probabilities[row], 1e-300)), top_k)
+                for row, image in enumerate(images)]
 
     def top_k(self, name: str, logits: np.ndarray, top_k: int) -> Prediction:
         """One image's top-k labels and softmax probabilities from its logits."""

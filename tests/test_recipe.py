@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
 
 import cli
 from tests.conftest import digits_folder
@@ -58,6 +59,68 @@ def test_tta_of_a_mirror_symmetric_model_equals_plain_evaluation(tmp_path):
     assert len(report["top_losses"]) == min(9, wrong) and (tmp_path / "worst.png").stat().st_size > 1000
 
 
+def linear_classifier(path, classes: list[str], size: int = 8) -> None:
+    """Flatten -> linear on a size x size input: every pixel position has its own weights, so mirrored and
+    cropped views give different logits."""
+    weights = np.random.default_rng(1).standard_normal((3 * size * size, len(classes))).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"]), helper.make_node("MatMul", ["flat", "weights"], ["logits"])],
+        "linear", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(classes)])],
+        [numpy_helper.from_array(weights, "weights")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    meta = {**Preprocessing(size, 1.0, "bilinear").to_metadata(), "transfer.classes": json.dumps(classes),
+            "transfer.layout": "NCHW_float32", "transfer.output_kind": "logits", "transfer.layers": "{}"}
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+
+
+def test_tta_crops_average_the_ten_views_cut_by_hand(tmp_path):
+    """--tta-crops: each view's accuracy and the averaged one equal plain evaluations of folders whose images
+    were cut (numpy slicing of 28 of 32 pixels at each corner) and mirrored beforehand."""
+    from PIL import Image
+
+    from exporters.runtime import OnnxModel
+    from transfer.interpret import softmax
+
+    data = digits_folder(tmp_path / "digits", per_class=6, size=32, classes=3)
+    linear_classifier(tmp_path / "linear.onnx", ["0", "1", "2"])
+    report = evaluate(tmp_path / "linear.onnx", data, tta_crops=True)
+    assert len(report["tta"]["views"]) == 10 and report["tta"]["per_view"]["identity"] == report["accuracy"]
+    model = OnnxModel(tmp_path / "linear.onnx")
+    paths = sorted(data.rglob("*.png"))
+    labels = np.array([int(p.parent.name) for p in paths])
+    cuts = {"top-left": (slice(0, 28), slice(0, 28)), "top-right": (slice(0, 28), slice(4, 32)),
+            "bottom-left": (slice(4, 32), slice(0, 28)), "bottom-right": (slice(4, 32), slice(4, 32))}
+    probabilities = []
+    for name in report["tta"]["views"]:
+        corner, mirrored = name.replace(" flipped", "").replace("horizontal flip", "identity"), "flip" in name
+        rows = []
+        for path in paths:
+            pixels = np.asarray(Image.open(path).convert("RGB"))
+            pixels = pixels[cuts[corner]] if corner in cuts else pixels
+            rows.append(Image.fromarray(pixels))
+        logits = model.logits(rows, mirror=mirrored)
+        assert report["tta"]["per_view"][name] == pytest.approx(float((logits.argmax(1) == labels).mean())), name
+        probabilities.append(softmax(logits.astype(np.float64)))
+    averaged = np.mean(probabilities, 0)
+    assert report["tta"]["accuracy"] == pytest.approx(float((averaged.argmax(1) == labels).mean()))
+    assert len(set(report["tta"]["per_view"].values())) > 1  # the views really differ
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = CliRunner().invoke(cli.app, ["predict", *map(str, paths), str(tmp_path / "broken.png"), "--onnx",
+                                          str(tmp_path / "linear.onnx"), "--tta-crops", "--top-k", "2", "-o",
+                                          str(tmp_path / "p.json"), "-q"])
+    assert result.exit_code == 0, result.output
+    predicted = json.loads((tmp_path / "p.json").read_text())
+    assert predicted[-1]["error"] and "1 unreadable image(s)" in result.output
+    for row, record in enumerate(predicted[:-1]):
+        order = np.argsort(-averaged[row])[:2]
+        assert record["indices"] == order.tolist()
+        assert record["probabilities"] == pytest.approx(averaged[row][order].tolist(), rel=1e-5)
+
+
 def test_finetune_and_evaluate_report_their_mistakes(tmp_path, runner):
     """report.json and top_losses.png at the end of finetune; evaluate --tta -o: both accuracies and the plot."""
     from transfer.train import FinetuneConfig, finetune
@@ -75,6 +138,13 @@ def test_finetune_and_evaluate_report_their_mistakes(tmp_path, runner):
     record = json.loads((tmp_path / "e.json").read_text())
     assert f"with test-time augmentation (image + mirror): accuracy {record['tta']['accuracy']:.4f}" in result.output
     assert record["accuracy"] == record["tta"]["accuracy_without"] and (tmp_path / "worst.png").exists()
+    crops = runner.invoke(cli.app, ["evaluate", str(data), "--run", str(tmp_path / "run"), "--tta-crops",
+                                    "--json", str(tmp_path / "c.json"), "-q"])
+    assert crops.exit_code == 0, crops.output
+    record = json.loads((tmp_path / "c.json").read_text())
+    assert "image, 4 corners and their mirrors" in crops.output and len(record["tta"]["per_view"]) == 10
+    assert record["tta"]["per_view"]["horizontal flip"] == json.loads((tmp_path / "e.json").read_text())[
+        "tta"]["per_view"]["horizontal flip"]
     bad = runner.invoke(cli.app, ["evaluate", str(data), "--run", str(tmp_path / "run"), "-o", str(tmp_path / "x.jpg")])
     assert bad.exit_code == 2 and "is a .png file" in bad.output
 
@@ -145,7 +215,7 @@ def test_ema_follows_the_decay_formula_for_two_steps(tmp_path):
     model, _, _ = trainer.build_model(None)
     trainer.model, trainer.ema = model, ModelEmaV3(model, decay=0.5)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    stage = Stage("scratch", 1, ("",), "sgd", 0.1, False, False)
+    stage = Stage("scratch", 1, ("",), "sgd", 0.1, "constant", False)
     snapshots = [{k: v.clone() for k, v in model.state_dict().items()}]
     for step in range(2):
         inputs, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
@@ -158,14 +228,14 @@ def test_ema_follows_the_decay_formula_for_two_steps(tmp_path):
     assert not torch.allclose(ema["head.fc3.weight"], snapshots[2]["head.fc3.weight"])
 
 
-def test_a_resumed_run_with_ema_equals_the_straight_run(tmp_path):
+def test_a_resumed_run_with_ema_and_one_cycle_equals_the_straight_run(tmp_path):
     from safetensors.torch import load_file
 
     from transfer.train import FinetuneConfig, finetune, load_checkpoint
 
     data = digits_folder(tmp_path / "digits", per_class=6, size=32, classes=3)
     config = FinetuneConfig(backbone="lenet5", epochs_head=3, epochs_finetune=0, ema=0.9, workers=0, batch_size=6,
-                            augment=False)
+                            augment=False, schedule="one-cycle")
     straight = finetune(data, config, output=tmp_path / "straight", device="cpu", log=lambda _: None)
 
     def stop(row):
@@ -183,6 +253,62 @@ def test_a_resumed_run_with_ema_equals_the_straight_run(tmp_path):
     assert all(np.allclose(best_a[k].numpy(), best_b[k].numpy(), atol=1e-6) for k in best_a)
     assert straight.report["best_weights"] == resumed.report["best_weights"]
     assert straight.best_val_loss == pytest.approx(resumed.best_val_loss, abs=1e-6)
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+
+
+def fastai_one_cycle(step: int, total: int, lr: float) -> float:
+    """fastai's combined_cos(0.25, lr/25, lr, lr/1e5), written out independently."""
+    warm = round(total * 0.25)
+    if step < warm:
+        position, start, end = step / warm, lr / 25, lr
+    else:
+        position, start, end = (step - warm) / (total - warm), lr, lr / 1e5
+    return start + (1 + np.cos(np.pi * (1 - position))) * (end - start) / 2
+
+
+def test_one_cycle_follows_fastai_per_batch_in_every_stage():
+    """--schedule one-cycle: each stage's rate, read per batch from the optimizer, is fastai's curve over the
+    stage's steps, for every parameter group (discriminative rates keep their ratio)."""
+    import torch
+
+    from models.registry import get_backbone
+    from transfer.train import FinetuneConfig, make_scheduler, plan_stages
+
+    parameters = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD([{"params": [parameters[0]], "lr": 0.1}, {"params": [parameters[1]], "lr": 0.05}],
+                                momentum=0.9)
+    config = FinetuneConfig(backbone="efficientnet_lite0", schedule="one-cycle", epochs_head=2, epochs_finetune=3,
+                            workers=0).check()
+    stages = plan_stages(config, get_backbone("efficientnet_lite0"), True)
+    assert [stage.schedule for stage in stages] == ["one-cycle", "one-cycle"]
+    scheduler = make_scheduler(stages[1], optimizer, steps_per_epoch=4)
+    seen = []
+    for _ in range(12):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert [row[0] for row in seen] == pytest.approx([fastai_one_cycle(step, 12, 0.1) for step in range(12)])
+    assert [row[1] for row in seen] == pytest.approx([fastai_one_cycle(step, 12, 0.05) for step in range(12)])
+    assert max(row[0] for row in seen) == pytest.approx(0.1) and seen[0][0] == pytest.approx(0.004)
+
+
+def test_one_cycle_run_records_its_rates_per_epoch(tmp_path, runner):
+    """A from-scratch run with --schedule one-cycle: each epoch's row starts at the curve's value after the
+    batches before it; config.json says which schedule each stage had."""
+    data = digits_folder(tmp_path / "digits", per_class=8, size=32, classes=2)
+    result = runner.invoke(cli.app, ["finetune", str(data), "-b", "lenet5", "-o", str(tmp_path / "run"),
+                                     "--epochs-head", "3", "--epochs-finetune", "0", "--batch-size", "4",
+                                     "--schedule", "one-cycle", "--workers", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["settings"]["schedule"] == "one-cycle" and record["stages"][0]["schedule"] == "one-cycle"
+    rows = [line.split(",") for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()]
+    lrs = [float(row[rows[0].index("lr")]) for row in rows[1:]]
+    steps = -(-12 // 4)  # 12 training images (val split 0.2 of 16), batch 4
+    lr = record["stages"][0]["lr"]
+    assert lrs == pytest.approx([fastai_one_cycle(epoch * steps, 3 * steps, lr) for epoch in range(3)])
+    bad = runner.invoke(cli.app, ["finetune", str(data), "-b", "lenet5", "--schedule", "linear"])
+    assert bad.exit_code == 2 and "linear" in bad.output
 
 
 def test_lr_find_suggests_the_steepest_descent_inside_the_range():
@@ -232,3 +358,42 @@ def test_lr_find_command_and_finetune_auto_rates(tmp_path, runner):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["lr_find"]["scratch"]["suggestion"] == chosen
     bad = runner.invoke(cli.app, ["finetune", str(data), "-b", "lenet5", "--lr-head", "fast"])
     assert bad.exit_code == 2 and "--lr-head 'fast': give a number such as 1e-3, or auto" in bad.output
+
+
+def test_batch_size_probe_doubles_then_backs_off():
+    """The CUDA probe's search, with a stand-in for 'this batch fits the card' (the real one is a gpu test)."""
+    from transfer.batch_size import choose_batch_size, probe_batch_size
+    from transfer.errors import DeviceError
+
+    assert probe_batch_size(lambda batch: batch <= 48, limit=256) == (32, [
+        {"batch_size": 8, "fits": True}, {"batch_size": 16, "fits": True}, {"batch_size": 32, "fits": True},
+        {"batch_size": 64, "fits": False}])
+    assert probe_batch_size(lambda batch: True, limit=100)[0] == 64  # capped, a power of two
+    assert probe_batch_size(lambda batch: batch <= 3, limit=256)[0] == 2  # 8 and 4 ran out of memory
+    with pytest.raises(DeviceError, match="not even a batch of 1"):
+        probe_batch_size(lambda batch: False, limit=256)
+    import torch
+
+    cuda = torch.device("cuda", 0)
+    choice = choose_batch_size(cuda, 10_000, world_size=2, fits=lambda batch: batch <= 100)
+    assert choice["batch_size"] == 128 and choice["tried"][-1] == {"batch_size": 128, "fits": False}
+    assert choose_batch_size(torch.device("cpu"), 10_000, 1)["batch_size"] == 32
+    assert choose_batch_size(torch.device("cpu"), 200, 1)["batch_size"] == 16  # 200 / 8 = 25 -> 16
+    assert choose_batch_size(torch.device("cpu"), 20, 1)["batch_size"] == 8  # never below 8
+
+
+def test_batch_size_auto_on_cpu_is_recorded_and_kept_on_resume(tmp_path, runner):
+    data = digits_folder(tmp_path / "digits", per_class=40, size=32, classes=4)  # 128 training images -> 16
+    run = tmp_path / "run"
+    result = runner.invoke(cli.app, ["finetune", str(data), "-b", "lenet5", "-o", str(run), "--epochs-head", "1",
+                                     "--epochs-finetune", "0", "--batch-size", "auto", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "--batch-size auto: 16 (CPU: 32" in result.output
+    record = json.loads((run / "config.json").read_text())
+    assert record["settings"]["batch_size"] == 16 and record["batch_size_auto"]["device"] == "cpu"
+    more = runner.invoke(cli.app, ["finetune", str(data), "--resume", str(run), "--epochs-head", "2", "-q"])
+    assert more.exit_code == 0, more.output
+    record = json.loads((run / "config.json").read_text())
+    assert record["settings"]["batch_size"] == 16 and record["batch_size_auto"]["batch_size"] == 16
+    bad = runner.invoke(cli.app, ["finetune", str(data), "-b", "lenet5", "--batch-size", "big"])
+    assert bad.exit_code == 2 and "--batch-size 'big': give a positive integer such as 32, or auto" in bad.output

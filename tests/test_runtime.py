@@ -50,9 +50,10 @@ def test_runtime_without_torch_matches_evaluate(lenet_onnx):
     assert result.returncode == 0, result.stderr
     runtime_top1 = json.loads(result.stdout)
     # evaluate's confusion matrix rows follow the sorted sample order per class: rebuild its predictions
-    from transfer.evaluate import _run_logits
+    from transfer.evaluate import _run_model
 
-    torch_logits, _ = _run_logits(run_dir, [Path(p) for p in images], 32, "cpu")
+    run_logits, _ = _run_model(run_dir, 32, "cpu")
+    torch_logits = run_logits([Path(p) for p in images], None, False)
     assert runtime_top1 == torch_logits.argmax(1).tolist()
     agree = np.mean([int(Path(p).parent.name) == t for p, t in zip(images, runtime_top1, strict=True)])
     assert agree == pytest.approx(report["accuracy"])
@@ -83,6 +84,18 @@ def test_predict_cuda_without_cuda_exits_2(lenet_onnx, runner):
     path, _, data = lenet_onnx
     result = runner.invoke(cli.app, ["predict", str(data), "--onnx", str(path), "--device", "cuda"])
     assert result.exit_code == 2 and "CUDAExecutionProvider" in result.output
+
+
+def test_a_cuda_session_that_falls_back_to_cpu_is_an_error(lenet_onnx, monkeypatch):
+    """onnxruntime asked for the CUDA provider it cannot start runs on CPU with a warning; we refuse it. Here the
+    CPU build is told CUDA is available, so the session really falls back."""
+    import onnxruntime as ort
+
+    from transfer.errors import DeviceError
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(DeviceError, match="fell back to CPUExecutionProvider"):
+        OnnxModel(lenet_onnx[0], device="cuda")
 
 
 def test_predict_lists_unreadable_and_predicts_the_rest(lenet_onnx, runner, tmp_path):

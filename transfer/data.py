@@ -17,7 +17,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from transfer.distributed import World
 from transfer.images import open_image
-from transfer.preprocess import INTERPOLATIONS, Preprocessing, decode_size, eval_array, normalize
+from transfer.preprocess import (
+    INTERPOLATIONS,
+    Preprocessing,
+    corner_crop,
+    decode_size,
+    eval_array,
+    normalize,
+)
 from transfer.scan import Sample, ScanReport
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -109,10 +116,16 @@ class ImageDataset(Dataset):
         return self.transform(image), -1 if sample.label is None else sample.label
 
 
-def eval_dataset(samples: Sequence[Sample], prep: Preprocessing) -> ImageDataset:
+def eval_dataset(samples: Sequence[Sample], prep: Preprocessing, corner: str | None = None) -> ImageDataset:
     """THE evaluation input pipeline (reduced-scale JPEG decode, resize, centre crop, normalize): training's
-    validation, `evaluate` and `extract` use it, and the ONNX runtime decodes the same way."""
-    return ImageDataset(samples, eval_transform(prep), draft_size=decode_size(prep))
+    validation, `evaluate` and `extract` use it, and the ONNX runtime decodes the same way. `corner`: a
+    test-time-augmentation view, that corner of the decoded image (`corner_crop`) before the rest."""
+    plain = eval_transform(prep)
+
+    def cornered(image: Image.Image) -> torch.Tensor:
+        return plain(corner_crop(image, corner))
+
+    return ImageDataset(samples, plain if corner is None else cornered, draft_size=decode_size(prep))
 
 
 def default_workers() -> int:

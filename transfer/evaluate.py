@@ -11,6 +11,7 @@ from transfer.errors import DataError
 from transfer.interpret import most_confused, plot_top_losses, softmax, top_losses
 from transfer.metrics import classification_report
 from transfer.options import check_int
+from transfer.preprocess import tta_views
 from transfer.progress import SILENT, Progress
 from transfer.scan import ScanReport, scan_folder
 
@@ -26,13 +27,13 @@ def evaluation_samples(report: ScanReport):
 
 def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_size: int = 32,
              device: str = "auto", progress: Progress = SILENT, tta: bool = False,
-             top_losses_plot: str | os.PathLike | None = None) -> dict:
+             top_losses_plot: str | os.PathLike | None = None, tta_crops: bool = False) -> dict:
     """Evaluate a run directory (PyTorch, best weights) or a .onnx classifier (onnxruntime) on a labelled folder.
 
     The folder's classes are matched to the model's by name; a class the model does not know is an error. The
     report adds the most-confused class pairs and the most confidently wrong images (plotted to
-    `top_losses_plot`); with `tta`, also the accuracy of the average of the image's and its mirror's
-    probabilities (test-time augmentation), next to the plain accuracy, which stays `accuracy`.
+    `top_losses_plot`); with `tta` (`tta_crops`), also the accuracy of the average of the probabilities over the
+    views of `tta_views`, and each view's own accuracy, next to the plain accuracy, which stays `accuracy`.
     """
     model_path = Path(model_path)
     check_int(batch_size, "--batch-size", 1)
@@ -41,47 +42,52 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_s
 
         onnx_model = OnnxModel(model_path, device=device)
         onnx_model.require_classifier()
+        classes = onnx_model.classes
+
+        def view_logits(paths, corner, mirror, advance):
+            return onnx_model.logits(paths, batch_size=batch_size, progress=advance, mirror=mirror, corner=corner)
     else:
         from transfer.train import load_run_config
 
         load_run_config(model_path)  # a damaged or missing run fails before the folder is scanned
+        run_logits, classes = _run_model(model_path, batch_size, device)
+
+        def view_logits(paths, corner, mirror, advance):
+            return run_logits(paths, corner, mirror, advance)
     report = scan_folder(data_dir, progress=progress)
-    samples = evaluation_samples(report)
-    paths = [s.path for s in samples]
-    views = (False, True) if tta else (False,)
-    outputs = []
-    for flip in views:
-        with progress.task("evaluating (mirrored)" if flip else "evaluating", total=len(paths),
-                           unit="images") as advance:
-            if model_path.suffix == ".onnx":
-                classes = onnx_model.classes
-                outputs.append(onnx_model.logits(paths, batch_size=batch_size, progress=advance, mirror=flip))
-            else:
-                logits, classes = _run_logits(model_path, paths, batch_size, device, advance, flip)
-                outputs.append(logits)
-    logits = outputs[0]
     unknown = [c for c in report.classes if c not in classes]
     if unknown:
         raise DataError(f"{data_dir}: class(es) {', '.join(unknown)} unknown to the model (it knows {classes})")
+    samples = evaluation_samples(report)
+    paths = [s.path for s in samples]
+    views = tta_views(tta, tta_crops)
+    outputs = []
+    for name, corner, mirror in views:
+        with progress.task("evaluating" if corner is None and not mirror else f"evaluating ({name})",
+                           total=len(paths), unit="images") as advance:
+            outputs.append(np.asarray(view_logits(paths, corner, mirror, advance)))
+    logits = outputs[0]
     mapping = np.array([classes.index(c) for c in report.classes])
     y_true = mapping[[s.label for s in samples]]
-    result = classification_report(y_true.tolist(), np.asarray(logits).argmax(1).tolist(), classes)
+    result = classification_report(y_true.tolist(), logits.argmax(1).tolist(), classes)
     worst = top_losses(logits, y_true, classes, paths)
     result.update(model=str(model_path), data=str(data_dir),
                   most_confused=most_confused(result["confusion_matrix"], classes), top_losses=worst,
                   skipped=[{"path": s.path, "reason": s.reason} for s in report.skipped])
-    if tta:
-        averaged = np.mean([softmax(np.asarray(o, dtype=np.float64)) for o in outputs], axis=0)
-        result["tta"] = {"views": ["identity", "horizontal flip"],
+    if len(views) > 1:
+        averaged = np.mean([softmax(o.astype(np.float64)) for o in outputs], axis=0)
+        result["tta"] = {"views": [name for name, _, _ in views],
                          "accuracy": float((averaged.argmax(1) == y_true).mean()),
-                         "accuracy_without": result["accuracy"]}
+                         "accuracy_without": result["accuracy"],
+                         "per_view": {name: float((o.argmax(1) == y_true).mean())
+                                      for (name, _, _), o in zip(views, outputs, strict=True)}}
     if top_losses_plot is not None:
         plot_top_losses(worst, top_losses_plot, title=f"{Path(model_path).name}: most confidently wrong")
     return result
 
 
-def _run_logits(run_dir: Path, paths: list[Path], batch_size: int, device: str,
-                advance=None, flip: bool = False) -> tuple[np.ndarray, list[str]]:
+def _run_model(run_dir: Path, batch_size: int, device: str):
+    """(logits of paths for a view, class names) of a run's best weights on `device`, loaded once."""
     import torch
 
     from transfer.data import eval_dataset, make_loader
@@ -93,13 +99,17 @@ def _run_logits(run_dir: Path, paths: list[Path], batch_size: int, device: str,
     target = resolve_device(device)
     model.to(target)
     prep = Preprocessing.from_dict(config["preprocessing"])
-    loader = make_loader(eval_dataset([Sample(p, None) for p in paths], prep), batch_size,
-                         device=target.type)
-    outputs = []
-    with torch.no_grad():
-        for images, _ in loader:
-            images = images.flip(3) if flip else images
-            outputs.append(model(images.to(target)).float().cpu().numpy())
-            if advance is not None:
-                advance(len(images))
-    return np.concatenate(outputs), list(config["classes"])
+
+    def run_logits(paths: list[Path], corner: str | None, mirror: bool, advance=None) -> np.ndarray:
+        loader = make_loader(eval_dataset([Sample(p, None) for p in paths], prep, corner), batch_size,
+                             device=target.type)
+        outputs = []
+        with torch.no_grad():
+            for images, _ in loader:
+                images = images.flip(3) if mirror else images
+                outputs.append(model(images.to(target)).float().cpu().numpy())
+                if advance is not None:
+                    advance(len(images))
+        return np.concatenate(outputs) if outputs else np.zeros((0, len(config["classes"])), np.float32)
+
+    return run_logits, list(config["classes"])

@@ -52,10 +52,11 @@ def write_predictions(path: str | os.PathLike, results: list[Prediction]) -> Non
         raise TransferError(f"--output {path}: use a .csv or .json file")
 
 
-def shard_fingerprint(onnx: str | os.PathLike, paths: list[Path], top_k: int, batch_size: int, shards: int) -> str:
+def shard_fingerprint(onnx: str | os.PathLike, paths: list[Path], top_k: int, batch_size: int, shards: int,
+                      views: int = 1) -> str:
     """Names one sharded job (model, inputs, settings): parts of another job are never merged into this one."""
     digest = hashlib.sha256()
-    for item in (str(Path(onnx).resolve()), top_k, batch_size, shards, *(os.fsencode(p) for p in paths)):
+    for item in (str(Path(onnx).resolve()), top_k, batch_size, shards, views, *(os.fsencode(p) for p in paths)):
         digest.update(item if isinstance(item, bytes) else str(item).encode())
         digest.update(b"\0")
     return digest.hexdigest()[:16]

@@ -199,6 +199,36 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
+CORNER_FRACTION = 0.875  # each side of a corner view (224 of 256, the classic ten-crop ratio)
+
+
+TTA_FLIP = (("identity", None, False), ("horizontal flip", None, True))
+TTA_CROPS = tuple((f"{corner}{' flipped' if mirror else ''}", corner, mirror)
+                  for corner in CORNERS for mirror in (False, True))
+
+
+def tta_views(tta: bool = False, tta_crops: bool = False) -> tuple[tuple[str, str | None, bool], ...]:
+    """(name, corner, mirror) of each test-time-augmentation view: the image alone; with `tta` also its mirror;
+    with `tta_crops` also the four corners (CORNER_FRACTION of each side) and their mirrors, ten views like the
+    classic ten-crop. Their softmax probabilities are averaged."""
+    if tta_crops:
+        return TTA_FLIP + TTA_CROPS
+    return TTA_FLIP if tta else TTA_FLIP[:1]
+
+
+def corner_crop(image: Image.Image, corner: str, fraction: float = CORNER_FRACTION) -> Image.Image:
+    """The `corner` part of the decoded image, `fraction` of each side (a test-time-augmentation view; the
+    normal resize and centre crop follow)."""
+    if corner not in CORNERS:
+        raise ValueError(f"unknown corner {corner!r}; use one of {', '.join(CORNERS)}")
+    width, height = image.size
+    crop_width, crop_height = max(1, round(width * fraction)), max(1, round(height * fraction))
+    left = 0 if corner.endswith("left") else width - crop_width
+    top = 0 if corner.startswith("top") else height - crop_height
+    return image.crop((left, top, left + crop_width, top + crop_height))
+
+
 def normalize(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """uint8 HWC RGB -> float32 CHW, scaled to [0, 1] then normalized by mean/std."""
     array = pixels.astype(np.float32) / np.float32(255.0)

@@ -5,6 +5,7 @@ The schedule in a few lines (see `plan_stages`):
                    on cached pooled features when stage 1 runs without augmentation ("bottleneck features").
   stage "finetune" the top `unfreeze` groups + head trained with SGD momentum 0.9 at lr_finetune, cosine schedule.
   stage "scratch"  (classic nets, --no-pretrained) everything trained from the start, AdamW, cosine schedule.
+With `--schedule one-cycle` every stage follows fastai's one-cycle curve instead, stepped per batch.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class FinetuneConfig:
     epochs_head: int = 3
     epochs_finetune: int = 3
     unfreeze: str = "2"
-    batch_size: int = 32
+    batch_size: int | str = 32  # or "auto" (transfer.batch_size), replaced by the chosen size when the run starts
     lr_head: float | str = 1e-3  # or "auto": the learning-rate range test picks it when the stage starts
     lr_finetune: float | str = 1e-4
     head_optimizer: str = "adamw"
@@ -79,6 +80,7 @@ class FinetuneConfig:
     cutmix: float = 0.0  # the same for CutMix; with both set, each batch uses one of them
     lr_decay: float = 1.0  # stage 2: the k-th unfrozen group from the top trains at lr_finetune * lr_decay**k
     ema: float = 0.0  # decay of timm's model EMA, updated every step; 0 is off
+    schedule: str = "cosine"  # or "one-cycle": fastai's warm-up then anneal, per batch, in every stage
 
     def check(self) -> FinetuneConfig:
         """Every value in range before any work; an `OptionError` names the flag (exit code 2)."""
@@ -93,7 +95,8 @@ class FinetuneConfig:
         staged = self.pretrained is not False and (spec.has_pretrained or self.weights is not None)
         if staged:  # from-scratch runs train everything in one stage and ignore --unfreeze
             self.unfreeze = parse_unfreeze(self.unfreeze, [g.name for g in spec.unfreeze_groups])
-        check_int(self.batch_size, "--batch-size", 1)
+        if self.batch_size != "auto":
+            check_int(self.batch_size, "--batch-size", 1)
         for name in ("lr_head", "lr_finetune"):
             if getattr(self, name) != "auto":
                 check_float(getattr(self, name), flag_of(name), 0.0, 10.0, low_open=True)
@@ -112,6 +115,7 @@ class FinetuneConfig:
         check_float(self.cutmix, "--cutmix", 0.0, 10.0)
         check_float(self.lr_decay, "--lr-decay", 0.0, 1.0, low_open=True)
         check_float(self.ema, "--ema", 0.0, 0.99999)
+        check_choice(self.schedule, "--schedule", SCHEDULES)
         if self.workers is not None:
             check_int(self.workers, "--workers", 0, 64)
         if self.weights is not None and not Path(self.weights).is_file():
@@ -122,6 +126,7 @@ class FinetuneConfig:
 
 
 HEAD_OPTIMIZERS = ("adamw", "rmsprop", "sgd")
+SCHEDULES = ("cosine", "one-cycle")
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,7 @@ class Stage:
     prefixes: tuple[str, ...]  # backbone module prefixes that train ("" = all); the head always trains
     optimizer: str
     lr: float
-    cosine: bool
+    schedule: str  # "constant" or "cosine" (stepped per epoch), "one-cycle" (stepped per batch)
     cached: bool
 
 
@@ -147,15 +152,17 @@ class FinetuneResult:
 
 def plan_stages(config: FinetuneConfig, spec: BackboneSpec, pretrained: bool) -> list[Stage]:
     """The staged schedule; from-scratch models get a single stage that trains everything."""
+    one_cycle = config.schedule == "one-cycle"
     if not pretrained:
         return [Stage("scratch", config.epochs_head + config.epochs_finetune, ("",), config.head_optimizer,
-                      config.lr_head, True, False)]
+                      config.lr_head, config.schedule, False)]
     mixing = config.mixup > 0 or config.cutmix > 0  # mixes images, so stage 1 runs on them, not on a cache
     cached = config.cache_features if config.cache_features is not None else not (config.augment or mixing)
     return [
-        Stage("head", config.epochs_head, (), config.head_optimizer, config.lr_head, False, cached),
+        Stage("head", config.epochs_head, (), config.head_optimizer, config.lr_head,
+              "one-cycle" if one_cycle else "constant", cached),
         Stage("finetune", config.epochs_finetune, tuple(group_prefixes(spec, config.unfreeze)), "sgd",
-              config.lr_finetune, True, False),
+              config.lr_finetune, config.schedule, False),
     ]
 
 
@@ -191,10 +198,14 @@ def make_optimizer(stage: Stage, model: nn.Module, weight_decay: float,
     raise TransferError(f"unknown optimizer {stage.optimizer!r}; use adamw, rmsprop or sgd")
 
 
-def make_scheduler(stage: Stage, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """Cosine from the stage's rate down to 1% of it; with discriminative rates (several parameter groups) each
-    group from its own rate to 1% of its own, so the groups keep their ratios."""
-    if stage.cosine:
+def make_scheduler(stage: Stage, optimizer: torch.optim.Optimizer,
+                   steps_per_epoch: int = 1) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine from the stage's rate down to 1% of it (per epoch), or one-cycle over the stage's batches; with
+    discriminative rates (several parameter groups) each group follows the curve from its own rate, so the groups
+    keep their ratios."""
+    if stage.schedule == "one-cycle":
+        return one_cycle(optimizer, max(1, stage.epochs) * steps_per_epoch)
+    if stage.schedule == "cosine":
         if len(optimizer.param_groups) > 1:
             return cosine_to_one_percent(optimizer, max(1, stage.epochs))
         return torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -206,6 +217,23 @@ def cosine_to_one_percent(optimizer: torch.optim.Optimizer, epochs: int) -> torc
     """CosineAnnealingLR's curve with eta_min = 1% of each group's own starting rate."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda epoch: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(epoch, epochs) / epochs)))
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, steps: int, warmup: float = 0.25, div: float = 25.0,
+              div_final: float = 1e5) -> torch.optim.lr_scheduler.LambdaLR:
+    """fastai's `fit_one_cycle` rate: cosine up from lr/div to lr over the first `warmup` of the steps, then cosine
+    down to lr/div_final; a factor of each group's own rate. (fastai also cycles momentum; we keep SGD's 0.9.)"""
+    warm = max(1, round(steps * warmup))
+
+    def cosine(start: float, end: float, position: float) -> float:
+        return start + (1 + math.cos(math.pi * (1 - position))) * (end - start) / 2
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return cosine(1 / div, 1.0, step / warm)
+        return cosine(1.0, 1 / div_final, min(1.0, (step - warm) / max(1, steps - warm)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -226,6 +254,7 @@ class Trainer:
         self.ema = None  # timm ModelEmaV3 of the whole model with --ema
         self.lr_found: dict[str, dict] = {}  # stage name -> the range test's choice, for config.json
         self.lr_results: list = []  # this session's range tests, for lr_find.png
+        self.batch_choice: dict | None = None  # how --batch-size auto chose, for config.json
         self.on_batch = on_batch  # (description, batches done, batches in the epoch): a hook for callers
         self.progress = progress
         self.data_dir = Path(data_dir).resolve()
@@ -329,7 +358,8 @@ class Trainer:
 
     # --- one epoch ---------------------------------------------------------------------------------------------
     def train_epoch(self, model: TransferModel, stage: Stage, optimizer, epoch: int,
-                    label: str = "") -> tuple[float, float]:
+                    label: str = "", batch_scheduler=None) -> tuple[float, float]:
+        """One pass over the training images (or cached features); `batch_scheduler` steps after every batch."""
         torch.manual_seed(epoch_seed(self.config.seed, epoch))
         train_mode(model, list(stage.prefixes), batchnorm_stats=stage.name == "scratch" or self.config.bn_stats)
         if stage.cached:
@@ -349,6 +379,8 @@ class Trainer:
                                 min_seconds=0) as advance:
             for step, (inputs, targets) in enumerate(batches):
                 loss_sum, logits, targets = self.train_step(forward, optimizer, inputs, targets, stage, epoch, step)
+                if batch_scheduler is not None:
+                    batch_scheduler.step()
                 total_loss += loss_sum
                 correct += int((logits.argmax(1) == targets).sum())
                 count += len(targets)
@@ -425,6 +457,21 @@ class Trainer:
                 write_json(self.run_dir / "config.json", record)
         return replace(stage, lr=found["suggestion"])
 
+    def choose_batch_size(self, model: TransferModel, widest: Stage) -> None:
+        """Resolve `--batch-size auto` before the first stage (see transfer.batch_size); every rank takes the
+        smallest of the ranks' choices. The choice becomes the run's batch size, kept on resume."""
+        from transfer.batch_size import choose_batch_size, cuda_fits
+
+        fits = None
+        if self.device.type == "cuda":
+            set_trainable(model, list(widest.prefixes))
+            train_mode(model, list(widest.prefixes), batchnorm_stats=widest.name == "scratch" or self.config.bn_stats)
+            fits = cuda_fits(model, self.prep.input_size, self.device, self.autocast)
+        choice = choose_batch_size(self.device, len(self.train_samples), self.world.size, fits)
+        choice["batch_size"] = min(self.world.gather(choice["batch_size"]))
+        self.batch_choice, self.config.batch_size = choice, choice["batch_size"]
+        self.log(f"--batch-size auto: {choice['batch_size']} ({choice['rule']})")
+
     def lr_groups(self, model: TransferModel, stage: Stage) -> list[dict] | None:
         """Stage 2 with --lr-decay below 1: one parameter group per unfrozen group, lower rates further down."""
         if stage.name != "finetune" or self.config.lr_decay == 1.0:
@@ -459,6 +506,10 @@ class Trainer:
             if resume_state is not None and "ema" in resume_state:
                 self.ema.module.load_state_dict(resume_state["ema"])
         stages = plan_stages(self.config, self.spec, pretrained)
+        if saved is not None:
+            self.batch_choice = saved.get("batch_size_auto")
+        if self.config.batch_size == "auto":
+            self.choose_batch_size(model, stages[-1])
         self.log(f"{self.spec.name}: weights from {source}; {len(self.classes)} classes, "
                  f"{len(self.train_samples)} train / {len(self.val_samples)} val images, "
                  f"{len(self.scan.skipped)} skipped; device {self.device}")
@@ -481,7 +532,8 @@ class Trainer:
             stage = stages[stage_index] = self.resolve_lr(model, stage)
             self.parallel = self.data_parallel(model.head if stage.cached else model)
             optimizer = make_optimizer(stage, model, self.config.weight_decay, self.lr_groups(model, stage))
-            scheduler = make_scheduler(stage, optimizer)
+            steps_per_epoch = math.ceil(len(self.train_samples) / self.config.batch_size)
+            scheduler = make_scheduler(stage, optimizer, steps_per_epoch)
             start = 0
             if resume_state is not None and stage_index == resume_state["stage_index"]:
                 optimizer.load_state_dict(resume_state["optimizer"])
@@ -489,7 +541,7 @@ class Trainer:
                 start = resume_state["stage_epoch"]
                 saved_epochs = saved["stages"][stage_index]["epochs"] if saved else stage.epochs
                 if stage.epochs > saved_epochs:
-                    scheduler = fresh_tail(stage, optimizer, start, stage_finished=start >= saved_epochs)
+                    scheduler = fresh_tail(stage, optimizer, start, start >= saved_epochs, steps_per_epoch)
                     state["bad_epochs"] = 0
                     self.log(f"stage {stage.name} extended from {saved_epochs} to {stage.epochs} epochs")
             else:
@@ -509,15 +561,18 @@ class Trainer:
         started = time.perf_counter()
         epoch = state["epoch"] + 1
         lr = optimizer.param_groups[0]["lr"]
+        per_batch = stage.schedule == "one-cycle"
         train_loss, train_acc = self.train_epoch(model, stage, optimizer, epoch,
-                                                 f"{stage.name} {stage_epoch}/{stage.epochs} (epoch {epoch})")
+                                                 f"{stage.name} {stage_epoch}/{stage.epochs} (epoch {epoch})",
+                                                 batch_scheduler=scheduler if per_batch else None)
         val_loss, val_acc, _, _ = self.validate(model, stage)
         candidate, candidate_loss, candidate_acc, source = model, val_loss, val_acc, "model"
         if self.ema is not None:
             ema_loss, ema_acc, _, _ = self.validate(self.ema.module, stage)
             if math.isfinite(ema_loss) and ema_loss < val_loss:
                 candidate, candidate_loss, candidate_acc, source = self.ema.module, ema_loss, ema_acc, "ema"
-        scheduler.step()
+        if not per_batch:
+            scheduler.step()
         row = {"stage": stage.name, "epoch": epoch, "stage_epoch": stage_epoch, "lr": lr, "train_loss": train_loss,
                "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
                "seconds": round(time.perf_counter() - started, 3)}
@@ -602,15 +657,19 @@ class Trainer:
             "versions": {"transfer": __version__, "torch": torch.__version__, "timm": timm.__version__},
             **({"extensions": history} if history else {}),
             **({"lr_find": self.lr_found} if self.lr_found else {}),
+            **({"batch_size_auto": self.batch_choice} if self.batch_choice else {}),
         })
 
 
-def fresh_tail(stage: Stage, optimizer: torch.optim.Optimizer, done: int, stage_finished: bool):
+def fresh_tail(stage: Stage, optimizer: torch.optim.Optimizer, done: int, stage_finished: bool,
+               steps_per_epoch: int = 1):
     """The schedule for a stage extended on resume: a new cosine over its remaining epochs, from the stage's base
     rate when the stage had finished (a warm restart), else from the rate it had reached. Constant-rate stages
-    simply continue."""
-    if not stage.cosine:
+    simply continue; a one-cycle stage runs a new cycle over its remaining epochs, up to each group's own rate."""
+    if stage.schedule == "constant":
         return make_scheduler(stage, optimizer)
+    if stage.schedule == "one-cycle":
+        return one_cycle(optimizer, max(1, stage.epochs - done) * steps_per_epoch)
     if len(optimizer.param_groups) > 1:  # discriminative rates: every group restarts in proportion
         factor = 1.0 if stage_finished else optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["initial_lr"]
         for group in optimizer.param_groups:
