@@ -3,7 +3,10 @@
 Every comparison runs its sides interleaved in one process after a warm-up (rounds of: onnxruntime fp32, onnxruntime
 int8, PyTorch eager NCHW, PyTorch eager channels_last), so a noisy neighbour hits all sides alike. PyTorch's row is
 the better of NCHW and channels_last. Backbones without offline weights run with random weights: speed does not
-depend on them (int8 speed neither; its answers are judged elsewhere). The GPU suite is issue 13's.
+depend on them (int8 speed neither; its answers are judged elsewhere).
+
+`python benchmarks/run.py --suite gpu --out DIR` is the GPU suite (benchmarks/gpu_suite.py; on a lent card through
+benchmarks/gpu/run.sh, `--rehearse` on CPU). Its results_gpu.json, copied into benchmarks/, adds the GPU section.
 
 Also in the file: `predict` end to end on large JPEGs vs decode-only vs model-only (benchmarks/decode.py), and stage 1
 on cached features vs the frozen forward (benchmarks/stage1_cache.py), each rerun here.
@@ -24,6 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 MODELS = ("resnet50", "vgg16", "inception_v3", "efficientnet_lite0")
 
 
@@ -199,8 +203,19 @@ def markdown(record: dict) -> str:
               f"{record['stage1']['data']}: {record['stage1']['plain_seconds_per_epoch']} s per frozen-forward epoch "
               f"vs {record['stage1']['cached_seconds_per_later_epoch']} s per cached epoch "
               f"({record['stage1']['speedup_per_later_epoch']}x; over 3 epochs including the one feature pass "
-              f"{record['stage1']['speedup_over_3_epochs']}x).", "", *scaling_lines(), *serve_lines()]
+              f"{record['stage1']['speedup_over_3_epochs']}x).", "", *scaling_lines(), *serve_lines(), *gpu_lines()]
     return "\n".join(lines)
+
+
+def gpu_lines() -> list[str]:
+    """The GPU section, from a lent card's benchmarks/results_gpu.json when one has been copied in."""
+    path = ROOT / "benchmarks" / "results_gpu.json"
+    if not path.exists():
+        return ["## GPU", "", "Not measured yet: needs a session with a lent card (`bash benchmarks/gpu/run.sh`, "
+                "issue 13).", ""]
+    import gpu_suite
+
+    return gpu_suite.markdown(json.loads(path.read_text()))
 
 
 def serve_lines() -> list[str]:
@@ -275,14 +290,22 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per engine and batch size")
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--markdown-only", action="store_true", help="rewrite RESULTS.md from results_cpu.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks", help="GPU suite: where results_gpu.json goes")
+    parser.add_argument("--rehearse", action="store_true", help="GPU suite: run its code on CPU, small and short")
+    parser.add_argument("--compile", nargs="*", default=["resnet50"], help="GPU suite: models to torch.compile")
     args = parser.parse_args()
     if args.markdown_only:
         record = json.loads((ROOT / "benchmarks" / "results_cpu.json").read_text())
         (ROOT / "benchmarks" / "RESULTS.md").write_text(markdown(record))
         return 0
     if args.suite == "gpu":
-        print("the GPU suite needs a lent device (issue 13)", file=sys.stderr)
-        return 2
+        import gpu_suite
+
+        models = ["efficientnet_lite0"] if args.rehearse and args.models == list(MODELS) else args.models
+        record = gpu_suite.run_suite(args.out, args.rehearse, models, set(args.compile),
+                                     0.2 if args.rehearse else min(args.seconds, 1.0))
+        print("\n".join(gpu_suite.markdown(record)))
+        return 0
     record = {"machine": machine(), "models": []}
     with tempfile.TemporaryDirectory() as work:
         for name in args.models:

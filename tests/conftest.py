@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from transfer.samples import write_digits_folder
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or os.environ.get("TRANSFER_GPU_REHEARSAL") == "1":  # see tests/test_gpu.py
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
     for item in items:

@@ -1,0 +1,135 @@
+"""The CUDA paths, run for real on a GPU: every `--device cuda` command agrees with its CPU result.
+
+Marked `gpu` (skipped without CUDA; `benchmarks/gpu/run.sh` runs them on a lent card and saves their output in
+benchmarks/). `TRANSFER_GPU_REHEARSAL=1` runs the same tests with `cpu` in place of `cuda`, to rehearse them on a
+machine without a GPU: the CUDA-only checks (providers, memory probe) are then the only ones left out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import cli
+from tests.conftest import digits_folder
+from tests.test_finetune import random_weights_file
+
+pytestmark = pytest.mark.gpu
+REHEARSAL = os.environ.get("TRANSFER_GPU_REHEARSAL") == "1"
+DEVICE = "cpu" if REHEARSAL else "cuda"
+cuda_only = pytest.mark.skipif(REHEARSAL, reason="CUDA-only check (rehearsal on cpu)")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short staged run of efficientnet_lite0 (calibrated random weights: no download) on each device."""
+    from transfer.train import FinetuneConfig, finetune
+
+    root = tmp_path_factory.mktemp("gpu")
+    data = digits_folder(root / "digits", per_class=12, size=64, classes=3)
+    weights = random_weights_file(root, "efficientnet_lite0", size=64)
+    runs = {}
+    for name, device in (("reference", "cpu"), ("device", DEVICE)):
+        config = FinetuneConfig(backbone="efficientnet_lite0", input_size=64, epochs_head=2, epochs_finetune=1,
+                                batch_size=8, augment=False, workers=0, weights=str(weights), seed=0)
+        lines: list[str] = []
+        runs[name] = finetune(data, config, output=root / f"run-{name}", device=device, log=lines.append)
+        runs[name].lines = lines
+    return root, data, runs
+
+
+def metrics(run_dir) -> list[dict]:
+    rows = [line.split(",") for line in (run_dir / "metrics.csv").read_text().splitlines()]
+    return [dict(zip(rows[0], row, strict=True)) for row in rows[1:]]
+
+
+def test_finetune_trains_on_the_device_and_tracks_the_cpu_run(trained):
+    """Same seed, same data: the CUDA run (bf16 autocast, channels_last) follows the CPU run's losses within 5%
+    (bf16 rounds the forward pass) and says where it trained."""
+    _, _, runs = trained
+    assert any(f"device {DEVICE}" in line for line in runs["device"].lines), runs["device"].lines[:2]
+    cpu_rows, device_rows = metrics(runs["reference"].run_dir), metrics(runs["device"].run_dir)
+    assert len(cpu_rows) == len(device_rows) == 3
+    for a, b in zip(cpu_rows, device_rows, strict=True):
+        assert float(b["train_loss"]) == pytest.approx(float(a["train_loss"]), rel=0.05)
+        assert float(b["val_loss"]) == pytest.approx(float(a["val_loss"]), rel=0.05)
+
+
+def test_evaluate_extract_predict_bench_on_the_device_agree_with_cpu(trained, runner, tmp_path):
+    root, data, runs = trained
+    run = runs["reference"].run_dir
+    reports = {}
+    for name, device in (("reference", "cpu"), ("device", DEVICE)):
+        result = runner.invoke(cli.app, ["evaluate", str(data), "--run", str(run), "--device", device,
+                                         "--json", str(tmp_path / f"e-{name}.json"), "-q"])
+        assert result.exit_code == 0, result.output
+        reports[name] = json.loads((tmp_path / f"e-{name}.json").read_text())
+        result = runner.invoke(cli.app, ["extract", str(data), "--run", str(run), "--pool", "avg", "--device",
+                                         device, "-o", str(tmp_path / f"f-{name}.npy"), "-q"])
+        assert result.exit_code == 0, result.output
+    count = reports["reference"]["count"]
+    assert reports["device"]["accuracy"] == pytest.approx(reports["reference"]["accuracy"], abs=1 / count)
+    cpu_features, device_features = (np.load(tmp_path / f"f-{name}.npy") for name in ("reference", "device"))
+    scale = np.abs(cpu_features).max()
+    assert np.abs(device_features - cpu_features).max() <= 1e-2 * scale  # TF32 convolutions on the GPU
+
+    model = tmp_path / "model.onnx"
+    result = runner.invoke(cli.app, ["export", "--run", str(run), "-o", str(model), "-q"])
+    assert result.exit_code == 0, result.output
+    predictions = {}
+    for name, device in (("reference", "cpu"), ("device", DEVICE)):
+        result = runner.invoke(cli.app, ["predict", str(data), "--onnx", str(model), "--device", device,
+                                         "--top-k", "1", "-o", str(tmp_path / f"p-{name}.json"), "-q"])
+        assert result.exit_code == 0, result.output
+        predictions[name] = json.loads((tmp_path / f"p-{name}.json").read_text())
+    pairs = list(zip(predictions["reference"], predictions["device"], strict=True))
+    assert sum(a["labels"] == b["labels"] for a, b in pairs) >= len(pairs) - 1  # a near tie may flip
+    assert max(abs(a["probabilities"][0] - b["probabilities"][0]) for a, b in pairs) < 1e-2
+    result = runner.invoke(cli.app, ["bench", "--onnx", str(model), "--device", DEVICE, "--batch-sizes", "1,8",
+                                     "--seconds", "0.2", "--json", str(tmp_path / "bench.json"), "-q"])
+    assert result.exit_code == 0, result.output
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert [row["batch_size"] for row in bench["rows"]] == [1, 8]
+    assert all(row["images_per_s"] > 0 for row in bench["rows"])
+
+
+def test_onnxruntime_runs_on_the_cuda_provider_and_fp16_stays_within_tolerance(trained, tmp_path):
+    from exporters.export import export_onnx
+    from exporters.runtime import OnnxModel
+
+    _, data, runs = trained
+    record = export_onnx(tmp_path / "half.onnx", run=runs["reference"].run_dir, fp16=True)
+    assert max(record.max_rel_diff.values()) <= record.tolerance  # export verifies (and would refuse) it
+    model = OnnxModel(tmp_path / "half.onnx", device=DEVICE)
+    expected = "CPUExecutionProvider" if REHEARSAL else "CUDAExecutionProvider"
+    assert model.provider == expected and model.device == DEVICE
+    paths = sorted(data.rglob("*.png"))[:16]
+    on_device = model.logits(paths)
+    on_cpu = OnnxModel(tmp_path / "half.onnx", device="cpu").logits(paths)
+    assert np.abs(on_device - on_cpu).max() < 5e-2 * max(1.0, float(np.abs(on_cpu).max()))
+
+
+@cuda_only
+def test_batch_size_auto_probes_the_card_and_leaves_the_model_untouched(trained):
+    from models.registry import get_backbone
+    from models.weights import create_backbone
+    from transfer.batch_size import choose_batch_size, cuda_fits
+    from transfer.model import build_transfer_model
+
+    root, _, _ = trained
+    spec = get_backbone("efficientnet_lite0")
+    backbone, _ = create_backbone(spec, weights=str(root / "efficientnet_lite0.pth"))
+    device = torch.device("cuda", 0)
+    model = build_transfer_model(spec, backbone, 3, 224).to(device).to(memory_format=torch.channels_last).train()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    choice = choose_batch_size(device, 100_000, 1, cuda_fits(model, 224, device, autocast))
+    batch = choice["batch_size"]
+    assert batch >= 8 and batch & (batch - 1) == 0 and choice["tried"][0] == {"batch_size": 8, "fits": True}
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # BatchNorm statistics restored
+    assert all(p.grad is None for p in model.parameters())
