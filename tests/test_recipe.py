@@ -30,14 +30,10 @@ def test_most_confused_and_top_losses_by_hand():
     assert abs(worst[0]["loss"] + np.log(0.05)) < 1e-9 and abs(worst[1]["true_probability"] - 0.3) < 1e-9
 
 
-def mirror_symmetric_classifier(path, classes: list[str], size: int = 32) -> None:
-    """Global average pool -> linear: its logits cannot change when the image is mirrored."""
-    weights = np.random.default_rng(0).standard_normal((3, len(classes))).astype(np.float32)
+def classifier_file(path, classes: list[str], nodes: list, weights: np.ndarray, size: int) -> None:
+    """A tiny ONNX classifier (`nodes` from `input` to `logits`) with transfer's metadata, NCHW float input."""
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-         helper.make_node("Flatten", ["pooled"], ["flat"]),
-         helper.make_node("MatMul", ["flat", "weights"], ["logits"])],
-        "symmetric", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(classes)])],
         [numpy_helper.from_array(weights, "weights")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -47,6 +43,22 @@ def mirror_symmetric_classifier(path, classes: list[str], size: int = 32) -> Non
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(path))
+
+
+def mirror_symmetric_classifier(path, classes: list[str], size: int = 32) -> None:
+    """Global average pool -> linear: its logits cannot change when the image is mirrored."""
+    weights = np.random.default_rng(0).standard_normal((3, len(classes))).astype(np.float32)
+    classifier_file(path, classes, [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+                                    helper.make_node("Flatten", ["pooled"], ["flat"]),
+                                    helper.make_node("MatMul", ["flat", "weights"], ["logits"])], weights, size)
+
+
+def linear_classifier(path, classes: list[str], size: int = 8) -> None:
+    """Flatten -> linear on a size x size input: every pixel position has its own weights, so mirrored and
+    cropped views give different logits."""
+    weights = np.random.default_rng(1).standard_normal((3 * size * size, len(classes))).astype(np.float32)
+    classifier_file(path, classes, [helper.make_node("Flatten", ["input"], ["flat"]),
+                                    helper.make_node("MatMul", ["flat", "weights"], ["logits"])], weights, size)
 
 
 def test_tta_of_a_mirror_symmetric_model_equals_plain_evaluation(tmp_path):
@@ -57,24 +69,6 @@ def test_tta_of_a_mirror_symmetric_model_equals_plain_evaluation(tmp_path):
     assert report["tta"]["views"] == ["identity", "horizontal flip"]
     wrong = report["count"] - int(np.trace(np.asarray(report["confusion_matrix"])))
     assert len(report["top_losses"]) == min(9, wrong) and (tmp_path / "worst.png").stat().st_size > 1000
-
-
-def linear_classifier(path, classes: list[str], size: int = 8) -> None:
-    """Flatten -> linear on a size x size input: every pixel position has its own weights, so mirrored and
-    cropped views give different logits."""
-    weights = np.random.default_rng(1).standard_normal((3 * size * size, len(classes))).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Flatten", ["input"], ["flat"]), helper.make_node("MatMul", ["flat", "weights"], ["logits"])],
-        "linear", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(classes)])],
-        [numpy_helper.from_array(weights, "weights")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 10
-    meta = {**Preprocessing(size, 1.0, "bilinear").to_metadata(), "transfer.classes": json.dumps(classes),
-            "transfer.layout": "NCHW_float32", "transfer.output_kind": "logits", "transfer.layers": "{}"}
-    for key, value in meta.items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.save(model, str(path))
 
 
 def test_tta_crops_average_the_ten_views_cut_by_hand(tmp_path):
