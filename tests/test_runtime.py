@@ -94,7 +94,8 @@ def test_a_cuda_session_that_falls_back_to_cpu_is_an_error(lenet_onnx, monkeypat
     from transfer.errors import DeviceError
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    with pytest.raises(DeviceError, match="fell back to CPUExecutionProvider"):
+    with pytest.raises(DeviceError, match="fell back to CPUExecutionProvider"), \
+            pytest.warns(UserWarning, match="'CUDAExecutionProvider' is not in available provider names"):
         OnnxModel(lenet_onnx[0], device="cuda")
 
 
