@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from transfer.errors import DataError, DeviceError
 from transfer.images import BadImageError, as_rgb_image
+from transfer.interpret import softmax
 from transfer.preprocess import (
     LAYOUTS,
     OUTPUT_KINDS,
@@ -263,20 +264,21 @@ class OnnxModel:
             for rows, batch, errors in self.iter_batches(images, batch_size, corner=corner):
                 errors_by_row.update(errors)
                 if batch is not None:
-                    logits = self._class_logits(self.mirrored(batch) if mirror else batch).astype(np.float64)
-                    shifted = np.exp(logits - logits.max(1, keepdims=True))
-                    probabilities[rows] += shifted / shifted.sum(1, keepdims=True)
+                    logits = self._class_logits(self.mirrored(batch) if mirror else batch)
+                    probabilities[rows] += softmax(logits.astype(np.float64))
                 if progress is not None:
                     progress(len(rows) + len(errors))
         probabilities /= len(views)
         return [Prediction(_name(image), error=errors_by_row[row]) if row in errors_by_row
-                else self.top_k(_name(image), np.log(np.maximum(probabilities[row], 1e-300)), top_k)
+                else self.ranked(_name(image), probabilities[row], top_k)
                 for row, image in enumerate(images)]
 
     def top_k(self, name: str, logits: np.ndarray, top_k: int) -> Prediction:
         """One image's top-k labels and softmax probabilities from its logits."""
-        shifted = np.exp(logits - logits.max())
-        probabilities = shifted / shifted.sum()
+        return self.ranked(name, softmax(logits[None])[0], top_k)
+
+    def ranked(self, name: str, probabilities: np.ndarray, top_k: int) -> Prediction:
+        """One image's top-k labels from its class probabilities."""
         order = np.argsort(-probabilities)[:max(1, top_k)]
         labels = [self.classes[i] for i in order]
         return Prediction(name, [int(i) for i in order], labels, [float(probabilities[i]) for i in order])

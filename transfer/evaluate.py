@@ -50,10 +50,7 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_s
         from transfer.train import load_run_config
 
         load_run_config(model_path)  # a damaged or missing run fails before the folder is scanned
-        run_logits, classes = _run_model(model_path, batch_size, device)
-
-        def view_logits(paths, corner, mirror, advance):
-            return run_logits(paths, corner, mirror, advance)
+        view_logits, classes = _run_model(model_path, batch_size, device)
     report = scan_folder(data_dir, progress=progress)
     unknown = [c for c in report.classes if c not in classes]
     if unknown:

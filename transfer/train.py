@@ -152,7 +152,6 @@ class FinetuneResult:
 
 def plan_stages(config: FinetuneConfig, spec: BackboneSpec, pretrained: bool) -> list[Stage]:
     """The staged schedule; from-scratch models get a single stage that trains everything."""
-    one_cycle = config.schedule == "one-cycle"
     if not pretrained:
         return [Stage("scratch", config.epochs_head + config.epochs_finetune, ("",), config.head_optimizer,
                       config.lr_head, config.schedule, False)]
@@ -160,7 +159,7 @@ def plan_stages(config: FinetuneConfig, spec: BackboneSpec, pretrained: bool) ->
     cached = config.cache_features if config.cache_features is not None else not (config.augment or mixing)
     return [
         Stage("head", config.epochs_head, (), config.head_optimizer, config.lr_head,
-              "one-cycle" if one_cycle else "constant", cached),
+              "one-cycle" if config.schedule == "one-cycle" else "constant", cached),
         Stage("finetune", config.epochs_finetune, tuple(group_prefixes(spec, config.unfreeze)), "sgd",
               config.lr_finetune, config.schedule, False),
     ]
