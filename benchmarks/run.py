@@ -207,23 +207,28 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
+def saved_result(name: str) -> dict | None:
+    """benchmarks/NAME as written by its script, or None when it has not been run (or copied in) yet."""
+    path = ROOT / "benchmarks" / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def gpu_lines() -> list[str]:
     """The GPU section, from a lent card's benchmarks/results_gpu.json when one has been copied in."""
-    path = ROOT / "benchmarks" / "results_gpu.json"
-    if not path.exists():
+    record = saved_result("results_gpu.json")
+    if record is None:
         return ["## GPU", "", "Not measured yet: needs a session with a lent card (`bash benchmarks/gpu/run.sh`, "
                 "issue 13).", ""]
     import gpu_suite
 
-    return gpu_suite.markdown(json.loads(path.read_text()))
+    return gpu_suite.markdown(record)
 
 
 def serve_lines() -> list[str]:
     """`transfer serve` under load, from benchmarks/serve_load.json (rerun: `python benchmarks/serve_load.py`)."""
-    path = ROOT / "benchmarks" / "serve_load.json"
-    if not path.exists():
+    record = saved_result("serve_load.json")
+    if record is None:
         return []
-    record = json.loads(path.read_text())
     rows = [f"| {name} | {r['requests_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | "
             f"{r['server']['batches']} |" for name, r in record["results"].items()]
     return ["## transfer serve under load", "",
@@ -235,10 +240,9 @@ def serve_lines() -> list[str]:
 
 def scaling_lines() -> list[str]:
     """1 vs 2 processes under torchrun, from benchmarks/scaling.json (rerun: `python benchmarks/scaling.py`)."""
-    path = ROOT / "benchmarks" / "scaling.json"
-    if not path.exists():
+    record = saved_result("scaling.json")
+    if record is None:
         return []
-    record = json.loads(path.read_text())
     rows = [f"| {name} | {record['images_per_s'][name]} | {record['speedup_vs_1_process'][name]}x |"
             for name in record["images_per_s"]]
     return ["## extract on 1 vs 2 processes (torchrun, gloo)", "",
