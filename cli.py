@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from transfer.errors import NonFiniteLossError, TransferError, VerificationError
+from transfer.errors import NonFiniteLossError, PeerLostError, TransferError, VerificationError
 from transfer.io import display, os_error_message
 
 try:  # typer >= 0.20 vendors click; its exceptions are not the `click` package's
@@ -83,7 +83,7 @@ def cli_errors(command):
         except TransferError as exc:
             say(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-        except (VerificationError, NonFiniteLossError) as exc:
+        except (VerificationError, NonFiniteLossError, PeerLostError) as exc:
             say(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
         except OSError as exc:  # an ordinary OS condition at a user's path: read-only, full disk, a loop
@@ -136,6 +136,8 @@ OnnxOpt = Annotated[Path | None, typer.Option("--onnx", help="a .onnx file writt
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="also write the machine-readable record to FILE")]
 DeviceOpt = Annotated[Device, typer.Option(help="cuda never falls back to cpu silently")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
+DistTimeoutOpt = Annotated[float, typer.Option(min=1, max=86_400, help="under torchrun: seconds a process waits for "
+                                                "the others before the job ends with a message")]
 WorkersOpt = Annotated[int | None, typer.Option(min=0, help="decoding processes (default min(4, cores))")]
 WeightsOpt = Annotated[Path | None, typer.Option(help="backbone weights (.safetensors or a state dict)")]
 PretrainedOpt = Annotated[bool | None, typer.Option("--pretrained/--no-pretrained",
@@ -308,6 +310,7 @@ def finetune(
                         ] = Schedule.cosine,
     resume: Annotated[Path | None, typer.Option(
         help="continue RUN_DIR from its last.ckpt; raise --epochs-head/--epochs-finetune to train more")] = None,
+    dist_timeout: DistTimeoutOpt = 600.0,
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune a pretrained backbone with a new head: stage 1 head only, stage 2 top groups unfrozen."""
@@ -334,7 +337,7 @@ def finetune(
     progress = progress_for(quiet)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` is handled like Ctrl-C: nothing half-written stays
     result = run_finetune(data_dir, config, output=output, resume=resume, device=device.value, log=progress.log,
-                          changes=changes, progress=progress)
+                          changes=changes, progress=progress, dist_timeout=dist_timeout)
     say(f"validation accuracy {result.best_val_acc:.4f} ({result.epochs_run} epochs) -> {result.run_dir}")
 
 
@@ -503,6 +506,9 @@ def extract(
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     device: DeviceOpt = Device.auto,
     workers: WorkersOpt = None,
+    seed: Annotated[int, typer.Option(min=0, help="seeds the random init of a backbone without pretrained weights "
+                                                  "(recorded in the sidecar)")] = 0,
+    dist_timeout: DistTimeoutOpt = 600.0,
     quiet: QuietOpt = False,
 ) -> None:
     """Features of intermediate layers, streamed to disk with a JSON sidecar (paths, labels, metadata)."""
@@ -515,7 +521,8 @@ def extract(
     result = run_extract(images if len(images) > 1 else images[0], backbone=backbone, layers=layers,
                          pool=pool.value, layout=layout.value, weights=weights, run=run, onnx=onnx,
                          pretrained=pretrained, input_size=input_size, output=output, batch_size=batch_size,
-                         device=device.value, workers=workers, progress=progress_for(quiet))
+                         device=device.value, workers=workers, progress=progress_for(quiet), seed=seed,
+                         dist_timeout=dist_timeout)
     for name, shape in result.metadata["shapes"].items():
         module = result.metadata["layers"][name]
         say(f"{name} ({module}): {tuple(shape)}")
@@ -607,7 +614,13 @@ def predict(
     from transfer.distributed import World, parse_shard
     from transfer.errors import OptionError
     from transfer.io import output_lock
-    from transfer.predict import check_predictions_path, shard_fingerprint, write_predictions, write_shard
+    from transfer.predict import (
+        check_predictions_path,
+        foreign_parts,
+        shard_fingerprint,
+        write_predictions,
+        write_shard,
+    )
     from transfer.preprocess import tta_views
     from transfer.scan import expand_inputs
 
@@ -635,6 +648,10 @@ def predict(
         target = display(output)
         say(f"{done}; waiting for {missing} more shard(s) to merge into {target}" if missing
             else f"{done}; merged {shards} shards into {target}")
+        others = foreign_parts(output, fingerprint)
+        if others:
+            say(f"{len(others)} part file(s) beside {target} come from another job (another model, inputs or "
+                f"settings) and are not merged, e.g. {display(others[0].name)}")
         return
     table = Table()
     for column in ("image", "label", "probability", f"top-{top_k}"):
@@ -665,22 +682,38 @@ def serve(
     max_batch: Annotated[int, typer.Option(min=1, max=1024, help="images per model run, at most")] = 16,
     max_wait_ms: Annotated[float, typer.Option(min=0, max=1000,
                                                help="how long an image waits for others to batch with")] = 5.0,
-    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="largest upload per image")] = 20.0,
+    max_upload_mb: Annotated[float, typer.Option(min=0.001, max=4096, help="largest upload per image")] = 20.0,
+    max_request_mb: Annotated[float, typer.Option(min=0.001, max=65536, help="largest request body; a longer one "
+                                                  "is cut off with 413 while it streams")] = 100.0,
     max_pixels: Annotated[int, typer.Option(min=1, help="largest image (width x height)")] = 40_000_000,
+    max_aspect_ratio: Annotated[float, typer.Option(min=1, max=100_000, help="longest side over shortest; a thinner "
+                                                    "image would make a huge resize (413)")] = 50.0,
+    max_images: Annotated[int, typer.Option(min=1, max=10_000, help="images per request")] = 64,
+    read_timeout: Annotated[float, typer.Option(min=0.1, max=3600, help="seconds a stalled request body is "
+                                                "waited for (then 408)")] = 30.0,
+    shutdown_timeout: Annotated[float, typer.Option(min=0.1, max=3600, help="seconds SIGTERM/Ctrl-C waits for "
+                                                    "requests in flight")] = 10.0,
+    docs: Annotated[bool, typer.Option(help="serve Swagger UI at /docs (its assets load from a CDN, so it needs "
+                                       "the browser online)")] = False,
     index: Annotated[Path | None, typer.Option(help="an index built with this --onnx file: adds POST /similar")] = None,
     device: DeviceOpt = Device.auto,
 ) -> None:
-    """HTTP inference: POST /predict or /embed (dynamic batching), /health, /metadata, a page at /, docs at /docs."""
+    """HTTP inference: POST /predict or /embed (dynamic batching), /health, /metadata, a page at /.
+
+    Exit codes: 0 after SIGTERM or Ctrl-C; 2 for a bad model, index or option, or a port that cannot be bound."""
     from transfer.errors import OptionError
     from transfer.serve import ServeLimits
     from transfer.serve import serve as run_serve
 
     if onnx is None:
         raise OptionError("serve needs a model: --onnx MODEL.onnx (written by `transfer export`)")
+    limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
+                         max_images=max_images, max_request_bytes=int(max_request_mb * 1024 * 1024),
+                         max_aspect=max_aspect_ratio, read_timeout_s=read_timeout, shutdown_timeout_s=shutdown_timeout)
+    pages = "page /, API docs /docs" if docs else "page /"
     run_serve(onnx, host=host, port=port, device=device.value, max_batch=max_batch, max_wait_ms=max_wait_ms,
-              limits=ServeLimits(int(max_upload_mb * 1024 * 1024), max_pixels), index=index,
-              announce=lambda: say(f"serving {onnx} on http://{host}:{port} (page /, API docs /docs); Ctrl-C stops",
-                                   err=True))
+              limits=limits, index=index, docs=docs,
+              announce=lambda: say(f"serving {onnx} on http://{host}:{port} ({pages}); Ctrl-C stops", err=True))
 
 
 @app.command("index", epilog=examples("transfer index ./photos -o photos.idx",
@@ -746,9 +779,17 @@ def similar(
         table.add_column(column, overflow="fold")
     for result in results:
         for rank, hit in enumerate(result["neighbours"], 1):
+            note = "" if hit["status"] == "ok" else f" ({hit['status']} since indexed)"
             table.add_row(display(result["query"]) if rank == 1 else "", str(rank), f"{hit['score']:.4f}",
-                          hit["label"] or "-", display(hit["path"]))
+                          hit["label"] or "-", display(hit["path"]) + note)
     console.print(table)
+    for result in results:
+        if result.get("error"):
+            say(f"skipped query {result['query']}: {result['error']}")
+    stale = {hit["path"] for result in results for hit in result["neighbours"] if hit["status"] != "ok"}
+    if stale:
+        say(f"{len(stale)} indexed image(s) are missing or changed since the index was built; rebuild it with "
+            "`transfer index` to search what is there now")
     contact_sheet(results, output)
     say(f"wrote {output}")
     write_record(json_out, {"index": str(index), "k": k, "results": results})

@@ -3,7 +3,9 @@
     python examples/embed_app.py model.onnx cat.jpg cup.png
 
 Everything the model needs is in the file's metadata: classes, input size, resize/crop, interpolation,
-mean/std and input layout. This is the whole integration an app needs (no torch, no `transfer`).
+mean/std and input layout. This is the whole integration an app needs (no torch, no `transfer`), and it decodes
+exactly as `transfer predict` does (tests/test_surfaces.py compares the two on 16-bit, transparent, palette, CMYK,
+EXIF-rotated and animated images).
 """
 
 import json
@@ -17,24 +19,52 @@ FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Imag
            "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode -> 8-bit RGB as `transfer` decodes: 16-bit and 32-bit grey scaled to 0..255 (not clipped, which
+    would turn a 16-bit photo white), transparent pixels composited onto white (not dropped to black)."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(image).astype(np.float64)
+        peak = float(values.max(initial=0))
+        if image.mode == "F":
+            top = 1.0 if peak <= 1.0 else peak
+        else:
+            top = 65535.0 if image.mode.startswith("I;16") or peak > 255 else 255.0
+        return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode(path: str, resize: int) -> Image.Image:
+    """Upright RGB, a JPEG decoded at 1/2, 1/4 or 1/8 scale but never below `resize` on either side."""
+    with Image.open(path) as image:
+        if image.format == "JPEG":
+            image.draft("RGB", (resize, resize))
+        image.load()  # the first frame of an animated image
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
 def preprocess(path: str, meta: dict) -> np.ndarray:
-    """Upright RGB, short side to `resize`, centre crop `crop`; float NCHW normalized, or uint8 NHWC. A file
-    exported with --embed-preprocessing (layout NHWC_uint8_any) does all but the decoding itself."""
+    """Short side to `resize`, centre crop `crop`; float NCHW normalized, or uint8 NHWC. A file exported with
+    --embed-preprocessing (layout NHWC_uint8_any) does all but the decoding itself."""
     resize, crop = int(meta["transfer.resize"]), int(meta["transfer.crop"])
-    image = Image.open(path)
-    image.draft("RGB", (resize, resize))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, never below `resize`
-    image = ImageOps.exif_transpose(image).convert("RGB")
+    image = decode(path, resize)
     if meta["transfer.layout"] == "NHWC_uint8_any":
         return np.asarray(image, dtype=np.uint8)
     width, height = image.size
     size = (resize, int(resize * height / width)) if width <= height else (int(resize * width / height), resize)
-    image = image.resize(size, FILTERS[meta["transfer.interpolation"]])
+    if size != image.size:
+        image = image.resize(size, FILTERS[meta["transfer.interpolation"]])
     left, top = round((image.width - crop) / 2), round((image.height - crop) / 2)
     pixels = np.asarray(image.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
     if meta["transfer.layout"] == "NHWC_uint8":
         return pixels
-    mean, std = np.array(json.loads(meta["transfer.mean"])), np.array(json.loads(meta["transfer.std"]))
-    return ((pixels / 255.0 - mean) / std).astype(np.float32).transpose(2, 0, 1)
+    mean = np.array(json.loads(meta["transfer.mean"]), np.float32)
+    std = np.array(json.loads(meta["transfer.std"]), np.float32)
+    return ((pixels.astype(np.float32) / np.float32(255.0) - mean) / std).transpose(2, 0, 1).copy()
 
 
 def main(model_path: str, image_paths: list[str]) -> None:

@@ -8,8 +8,8 @@ such CPUs every convolution and Gemm that goes through the GEMM kernel gets them
 own int32 kernel and keep 8 bits. With VNNI (VPDPBUSD accumulates in int32) all weights keep 8 bits.
 benchmarks/int8.json has the measurements behind these choices.
 
-Calibration and judgement never share an image: a run's validation images (less any that are also in
-`--calibration`) judge it; otherwise every fourth calibration image is held out for the judgement.
+Calibration and judgement never share an image, compared by content: a run's validation images (less any whose
+bytes are also in `--calibration`) judge it; otherwise every fourth distinct calibration image is held out.
 """
 
 from __future__ import annotations
@@ -89,18 +89,30 @@ def seven_bit_overrides(model: onnx.ModelProto) -> dict[str, list[dict]]:
 
 def split_images(calibration: Sequence[Path], validation: Sequence[Path],
                  validation_name: str = "validation images of the run") -> tuple[list[Path], list[Path], str]:
-    """(calibration images, judgement images, what the judgement images are): disjoint by resolved path."""
-    calibration = list(calibration)
-    used = {Path(p).resolve() for p in calibration}
-    held_out = [p for p in validation if Path(p).resolve() not in used]
+    """(calibration images, judgement images, what the judgement images are): disjoint by content (SHA-256 of
+    the bytes), so a copy of a calibration image under another name never judges the file. Byte-identical
+    calibration images count once."""
+    from transfer.io import file_sha256
+
+    by_content = {file_sha256(p): Path(p) for p in reversed(list(calibration))}  # the first of each content wins
+    calibration = [p for p in calibration if by_content.get(file_sha256(p)) == Path(p)]
+    held_out, judged = [], set(by_content)
+    for path in validation:
+        digest = file_sha256(path)
+        if digest not in judged:
+            judged.add(digest)
+            held_out.append(path)
     if held_out:
-        return calibration, held_out, f"{len(held_out)} {validation_name} (none used for calibration)"
+        return calibration, held_out, (f"{len(held_out)} {validation_name} (none used for calibration, compared by "
+                                       "content)")
     if len(calibration) < 2 * MIN_AGREEMENT_IMAGES:
-        raise TransferError(f"--calibration: {len(calibration)} usable images; int8 needs at least "
-                            f"{2 * MIN_AGREEMENT_IMAGES} (every {HOLD_OUT_EVERY}th is held out to judge the file)")
+        raise TransferError(f"--calibration: {len(calibration)} usable images of distinct content; int8 needs at "
+                            f"least {2 * MIN_AGREEMENT_IMAGES} (every {HOLD_OUT_EVERY}th is held out to judge the "
+                            "file)")
     judge = calibration[HOLD_OUT_EVERY - 1::HOLD_OUT_EVERY]
     rest = [p for i, p in enumerate(calibration) if i % HOLD_OUT_EVERY != HOLD_OUT_EVERY - 1]
-    return rest, judge, f"{len(judge)} held-out calibration images (every {HOLD_OUT_EVERY}th; not used to calibrate)"
+    return rest, judge, (f"{len(judge)} held-out calibration images (every {HOLD_OUT_EVERY}th; not used to "
+                         "calibrate, distinct by content)")
 
 
 @dataclass

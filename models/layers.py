@@ -124,11 +124,45 @@ def describe_layers(spec: BackboneSpec, model: nn.Module, input_size: int) -> li
     finally:
         for handle in handles:
             handle.remove()
+    counts = keras_param_counts(model, [(path, alias_of.get(path, "")) for path, _, _ in order])
     return [
-        LayerInfo(alias_of.get(path, ""), path, type(module).__name__, shape,
-                  sum(p.numel() for p in module.parameters()), group_of(spec, path))
+        LayerInfo(alias_of.get(path, ""), path, type(module).__name__, shape, counts[path], group_of(spec, path))
         for path, module, shape in order
     ]
+
+
+def keras_param_counts(model: nn.Module, rows: list[tuple[str, str]]) -> dict[str, int]:
+    """Parameters per row, as Keras' summary counts them on its named layers: every parameter belongs to one
+    named row. A Keras name that timm runs as several modules (VGG16's `block1_conv1` is the ReLU after a Conv2d,
+    `fc1` the activation after a 1x1 conv; Lite0's `stem_bn` sits inside a BatchNormAct2d) takes the parameters of
+    the modules it stands for: first its own, else its parent's direct ones (the BatchNorm around `.drop`), else the
+    unnamed modules run since the previous named row (the conv before a ReLU). Rows without a Keras name show
+    their module's own total, as PyTorch counts it. Counts are parameters only (Keras also counts BatchNorm's
+    moving mean and variance)."""
+    modules = dict(model.named_modules())
+    claimed: set[int] = set()
+    counts: dict[str, int] = {}
+    unnamed_since: list[str] = []
+
+    def take(parameters) -> int:
+        fresh = [p for p in parameters if id(p) not in claimed]
+        claimed.update(id(p) for p in fresh)
+        return sum(p.numel() for p in fresh)
+
+    for path, alias in rows:
+        module = modules[path]
+        if not alias:
+            counts[path] = sum(p.numel() for p in module.parameters())
+            unnamed_since.append(path)
+            continue
+        count = take(module.parameters())
+        parent = modules.get(path.rpartition(".")[0]) if "." in path else None
+        if count == 0 and parent is not None:
+            count = take(parent.parameters(recurse=False))
+        if count == 0:
+            count = take(p for unnamed in unnamed_since for p in modules[unnamed].parameters())
+        counts[path], unnamed_since = count, []
+    return counts
 
 
 class _StopForward(Exception):

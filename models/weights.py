@@ -36,11 +36,15 @@ def create_backbone(
     spec: BackboneSpec,
     pretrained: bool | None = None,
     weights: str | os.PathLike | None = None,
+    seed: int | None = 0,
 ) -> tuple[nn.Module, str]:
     """The backbone with its ImageNet (or own) classifier and weights; returns the model and where weights came from.
 
     `pretrained=None` means "the backbone's default": pretrained where weights exist, from scratch for the classic
     nets, which have none. Raises `WeightsError` naming `--weights` and `--no-pretrained` when no source is available.
+    A random init draws from its own generator seeded with `seed`, so every run and every torchrun rank builds the
+    same network (the process's random state is left as it was); `seed=None` draws from the process's random
+    state instead (training, which seeds it itself).
     """
     if weights is not None:
         model = build_architecture(spec)
@@ -48,7 +52,11 @@ def create_backbone(
         return model, f"file {weights}"
     if pretrained is False or (pretrained is None and not spec.has_pretrained):
         reason = "--no-pretrained" if pretrained is False else "no pretrained weights exist for this net"
-        return build_architecture(spec), f"random init ({reason})"
+        if seed is None:
+            return build_architecture(spec), f"random init ({reason})"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_architecture(spec), f"random init ({reason}, seed {seed})"
     if spec.weights_source == "none":
         raise WeightsError(f"{spec.name} has no pretrained weights; {NO_WEIGHTS_HINT}")
     if spec.weights_source == "package":

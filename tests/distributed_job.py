@@ -3,31 +3,45 @@
 `python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_job.py DATA RUN [STOP_AFTER]`
 fine-tunes efficientnet_lite0 at 32 px with augmentation and dropout off (the settings under which any number of
 processes gives the same weights); with STOP_AFTER it is interrupted after that epoch, as Ctrl-C would.
+`... DATA RUN STOP_AFTER stall TIMEOUT`: instead, rank 1 stops itself (SIGSTOP, as a hung or suspended process)
+after that epoch, and the others wait at most TIMEOUT seconds for it.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.distributed_settings import CONFIG  # noqa: E402
+from transfer.errors import PeerLostError  # noqa: E402
 from transfer.train import finetune  # noqa: E402
 
 
 def main() -> int:
     data, run = sys.argv[1], sys.argv[2]
     stop_after = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    stall = len(sys.argv) > 4 and sys.argv[4] == "stall"
+    timeout = float(sys.argv[5]) if stall else 600.0
 
     def stop(row: dict) -> None:
-        if stop_after is not None and row["epoch"] >= stop_after:
+        if stop_after is None or row["epoch"] < stop_after:
+            return
+        if not stall:
             raise KeyboardInterrupt
+        if os.environ.get("RANK") == "1":
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     try:
-        finetune(data, CONFIG, output=run, device="cpu", log=lambda _: None, on_epoch_end=stop)
+        finetune(data, CONFIG, output=run, device="cpu", log=lambda _: None, on_epoch_end=stop, dist_timeout=timeout)
     except KeyboardInterrupt:
         return 130
+    except PeerLostError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

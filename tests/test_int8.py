@@ -74,14 +74,14 @@ def test_judgement_images_never_calibrate(tmp_path, monkeypatch):
     files = []
     for index in range(12):
         files.append(tmp_path / f"{index}.jpg")
-        files[-1].write_bytes(b"")
+        files[-1].write_bytes(f"image {index}".encode())
     monkeypatch.chdir(tmp_path)
     # a run whose validation images are partly in --calibration, named by another spelling of the same path
     calibration = [files[0], files[1], tmp_path / "." / "2.jpg"]
     validation = [files[1], files[2], files[3], files[4]]
     used, judged, note = split_images(calibration, validation)
     assert used == calibration and judged == [files[3], files[4]]
-    assert note == "2 validation images of the run (none used for calibration)"
+    assert note == "2 validation images of the run (none used for calibration, compared by content)"
     # no run validation images: every 4th calibration image judges instead
     used, judged, note = split_images(files, [])
     assert judged == [files[3], files[7], files[11]] and not set(used) & set(judged) and len(used) == 9
@@ -91,3 +91,31 @@ def test_judgement_images_never_calibrate(tmp_path, monkeypatch):
     assert judged == [files[3], files[7], files[11]]
     with pytest.raises(TransferError, match="at least 8"):
         split_images(files[:7], [])
+
+
+def test_byte_identical_copies_of_calibration_images_never_judge(tmp_path):
+    """The record once said "none used for calibration" when --calibration held copies of the validation images:
+    the split compared paths. Contents are compared now."""
+    validation = tmp_path / "val"
+    calibration = tmp_path / "calibration"
+    validation.mkdir()
+    calibration.mkdir()
+    for index in range(6):
+        (validation / f"{index}.jpg").write_bytes(f"image {index}".encode())
+        (calibration / f"copy_of_{index}.jpg").write_bytes(f"image {index}".encode())  # same bytes, other name
+    (validation / "only_in_val.jpg").write_bytes(b"unseen image")
+    before = {p: p.read_bytes() for p in [*validation.iterdir(), *calibration.iterdir()]}
+    used, judged, note = split_images(sorted(calibration.iterdir()), sorted(validation.iterdir()))
+    assert judged == [validation / "only_in_val.jpg"] and len(used) == 6
+    assert note.startswith("1 validation images of the run (none used for calibration, compared by content)")
+    # calibration images that are copies of each other count once, and the hold-out still never shares content
+    for index in range(8):
+        (calibration / f"dup_{index}.jpg").write_bytes(f"extra {index % 4}".encode())
+    everything = sorted(calibration.iterdir())
+    used, judged, _ = split_images(everything, [])
+    digests = {p: p.read_bytes() for p in everything}
+    assert not {digests[p] for p in used} & {digests[p] for p in judged}
+    assert len({digests[p] for p in used + judged}) == len(used) + len(judged) == 10
+    with pytest.raises(TransferError, match="6 usable images of distinct content"):
+        split_images(sorted(calibration.glob("copy_of_*")) + sorted(validation.glob("[0-9].jpg")), [])
+    assert all(p.read_bytes() == content for p, content in before.items())  # the user's files are untouched

@@ -42,7 +42,8 @@ def test_exact_search_matches_brute_force_across_chunks(tmp_path, monkeypatch):
     vectors = normalise(rng.standard_normal((1000, 16)))
     np.save(tmp_path / "vectors.npy", vectors)
     (tmp_path / "index.json").write_text(json.dumps({"count": 1000, "dim": 16, "paths": [f"{i}.jpg" for i in
-                                                     range(1000)], "labels": None, "classes": [], "model": {}}))
+                                                     range(1000)], "labels": None, "classes": [],
+                                                     "model": {"backbone": "efficientnet_lite0", "layer": "avg_pool"}}))
     monkeypatch.setattr(search, "CHUNK_ROWS", 64)  # 16 chunks: the running top-k must merge them exactly
     index = SearchIndex.load(tmp_path)
     query = normalise(rng.standard_normal((1, 16)))[0]
@@ -91,7 +92,7 @@ def test_index_writes_are_whole_and_never_touch_other_files(tmp_path, photos, ru
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
     result = runner.invoke(cli.app, ["index", str(tmp_path / "crops"), "-o", str(busy), "-q", "--input-size", "64"])
-    assert result.exit_code == 2 and "the folder holds other files" in result.output
+    assert result.exit_code == 2 and "the folder holds files that `transfer index` did not write" in result.output
     assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
     first = build_index(tmp_path / "crops", tmp_path / "idx", input_size=64, workers=0)
     (tmp_path / "crops" / "rocket" / "rocket_0_0.jpg").unlink()

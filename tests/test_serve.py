@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -69,7 +72,7 @@ def classifier(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(classifier):
     running = Server("--onnx", str(classifier), "--max-batch", "8", "--max-wait-ms", "20", "--max-upload-mb", "1",
-                     "--max-pixels", "4000000", "--device", "cpu")
+                     "--max-request-mb", "2", "--max-pixels", "4000000", "--device", "cpu")
     yield running
     running.stop()
 
@@ -109,7 +112,7 @@ def test_predict_health_metadata_and_bad_uploads(server, classifier, cat_jpeg, t
     assert httpx.get(server.url + "/health").json()["status"] == "ok"  # still serving
     again = httpx.post(server.url + "/predict", files=files[:1], timeout=60).json()["predictions"][0]
     assert again["labels"][0] == expected.labels[0]
-    assert httpx.get(server.url + "/docs").status_code == 200
+    assert httpx.get(server.url + "/docs").status_code == 404  # off by default: Swagger UI needs a CDN
 
 
 def test_bounded_load_is_batched_without_errors(server, classifier, cat_jpeg, photos, tmp_path):
@@ -209,3 +212,170 @@ def test_serving_imports_no_torch(classifier):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# --- trust, second round: limits that bound work, isolation, bounded shutdown -----------------------------------
+THIN_PROBE = """
+import json, resource, sys
+from exporters.runtime import OnnxModel
+model = OnnxModel(sys.argv[1], device="cpu")
+model.predict([sys.argv[2]])  # a normal photo first: the model and its arena are warm
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = model.predict([sys.argv[3]])[0]
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"error": result.error, "grew_mb": (after - before) / 1024}))
+"""
+
+
+def thin_png(path: Path, width: int = 4000, height: int = 1) -> Path:
+    Image.new("RGB", (width, height), (200, 30, 30)).save(path)
+    return path
+
+
+def test_a_thin_image_is_refused_from_its_header_with_bounded_memory(classifier, cat_jpeg, tmp_path):
+    """A 96-byte 4000x1 PNG needed 1.2 GB in `predict`: --max-pixels bounded the decoded image, not its resize to
+    256 x 1,024,000. Peak RSS is measured in a fresh process, around that one image."""
+    thin = thin_png(tmp_path / "thin.png")
+    assert thin.stat().st_size < 200
+    probe = subprocess.run([sys.executable, "-c", THIN_PROBE, str(classifier), str(cat_jpeg), str(thin)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    measured = json.loads(probe.stdout)
+    assert "too thin to resize: 4000x1 has an aspect ratio over the limit of 50:1" in measured["error"]
+    assert measured["grew_mb"] < 50, measured
+
+
+def test_thin_and_bomb_uploads_are_413_and_a_request_is_cut_off_while_it_streams(server, cat_jpeg, tmp_path):
+    thin = httpx.post(server.url + "/predict", files=[("files", ("thin.png", thin_png(tmp_path / "t.png")
+                                                                 .read_bytes()))], timeout=30)
+    assert thin.status_code == 413 and "thin.png: too thin to resize" in thin.json()["detail"]
+    png_header_only(tmp_path / "huge.png", 20_000, 20_000)  # over twice Pillow's own limit: refused at open
+    bomb = httpx.post(server.url + "/predict", files=[("files", ("huge.png", (tmp_path / "huge.png").read_bytes()))])
+    assert bomb.status_code == 413 and "huge.png" in bomb.json()["detail"]
+    # a declared 200 MB body is refused before any of it is read
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 209715200\r\n\r\n--b\r\n")
+        started = time.monotonic()
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413") and time.monotonic() - started < 5
+    # a chunked body (no length given) is cut off once it passes --max-request-mb 2, long before its 8 MB are sent
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        part = b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.jpg\"\r\n\r\n"
+        sock.sendall(b"%x\r\n" % len(part) + part + b"\r\n")
+        chunk = b"\0" * 131072
+        sent, answer = 0, b""
+        while sent < 64 and not answer:
+            try:
+                sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            except OSError:
+                break  # the server closed the connection: cut off
+            sent += 1
+            if select.select([sock], [], [], 0.05)[0]:
+                answer = sock.recv(4096)
+        answer = answer or sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413") and 16 <= sent < 40, (sent, answer[:40])
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"  # still serving
+
+
+def test_a_requests_images_run_in_one_batch_and_a_bad_part_is_a_short_422(server, cat_jpeg):
+    before = httpx.get(server.url + "/health").json()
+    files = [("files", (f"cat{i}.jpg", cat_jpeg.read_bytes())) for i in range(16)]
+    answer = httpx.post(server.url + "/predict?top_k=1", files=files, timeout=120)
+    assert answer.status_code == 200 and len(answer.json()["predictions"]) == 16
+    after = httpx.get(server.url + "/health").json()
+    assert after["batches"] - before["batches"] == 2 and after["largest_batch"] == 8  # --max-batch 8: 16 in 2 runs
+    secret = b"SECRET-BYTES-" * 100
+    empty_name = httpx.post(server.url + "/predict", files=[("files", ("", secret, "image/jpeg"))], timeout=30)
+    assert empty_name.status_code == 422 and b"SECRET" not in empty_name.content
+    assert "multipart field 'files'" in empty_name.json()["detail"] and len(empty_name.content) < 500
+    meta = httpx.get(server.url + "/metadata")
+    assert "transfer.classes" not in meta.json()["transfer"] and len(meta.content) < 30_000
+
+
+def test_one_failing_image_fails_only_its_own_request():
+    """Under a memory cap one bad image made every request batched with it answer 500."""
+    import numpy as np
+
+    from transfer.serve import BatchStats, DynamicBatcher
+
+    class Model:
+        def run(self, batch):
+            if np.isnan(batch).any():
+                raise MemoryError("cannot allocate")
+            return [batch.sum(axis=(1, 2, 3))]
+
+    async def scenario():
+        batcher = DynamicBatcher(Model(), max_batch=8, max_wait_ms=50, stats=BatchStats())
+        batcher.start()
+        rows = [np.full((3, 2, 2), float(i), np.float32) for i in range(6)]
+        rows[2][0, 0, 0] = np.nan
+        results = await asyncio.gather(*(batcher.outputs(row) for row in rows), return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert isinstance(results[2], MemoryError)
+    assert [float(r[0]) for i, r in enumerate(results) if i != 2] == [12.0 * i for i in (0, 1, 3, 4, 5)]
+
+
+def test_sigterm_ends_the_server_while_a_client_stalls_mid_upload(classifier):
+    """SIGTERM never ended `serve` while one client held an unfinished upload (alive after 40 s)."""
+    running = Server("--onnx", str(classifier), "--read-timeout", "3", "--shutdown-timeout", "2", "--device", "cpu")
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=30) as stalled:
+            stalled.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                            b"boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n")
+            time.sleep(0.5)
+            started = time.monotonic()
+            running.process.send_signal(signal.SIGTERM)
+            running.process.wait(timeout=20)
+            assert time.monotonic() - started < 15
+            assert running.process.returncode in (0, -signal.SIGTERM)  # uvicorn ends by the signal it got
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+
+
+def test_a_stalled_upload_gets_408_and_the_server_goes_on(classifier, cat_jpeg):
+    running = Server("--onnx", str(classifier), "--read-timeout", "1", "--device", "cpu")
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=30) as stalled:
+            stalled.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                            b"boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n")
+            assert stalled.recv(4096).startswith(b"HTTP/1.1 408")
+        ok = httpx.post(running.url + "/predict", files=[("files", ("c.jpg", cat_jpeg.read_bytes()))], timeout=60)
+        assert ok.status_code == 200
+    finally:
+        running.stop()
+
+
+def test_a_port_in_use_is_one_line_and_nothing_is_announced(classifier, runner):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(cli.app, ["serve", "--onnx", str(classifier), "--port", str(port), "--device", "cpu"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"error: cannot listen on 127.0.0.1:{port}" in result.output and "serving" not in result.output
+    infinite = runner.invoke(cli.app, ["serve", "--onnx", str(classifier), "--max-upload-mb", "inf"])
+    assert infinite.exit_code == 2 and "--max-upload-mb" in infinite.output and "Traceback" not in infinite.output
+
+
+def test_metadata_shows_no_server_paths(tmp_path, photos):
+    from fastapi.testclient import TestClient
+
+    from tests.conftest import digits_folder
+    from transfer.search import build_index
+    from transfer.serve import create_app
+
+    digits = digits_folder(tmp_path / "digits", per_class=2, size=32, classes=3)
+    extractor = tmp_path / "extractor.onnx"
+    export_onnx(extractor, backbone="lenet5", pretrained=False, layers=["fc1"])
+    build_index(digits, tmp_path / "idx", onnx=extractor, workers=0)
+    with TestClient(create_app(extractor, device="cpu", index=tmp_path / "idx")) as client:
+        text = client.get("/metadata").text
+        assert client.get("/docs").status_code == 404
+    assert str(tmp_path) not in text and json.loads(text)["index"] == {"images": 6, "dim": 120, "layer": "fc1"}

@@ -19,7 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from transfer.errors import OptionError
+from transfer.errors import OptionError, PeerLostError
+
+DEFAULT_TIMEOUT_S = 600.0  # how long a collective waits for the other processes (NCCL's own default)
 
 
 @dataclass(frozen=True)
@@ -71,17 +73,38 @@ class World:
         span = self.block(len(items))
         return list(items[span.start:span.stop])
 
-    def join(self, device_type: str) -> bool:
+    def join(self, device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
         """Join torch.distributed's default process group (env:// rendezvous, as torchrun prepares it); True when
-        this call created it (and so should leave it), False when plain or already joined by the caller."""
+        this call created it (and so should leave it), False when plain or already joined by the caller.
+
+        `timeout_s` bounds every collective: when another process stops answering (killed, stopped, hung), this one
+        fails after that long instead of blocking (PyTorch's gloo default is 30 minutes)."""
         if not self.distributed:
             return False
+        import datetime
+
         import torch.distributed as dist
 
         if dist.is_initialized():
             return False
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
         return True
+
+    def lost_peer(self, exc: BaseException, timeout_s: float) -> PeerLostError | None:
+        """The one-line error for a collective that failed because another process stopped answering, or None when
+        `exc` is something else (PyTorch reports it as a DistError, or a RuntimeError from gloo's transport)."""
+        if not self.distributed:
+            return None
+        import torch.distributed as dist
+
+        text = str(exc)
+        if not isinstance(exc, getattr(dist, "DistError", ())) and not any(
+                mark in text for mark in ("Timed out", "timed out", "Connection closed", "Connection reset", "gloo")):
+            return None
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return PeerLostError(f"rank {self.rank} of {self.size}: another process stopped answering within "
+                             f"--dist-timeout {timeout_s:g} s ({first[:160]})")
 
     def leave(self) -> None:
         if self.distributed:

@@ -54,6 +54,10 @@ class VerificationError(Exception):
     """An exported model disagrees with PyTorch beyond the tolerance: a defect, exit code 1."""
 
 
+class PeerLostError(Exception):
+    """Under torchrun, another process stopped answering within the timeout: exit code 1, checkpoints kept."""
+
+
 class NonFiniteLossError(Exception):
     """Training produced a NaN or infinite loss: exit code 1, the last good checkpoint is kept."""
 

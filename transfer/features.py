@@ -22,7 +22,7 @@ from models.layers import FeatureTap, resolve_layer
 from models.registry import get_backbone
 from models.weights import create_backbone
 from transfer.data import eval_dataset, make_loader
-from transfer.distributed import World
+from transfer.distributed import DEFAULT_TIMEOUT_S, World
 from transfer.errors import DataError, TransferError
 from transfer.io import atomic_path, output_lock, temp_dir_beside, write_json
 from transfer.model import resolve_run_layer
@@ -134,11 +134,15 @@ def extract(
     device: str = "auto",
     workers: int | None = None,
     progress: Progress = SILENT,
+    seed: int = 0,
+    dist_timeout: float = DEFAULT_TIMEOUT_S,
 ) -> ExtractResult:
     """Features of `layers` for every usable image; in memory, or streamed to `output` (.npy one layer, .npz more).
 
     `run` uses a fine-tuned run's weights and preprocessing instead of the pretrained backbone's; `onnx` runs an
-    exported feature extractor with onnxruntime (its outputs are the layers).
+    exported feature extractor with onnxruntime (its outputs are the layers). A backbone without pretrained weights
+    (`pretrained=False`, or a net that has none) is initialised from `seed`: the same features every time and on
+    every torchrun rank.
     """
 
     if run is not None and onnx is not None:
@@ -158,23 +162,28 @@ def extract(
 
     output = Path(output) if output is not None else None
     world = World.from_env()
-    joined = world.join("cpu")  # gloo: only small objects travel between ranks; the features go through files
+    joined = world.join("cpu", dist_timeout)  # gloo: only small objects travel between ranks; features go in files
     try:
         with output_lock(output) if output is not None and world.main else contextlib.nullcontext():
             return _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size,
-                            output, batch_size, device, workers, progress if world.main else SILENT, world)
+                            output, batch_size, device, workers, progress if world.main else SILENT, world, seed)
+    except RuntimeError as exc:
+        lost = world.lost_peer(exc, dist_timeout)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         if joined:
             world.leave()
 
 
 def _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size, output,
-             batch_size, device, workers, progress, world: World) -> ExtractResult:
+             batch_size, device, workers, progress, world: World, seed: int) -> ExtractResult:
     if onnx is not None:
         make_batches, metadata = _onnx_batches(onnx, layers, batch_size, device, input_size)
     else:
         make_batches, metadata = _torch_batches(backbone, layers, weights, run, pretrained, input_size,
-                                                batch_size, device, workers)
+                                                batch_size, device, workers, seed)
     samples, classes, skipped = collect_samples(images, progress)
     mine = world.batch_block(len(samples), batch_size)
     metadata.update(pool=pool, layout=layout)
@@ -261,7 +270,7 @@ def _join_parts(temp_dir: Path, name: str, ranks: int, shape: list[int]) -> None
             part.unlink()
 
 
-def _torch_batches(backbone, layers, weights, run, pretrained, input_size, batch_size, device, workers):
+def _torch_batches(backbone, layers, weights, run, pretrained, input_size, batch_size, device, workers, seed):
     """The model and its layers, resolved before any image is read; returns `batches(samples)` yielding
     (batch length, [array per layer]) from a registry backbone or a run, tapped with `FeatureTap`."""
     from transfer.train import load_run, resolve_device
@@ -274,7 +283,7 @@ def _torch_batches(backbone, layers, weights, run, pretrained, input_size, batch
         paths_in_model = [resolve_run_layer(spec, name, network) for name in layers]
     else:
         spec = get_backbone(backbone)
-        network, source = create_backbone(spec, pretrained, weights)
+        network, source = create_backbone(spec, pretrained, weights, seed=seed)
         prep = spec.preprocessing
         paths_in_model = [resolve_layer(spec, name, network) for name in layers]
     if input_size is not None:
@@ -283,6 +292,8 @@ def _torch_batches(backbone, layers, weights, run, pretrained, input_size, batch
     tap = FeatureTap(network.eval().to(target), paths_in_model, stop_early=True)
     metadata = {"backbone": spec.name, "weights": source, "layers": dict(zip(layers, paths_in_model, strict=True)),
                 "input_size": prep.input_size, "preprocessing": prep.to_dict()}
+    if source.startswith("random init"):
+        metadata["seed"] = seed
 
     def generate(samples):
         loader = make_loader(eval_dataset(samples, prep), batch_size, workers=workers,

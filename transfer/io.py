@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import secrets
@@ -43,6 +44,16 @@ def display(path) -> str:
     """A path as printable text: bytes of a name that is not valid UTF-8 show as \\xNN instead of crashing."""
     text = os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path)
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes: how this tool names a model, a weights file or an image by its content
+    (a path can be replaced under the same name)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def temp_name(path: Path) -> Path:

@@ -142,7 +142,7 @@ def lr_find(data_dir: str | os.PathLike, config, stages: tuple[str, ...] | None 
         model, pretrained, _ = trainer.build_model(None)
         planned = {stage.name: stage for stage in plan_stages(config, trainer.spec, pretrained)}
         results = []
-        for name in stages or tuple(planned):
+        for name in dict.fromkeys(stages or tuple(planned)):  # a stage named twice is tested once
             if name not in planned:
                 from transfer.errors import OptionError
 

@@ -77,7 +77,8 @@ def resolve_run_layer(spec: BackboneSpec, name: str, model: TransferModel) -> st
     try:
         return "backbone." + resolve_layer(_View(spec, aliases), name, None, sorted(running))
     except UnknownNameError:
-        valid = ["predictions", "avg_pool", *aliases, *sorted(running)]
+        pooled = ["avg_pool"] if isinstance(model.global_pool, GlobalAvgPool) else []
+        valid = ["predictions", *pooled, *aliases, *sorted(running)]
         raise UnknownNameError(f"layer of this run ({spec.name})", name, valid) from None
 
 

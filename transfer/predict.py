@@ -54,9 +54,12 @@ def write_predictions(path: str | os.PathLike, results: list[Prediction]) -> Non
 
 def shard_fingerprint(onnx: str | os.PathLike, paths: list[Path], top_k: int, batch_size: int, shards: int,
                       views: int = 1) -> str:
-    """Names one sharded job (model, inputs, settings): parts of another job are never merged into this one."""
+    """Names one sharded job (the model's content, inputs, settings): parts of another job, or of another model
+    under the same file name, are never merged into this one."""
+    from transfer.io import file_sha256
+
     digest = hashlib.sha256()
-    for item in (str(Path(onnx).resolve()), top_k, batch_size, shards, views, *(os.fsencode(p) for p in paths)):
+    for item in (file_sha256(onnx), top_k, batch_size, shards, views, *(os.fsencode(p) for p in paths)):
         digest.update(item if isinstance(item, bytes) else str(item).encode())
         digest.update(b"\0")
     return digest.hexdigest()[:16]
@@ -64,6 +67,15 @@ def shard_fingerprint(onnx: str | os.PathLike, paths: list[Path], top_k: int, ba
 
 def part_path(output: Path, fingerprint: str, shard: int, shards: int) -> Path:
     return output.parent / f".{output.name}.{fingerprint}.shard-{shard}-of-{shards}{PART_SUFFIX}"
+
+
+def foreign_parts(output: str | os.PathLike, fingerprint: str) -> list[Path]:
+    """Part files beside `output` written by another job (another model, inputs or settings): never merged."""
+    import glob
+
+    output = Path(output)
+    pattern = f".{glob.escape(output.name)}.*{PART_SUFFIX}"
+    return sorted(p for p in output.parent.glob(pattern) if not p.name.startswith(f".{output.name}.{fingerprint}."))
 
 
 def write_shard(output: str | os.PathLike, results: list[Prediction], shard: int, shards: int,

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from transfer.errors import TransferError
-from transfer.io import Lock, OutputError, display, os_error_message, probe_folder, remove_stale_temps
+from transfer.io import Lock, OutputError, display, file_sha256, os_error_message, probe_folder, remove_stale_temps
 
 CHECKPOINT = "last.ckpt"
 RUN_FILES = ("config.json", "best.safetensors", CHECKPOINT, "metrics.csv", "curves.png", "confusion.png",
@@ -97,3 +97,22 @@ class RunDirectory:
         for name in RUN_FILES:
             (self.path / name).unlink(missing_ok=True)
         remove_stale_temps(self.path)
+
+
+MODEL_KEYS = ("backbone", "classes", "preprocessing", "head")  # what in config.json changes a run's outputs
+
+
+def run_fingerprint(run_dir: str | os.PathLike) -> str:
+    """SHA-256 naming what a run computes: its best weights' bytes and the model part of its config (backbone,
+    classes, preprocessing, head). A resumed run that trained on has another fingerprint under the same path."""
+    import hashlib
+    import json
+
+    run_dir = Path(run_dir)
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        weights = file_sha256(run_dir / "best.safetensors")
+    except (OSError, ValueError) as exc:
+        raise TransferError(f"{display(run_dir)}: cannot read its config.json and best.safetensors ({exc})") from None
+    model = {key: config.get(key) for key in MODEL_KEYS} if isinstance(config, dict) else config
+    return hashlib.sha256(json.dumps([weights, model], sort_keys=True).encode()).hexdigest()

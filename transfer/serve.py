@@ -1,17 +1,30 @@
 """`transfer serve`: an exported ONNX file behind HTTP (FastAPI on uvicorn), with dynamic batching. No torch.
 
-Requests that arrive together are run together: each decoded image waits at most `max_wait_ms` for others, and up to
-`max_batch` go through one `session.run` (decoding runs in threads meanwhile). Every upload is checked before it
-is decoded (bytes, then pixels from the header), and a bad image is a 4xx with the reason; the server keeps
-serving. Endpoints: GET / (a page to drop an image on), GET /health, GET /metadata, POST /predict (classifier
-files), POST /embed (feature-extractor files), POST /similar (with an index), and FastAPI's /docs.
+Requests that arrive together are run together: the images of one request are queued at once, each waits at most
+`max_wait_ms` for others, and up to `max_batch` go through one `session.run` (decoding runs in threads meanwhile).
+If a batch fails, its images run one by one, so a bad image fails only its own request.
+
+Limits bound the work, not just the pixels (`ServeLimits`): the request body is cut off with 413 as soon as it
+passes `max_request_bytes` (FastAPI's own body limit, also checked against Content-Length before reading); each
+upload's bytes, then from its header its pixels and its aspect ratio (the resize of a 4000x1 image would take
+gigabytes) are checked before it is decoded; a body that stalls for `read_timeout_s` ends with 408, and on SIGTERM
+the server stops within `shutdown_timeout_s` whatever its clients do. A bad image is a 4xx with the reason
+(413 for sizes, 400 for content, 422 for a malformed form); the server keeps serving.
+
+Endpoints: GET / (a page to drop an image on), GET /health, GET /metadata (no server paths), POST /predict
+(classifier files), POST /embed (feature-extractor files), POST /similar (with an index); /docs only with
+`docs=True` (Swagger UI loads its assets from a CDN, which an offline browser cannot reach).
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import math
+import os
+import socket
 import time
+import warnings
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,27 +32,51 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 
 from exporters.runtime import OnnxModel
-from transfer.images import BadImageError, open_image
+from transfer.errors import OptionError, TransferError
+from transfer.images import DEFAULT_MAX_ASPECT, BadImageError, check_size, open_image
 from transfer.preprocess import decode_size
 
 Files = Annotated[list[UploadFile], File(description="one or more images")]
 DEFAULT_MAX_UPLOAD_MB = 20
+DEFAULT_MAX_REQUEST_MB = 100
 DEFAULT_MAX_PIXELS = 40_000_000  # a 8000 x 5000 photo; Pillow's own bomb limit is about 89 million
 
 
 @dataclass
 class ServeLimits:
-    """What one request may send: bytes per image, pixels per image, images per request."""
+    """What one request may send and how long it may take: bytes per image and per request, pixels and aspect ratio
+    per image, images per request, seconds a stalled body is waited for, seconds a shutdown waits for requests."""
 
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_images: int = 64
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_MB * 1024 * 1024
+    max_aspect: float = DEFAULT_MAX_ASPECT
+    read_timeout_s: float = 30.0
+    shutdown_timeout_s: float = 10.0
+
+    def check(self) -> ServeLimits:
+        """Every limit a finite positive number (an `OptionError` naming the flag), so none can be switched off."""
+        flags = {"max_upload_bytes": "--max-upload-mb", "max_pixels": "--max-pixels", "max_images": "--max-images",
+                 "max_request_bytes": "--max-request-mb", "max_aspect": "--max-aspect-ratio",
+                 "read_timeout_s": "--read-timeout", "shutdown_timeout_s": "--shutdown-timeout"}
+        for name, flag in flags.items():
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise OptionError(f"{flag} {value!r}: must be a finite number above 0")
+        if self.max_aspect < 1:
+            raise OptionError(f"--max-aspect-ratio {self.max_aspect:g}: must be at least 1")
+        return self
+
+    def public(self) -> dict:
+        return dict(self.__dict__)
 
 
 class RejectedImage(Exception):
@@ -52,22 +89,29 @@ class RejectedImage(Exception):
 
 def decode_upload(data: bytes, name: str, limits: ServeLimits,
                   draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Bytes of one upload -> RGB image, refusing oversize (413) and unreadable (400) uploads with the reason."""
+    """Bytes of one upload -> RGB image, refusing oversize (413) and unreadable (400) uploads with the reason.
+    Sizes are checked from the header before any pixel is decoded."""
     if len(data) > limits.max_upload_bytes:
         raise RejectedImage(413, f"{name}: {len(data)} bytes is over the limit of {limits.max_upload_bytes}")
     if not data:
         raise RejectedImage(400, f"{name}: empty upload")
     try:
-        with Image.open(io.BytesIO(data)) as probe:  # the header only: no pixel is decoded yet
-            width, height = probe.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limits apply below
+            with Image.open(io.BytesIO(data)) as probe:  # the header only: no pixel is decoded yet
+                width, height = probe.size
+    except Image.DecompressionBombError as exc:  # Pillow's own refusal, over twice its pixel limit
+        raise RejectedImage(413, f"{name}: decompression bomb refused ({exc})") from None
     except Exception as exc:  # Pillow raises several types for data that is not an image
         raise RejectedImage(400, f"{name}: not a readable image ({type(exc).__name__})") from None
     if width * height > limits.max_pixels:
         raise RejectedImage(413, f"{name}: {width}x{height} is over the limit of {limits.max_pixels} pixels")
     try:
-        return open_image(io.BytesIO(data), max_pixels=limits.max_pixels, draft_size=draft_size, name=name)
+        check_size(name, width, height, limits.max_pixels, limits.max_aspect)
+        return open_image(io.BytesIO(data), max_pixels=limits.max_pixels, draft_size=draft_size, name=name,
+                          max_aspect=limits.max_aspect)
     except BadImageError as exc:
-        raise RejectedImage(400, f"{name}: {exc.reason}") from None
+        raise RejectedImage(413 if exc.too_large else 400, f"{name}: {exc.reason}") from None
 
 
 @dataclass
@@ -126,16 +170,52 @@ class DynamicBatcher:
             same = all(r.shape == rows[0].shape for r in rows)
             try:
                 outputs = await loop.run_in_executor(None, self.model.run, np.stack(rows) if same else rows)
-            except Exception as exc:  # the model failed on this batch: every waiting request gets the error
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+            except Exception as exc:  # the model failed on this batch: find the image(s) it failed on
+                if len(batch) == 1:
+                    _settle(batch[0].future, exception=exc)
+                    continue
+                for item in batch:  # one at a time, so a bad image fails only its own request
+                    try:
+                        alone = await loop.run_in_executor(None, self.model.run, item.row[None])
+                        _settle(item.future, result=[output[0] for output in alone])
+                    except Exception as single:
+                        _settle(item.future, exception=single)
                 continue
             self.stats.batches += 1
             self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
             for index, item in enumerate(batch):
-                if not item.future.done():
-                    item.future.set_result([output[index] for output in outputs])
+                _settle(item.future, result=[output[index] for output in outputs])
+
+
+def _settle(future: asyncio.Future, result=None, exception: BaseException | None = None) -> None:
+    """Resolve a waiting request's future unless it is gone (its client disconnected)."""
+    if future.done():
+        return
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(result)
+
+
+class ReadTimeout:
+    """ASGI middleware: a request whose body stalls for `seconds` between two chunks ends with 408, so a client that
+    stops mid-upload holds no connection, thread or shutdown forever."""
+
+    def __init__(self, app, seconds: float):
+        self.app, self.seconds = app, seconds
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def receive_within_timeout():
+            try:
+                return await asyncio.wait_for(receive(), self.seconds)
+            except TimeoutError:
+                raise HTTPException(408, f"the request body stalled for {self.seconds:g} s") from None
+
+        await self.app(scope, receive_within_timeout, send)
 
 
 def page_html() -> str:
@@ -143,10 +223,13 @@ def page_html() -> str:
     return resources.files("transfer").joinpath("serve_page.html").read_text(encoding="utf-8")
 
 
+HIDDEN_METADATA = ("transfer.classes", "transfer.run", "transfer.source")  # listed once, or server paths
+
+
 def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16, max_wait_ms: float = 5.0,
-               limits: ServeLimits | None = None, index: str | Path | None = None):
+               limits: ServeLimits | None = None, index: str | Path | None = None, docs: bool = False):
     """The FastAPI application serving `model_path` (and `index` for /similar)."""
-    limits = limits or ServeLimits()
+    limits = (limits or ServeLimits()).check()
     model = OnnxModel(model_path, device=device)
     search = None
     if index is not None:
@@ -165,25 +248,47 @@ def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16,
         await batcher.stop()
 
     app = FastAPI(title="transfer serve", description=f"{Path(model_path).name}: {model.output_kind}",
-                  lifespan=lifespan)
+                  lifespan=lifespan, max_body_size=limits.max_request_bytes,
+                  docs_url="/docs" if docs else None, redoc_url=None)
+    app.add_middleware(ReadTimeout, seconds=limits.read_timeout_s)
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed_form(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 in one line, without echoing the request (FastAPI's default repeats the whole upload)."""
+        problems = "; ".join(f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+                             for error in exc.errors()[:3])
+        return JSONResponse({"detail": f"{problems} (send images as files, each with a file name, in the multipart "
+                                       "field 'files')"}, status_code=422)
 
     async def rows_of(files: list[UploadFile]) -> list[tuple[str, np.ndarray]]:
         if not files:
             raise HTTPException(400, "no image: send one or more files in the multipart field 'files'")
         if len(files) > limits.max_images:
             raise HTTPException(413, f"{len(files)} images in one request; the limit is {limits.max_images}")
-        rows = []
-        for upload in files:
+
+        async def decoded(upload: UploadFile) -> tuple[str, np.ndarray]:
             data = await upload.read(limits.max_upload_bytes + 1)
             name = upload.filename or "upload"
-            try:
-                image = await run_in_threadpool(decode_upload, data, name, limits, draft)
-                rows.append((name, await run_in_threadpool(model.preprocess_one, image)))
-            except RejectedImage as exc:
-                raise HTTPException(exc.status, exc.reason) from None
+            image = await run_in_threadpool(decode_upload, data, name, limits, draft)
+            return name, await run_in_threadpool(model.preprocess_one, image)
+
+        try:
+            rows = list(await asyncio.gather(*(decoded(upload) for upload in files)))
+        except RejectedImage as exc:
+            raise HTTPException(exc.status, exc.reason) from None
         stats.requests += 1
         stats.images += len(rows)
         return rows
+
+    async def outputs_of(rows: list[tuple[str, np.ndarray]]) -> list[list[np.ndarray]]:
+        """Every image of a request queued at once, so they run in the same batch."""
+        results = await asyncio.gather(*(batcher.outputs(row) for _, row in rows), return_exceptions=True)
+        for (name, _), result in zip(rows, results, strict=True):
+            if isinstance(result, BaseException):
+                reason = str(result).strip().splitlines()[0][:200] if str(result).strip() else ""
+                raise HTTPException(500, f"{name}: the model failed on this image ({type(result).__name__}"
+                                         f"{': ' + reason if reason else ''})")
+        return results
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
@@ -197,19 +302,24 @@ def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16,
 
     @app.get("/metadata")
     async def metadata() -> dict:
+        shown = {key: value for key, value in model.metadata.items() if key not in HIDDEN_METADATA}
+        source = model.metadata.get("transfer.source", "")
+        if source and os.sep not in source:
+            shown["transfer.source"] = source
         return {"file": Path(model_path).name, "output_kind": model.output_kind, "outputs": model.output_names,
                 "layout": model.layout, "input_size": model.prep.input_size, "classes": model.classes,
-                "transfer": dict(model.metadata), "max_batch": max_batch, "max_wait_ms": max_wait_ms,
-                "limits": limits.__dict__, "index": str(index) if index else None}
+                "transfer": shown, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "limits": limits.public(),
+                "index": None if search is None else {"images": search.record["count"], "dim": search.record["dim"],
+                                                      "layer": search.model["layer"]}}
 
     @app.post("/predict")
     async def predict(files: Files, top_k: Annotated[int, Query(ge=1, le=1000)] = 5) -> dict:
         if model.output_kind != "logits":
             raise HTTPException(400, "this file is a feature extractor: use POST /embed")
+        rows = await rows_of(files)
         results = []
-        for name, row in await rows_of(files):
-            logits = (await batcher.outputs(row))[0]
-            top = model.top_k(name, logits, top_k)
+        for (name, _), outputs in zip(rows, await outputs_of(rows), strict=True):
+            top = model.top_k(name, outputs[0], top_k)
             results.append({"filename": name, "labels": top.labels, "probabilities": top.probabilities})
         return {"predictions": results}
 
@@ -217,9 +327,9 @@ def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16,
     async def embed(files: Files) -> dict:
         if model.output_kind != "features":
             raise HTTPException(400, "this file is a classifier: use POST /predict (or export an extractor)")
+        rows = await rows_of(files)
         results = []
-        for name, row in await rows_of(files):
-            outputs = await batcher.outputs(row)
+        for (name, _), outputs in zip(rows, await outputs_of(rows), strict=True):
             results.append({"filename": name, "outputs": {
                 key: {"shape": list(value.shape), "values": value.ravel().tolist()}
                 for key, value in zip(model.output_names, outputs, strict=True)}})
@@ -229,9 +339,9 @@ def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16,
     async def similar(files: Files, k: Annotated[int, Query(ge=1, le=1000)] = 10) -> dict:
         if search is None:
             raise HTTPException(400, "no index: start the server with --index DIR")
+        rows = await rows_of(files)
         results = []
-        for name, row in await rows_of(files):
-            outputs = await batcher.outputs(row)
+        for (name, _), outputs in zip(rows, await outputs_of(rows), strict=True):
             vector = search.vector(dict(zip(model.output_names, outputs, strict=True)))
             results.append({"filename": name, "neighbours": search.nearest(vector, k)})
         return {"similar": results}
@@ -239,13 +349,40 @@ def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16,
     return app
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port before anything is announced; an address in use or not ours is a one-line
+    `TransferError` (exit code 2)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise TransferError(f"--host {host}: cannot listen there ({exc.strerror or exc})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise TransferError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (another server may be using "
+                            "the port: choose another with --port)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           max_batch: int = 16, max_wait_ms: float = 5.0, limits: ServeLimits | None = None,
-          index: str | Path | None = None, announce=None) -> None:
-    """Run the app with uvicorn until interrupted; `announce()` is called once the model (and index) loaded."""
+          index: str | Path | None = None, announce=None, docs: bool = False) -> None:
+    """Run the app with uvicorn until SIGINT/SIGTERM; `announce()` is called once the model (and index) loaded and
+    the port is bound. A shutdown waits at most `limits.shutdown_timeout_s` for requests in flight."""
     import uvicorn
 
-    app = create_app(model_path, device, max_batch, max_wait_ms, limits, index)
+    limits = (limits or ServeLimits()).check()
+    app = create_app(model_path, device, max_batch, max_wait_ms, limits, index, docs)
+    sock = listening_socket(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=5,
+                                           timeout_graceful_shutdown=max(1, math.ceil(limits.shutdown_timeout_s))))
     if announce is not None:
         announce()
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

@@ -34,8 +34,15 @@ from transfer.data import (
     train_transform,
     train_val_samples,
 )
-from transfer.distributed import World
-from transfer.errors import DataError, NonFiniteLossError, OptionError, RunDamagedError, TransferError
+from transfer.distributed import DEFAULT_TIMEOUT_S, World
+from transfer.errors import (
+    DataError,
+    NonFiniteLossError,
+    OptionError,
+    PeerLostError,
+    RunDamagedError,
+    TransferError,
+)
 from transfer.interpret import most_confused, plot_top_losses, top_losses
 from transfer.io import atomic_path, display, write_json
 from transfer.metrics import classification_report, plot_confusion, plot_curves, read_metrics, write_metrics
@@ -286,7 +293,7 @@ class Trainer:
             backbone, source = build_architecture(self.spec), "resumed checkpoint"
             pretrained = self.config.pretrained is not False and (self.spec.has_pretrained or bool(self.config.weights))
         else:
-            backbone, source = create_backbone(self.spec, self.config.pretrained, self.config.weights)
+            backbone, source = create_backbone(self.spec, self.config.pretrained, self.config.weights, seed=None)
             pretrained = not source.startswith("random init")
         model = build_transfer_model(self.spec, backbone, len(self.classes), self.prep.input_size,
                                      self.config.head, self.config.dropout)
@@ -760,13 +767,15 @@ def finetune(
     on_batch: Callable[[str, int, int], None] | None = None,
     changes: dict | None = None,
     progress: Progress = SILENT,
+    dist_timeout: float = DEFAULT_TIMEOUT_S,
 ) -> FinetuneResult:
     """Fine-tune on `data_dir` into a new run directory, or continue `resume` from its last.ckpt.
 
     On resume the run's saved settings apply; `changes` holds the settings given anew: raised `epochs_head` /
     `epochs_finetune` train the extra epochs, `workers`/`patience` may change, any other difference is an
     `OptionError` naming the flag. The run directory is locked while training; a fresh run that fails or is
-    interrupted before its first checkpoint leaves nothing behind.
+    interrupted before its first checkpoint leaves nothing behind. Under torchrun a process that stops answering
+    for `dist_timeout` seconds ends every other one with a `PeerLostError`; the last checkpoint stays resumable.
     """
     if not Path(data_dir).is_dir():
         raise DataError(f"folder not found: {data_dir}")
@@ -781,7 +790,7 @@ def finetune(
         run_dir = Path(resume)
     if world.distributed and output is None and resume is None:
         raise TransferError("under torchrun give the run directory with --output RUN (every process must name it)")
-    joined = world.join(target.type)
+    joined = world.join(target.type, dist_timeout)
     if not world.main:  # rank 0 alone writes and reports; the others train their share and stay quiet
         log, progress = (lambda _: None), SILENT
     try:
@@ -798,6 +807,14 @@ def finetune(
                 raise DataError(f"{data_dir} has classes {trainer.classes}, the run was trained on {saved['classes']}")
             try:
                 return trainer.fit(resume_state, saved)
+            except RuntimeError as exc:
+                lost = world.lost_peer(exc, dist_timeout)
+                if lost is None:
+                    raise
+                kept = (f"its last checkpoint is kept: resume with --resume {display(run_dir)}"
+                        if (run_dir / CHECKPOINT).exists() or trainer.last_good_epoch is not None
+                        else "no epoch had finished, so nothing was kept")
+                raise PeerLostError(f"{lost}; {kept}") from None
             except KeyboardInterrupt:
                 if trainer.last_good_epoch is None:
                     log("interrupted before the first epoch finished; nothing was kept")
@@ -827,8 +844,8 @@ def resumed_config(saved: dict, changes: dict, run_dir: Path) -> FinetuneConfig:
     for key, value in changes.items():
         if not hasattr(config, key):
             raise OptionError(f"unknown setting {key!r}")
-        if getattr(config, key) == value:
-            continue
+        if getattr(config, key) == value or (key == "batch_size" and value == "auto" and saved.get("batch_size_auto")):
+            continue  # `--batch-size auto` again names the size auto chose for this run
         if key not in RESUME_CHANGEABLE:
             raise OptionError(f"{flag_of(key)} {value!r} differs from the run's {getattr(config, key)!r}; a resumed "
                               f"run keeps its settings (only {', '.join(map(flag_of, RESUME_CHANGEABLE))} may change)")
