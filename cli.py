@@ -30,6 +30,7 @@ class OneLineErrors(TyperGroup):
     """Usage errors (bad flag, value out of range, unknown choice) as one line and exit code 2, like our own."""
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
+        plain_switches(self)
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
@@ -47,6 +48,15 @@ class OneLineErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+def plain_switches(group) -> None:
+    """Help shows switches (`--tta`, `-q`, `-h`) as bare flags, not `<bool>`: they take no value."""
+    context = typer.Context(group, info_name="transfer", **group.context_settings)
+    for command in [group, *group.commands.values()]:
+        for param in [*command.params, command.get_help_option(context)]:
+            if param is not None and getattr(param, "is_flag", False):
+                param.metavar = ""
+
+
 app = typer.Typer(
     name="transfer",
     cls=OneLineErrors,
@@ -54,7 +64,24 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from transfer import __version__
+
+        typer.echo(f"transfer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Transfer learning on image folders with timm backbones, Keras layer names and self-describing ONNX."""
 # Wide tables when output is piped or captured, so module paths and shapes stay on one line.
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -493,7 +520,7 @@ def extract(
     images: Annotated[list[str], typer.Argument(help="a folder (class sub-folders give labels), files or globs")],
     layer: Annotated[list[str] | None, typer.Option(
         help="Keras alias or timm module path; repeat for several (default: the backbone's feature layer)")] = None,
-    backbone: BackboneOpt = "vgg16",
+    backbone: BackboneOpt = "efficientnet_lite0",
     run: RunOpt = None,
     onnx: OnnxOpt = None,
     pool: Annotated[Pool, typer.Option(help="none keeps C x H x W; avg or max pool the spatial axes")] = Pool.none,

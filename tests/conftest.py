@@ -112,3 +112,17 @@ def make_messy_folder(root: Path, photos: dict[str, np.ndarray], good_per_class:
     (cat / "._good0.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
     return {str(cup / "truncated.jpg"): "truncated", str(cup / "zero.jpg"): "empty",
             str(cup / "notes.png"): "not an image", str(cup / "bomb.png"): "decompression bomb"}
+
+
+def held_out_by_content(data: Path, calibration: Path, val_split: float = 0.2, seed: int = 0) -> int:
+    """How many of a run's validation images (distinct bytes) are not byte-identical to a calibration image."""
+    import hashlib
+
+    from transfer.data import train_val_samples
+    from transfer.scan import scan_folder
+
+    def digest(path) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    _, validation = train_val_samples(scan_folder(data), val_split, seed)
+    return len({digest(s.path) for s in validation} - {digest(p) for p in calibration.rglob("*.png")})

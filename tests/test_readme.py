@@ -35,6 +35,9 @@ def test_readme_tour_runs_as_written(tmp_path):
     assert "cat" in cat["stdout"]
     assert np.load(tmp_path / "feats.npy").shape == (4, 112)
     assert np.load(tmp_path / "logits.npy").shape == (120, 10)
-    with np.load(tmp_path / "feats.npz") as archive:
+    with np.load(tmp_path / "onnx_feats.npz") as archive:
         assert archive["top_activation"].shape == (4, 1280, 7, 7)
+    for features, sidecar in (("feats.npy", "feats.json"), ("logits.npy", "logits.json"),
+                              ("onnx_feats.npz", "onnx_feats.json")):  # every features file keeps its own sidecar
+        assert json.loads((tmp_path / sidecar).read_text())["output"] == features
     assert len(list(csv.DictReader((tmp_path / "preds.csv").open()))) == 4

@@ -120,7 +120,7 @@ class _NpyStream:
 
 def extract(
     images: str | os.PathLike | Sequence[str | os.PathLike],
-    backbone: str = "vgg16",
+    backbone: str = "efficientnet_lite0",
     layers: Sequence[str] | None = None,
     pool: str = "none",
     layout: str = "nchw",
@@ -161,6 +161,8 @@ def extract(
         check_int(workers, "--workers", 0, 64)
 
     output = Path(output) if output is not None else None
+    if output is not None:
+        check_sidecar(output)
     world = World.from_env()
     joined = world.join("cpu", dist_timeout)  # gloo: only small objects travel between ranks; features go in files
     try:
@@ -213,7 +215,7 @@ def _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrai
     result = ExtractResult(features, [str(s.path) for s in samples], labels, classes, metadata, skipped, output)
     if output is not None and world.main:
         write_json(sidecar_path(output), {
-            **metadata, "paths": result.paths, "labels": labels, "classes": classes,
+            "output": output.name, **metadata, "paths": result.paths, "labels": labels, "classes": classes,
             "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
         })
     world.barrier()  # every rank returns once the output exists
@@ -342,6 +344,23 @@ def _onnx_batches(onnx, layers, batch_size, device, input_size):
 def sidecar_path(output: str | os.PathLike) -> Path:
     """features.npy -> features.json: ordered file paths, labels and metadata of the rows."""
     return Path(output).with_suffix(".json")
+
+
+def check_sidecar(output: Path) -> None:
+    """feats.npz must not take the sidecar of feats.npy (both would be feats.json): refused before any work."""
+    sidecar = sidecar_path(output)
+    if not sidecar.is_file():
+        return
+    try:
+        owner = json.loads(sidecar.read_text()).get("output")
+    except (OSError, ValueError, AttributeError):
+        owner = None
+    if owner is None:  # written by an earlier version, or not ours: the other features file beside it tells
+        other = output.with_suffix(".npz" if output.suffix == ".npy" else ".npy")
+        owner = other.name if other.exists() else None
+    if owner is not None and owner != output.name:
+        raise TransferError(f"--output {output}: its sidecar {sidecar.name} belongs to {owner}, which would be left "
+                            f"without it; choose another name (for example {output.stem}_2{output.suffix})")
 
 
 def _finalize(output: Path, temp_dir: Path, names: list[str]) -> None:
