@@ -136,6 +136,11 @@ class Pool(str, Enum):
     max = "max"
 
 
+class Split(str, Enum):
+    all = "all"
+    val = "val"
+
+
 class Layout(str, Enum):
     nchw = "nchw"
     nhwc = "nhwc"
@@ -213,7 +218,9 @@ def backbones(json_out: JsonOpt = None) -> None:
         table.add_column(column)
     for row in rows:
         table.add_row(row["name"], row["timm_model"], str(row["input_size"]), f"{row['params'] / 1e6:.1f}M",
-                      row["feature_layer"], row["weights_source"], "yes" if row["available"] else "no")
+                      row["feature_layer"], row["weights_source"],
+                      ("yes (no weights needed)" if row["weights_source"].startswith("none") else "yes")
+                      if row["available"] else "no (--weights FILE, or online)")
     console.print(table)
     write_record(json_out, rows)
 
@@ -290,10 +297,15 @@ def _raise_interrupt(_signum, _frame) -> None:
 @cli_errors
 def finetune(
     ctx: typer.Context,
-    data_dir: Annotated[Path, typer.Argument(help="one sub-folder per class, or train/ and val/ splits")],
+    data_dir: Annotated[Path | None, typer.Argument(help="one sub-folder per class, or train/ and val/ splits "
+                                                         "(with --resume: the run's own folder by default)")] = None,
     backbone: BackboneOpt = "efficientnet_lite0",
     output: Annotated[Path | None, typer.Option("--output", "-o",
                                                 help="the run directory (default runs/BACKBONE-TIME)")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="the whole schedule's epochs, split by the staged rule: "
+                                               "half (at least 1) with the backbone frozen, the rest fine-tuning "
+                                               "(6 = 3 + 3, the defaults); one stage for nets trained from scratch")
+                      ] = None,
     epochs_head: Annotated[int, typer.Option(min=0, help="stage 1: epochs with the backbone frozen")] = 3,
     epochs_finetune: Annotated[int, typer.Option(min=0, help="stage 2: epochs with the top groups unfrozen")] = 3,
     unfreeze: Annotated[str, typer.Option(help="stage 2 trains the top K unfreeze groups (0..K), or all")] = "2",
@@ -338,12 +350,21 @@ def finetune(
     resume: Annotated[Path | None, typer.Option(
         help="continue RUN_DIR from its last.ckpt; raise --epochs-head/--epochs-finetune to train more")] = None,
     dist_timeout: DistTimeoutOpt = 600.0,
+    json_out: JsonOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune a pretrained backbone with a new head: stage 1 head only, stage 2 top groups unfrozen."""
-    from transfer.train import FinetuneConfig
+    from transfer.errors import OptionError
+    from transfer.train import FinetuneConfig, split_epochs
     from transfer.train import finetune as run_finetune
 
+    check_json_path(json_out)
+    if epochs is not None:
+        given = [flag for flag, name in (("--epochs-head", "epochs_head"), ("--epochs-finetune", "epochs_finetune"))
+                 if ctx.get_parameter_source(name).name == "COMMANDLINE"]
+        if given:
+            raise OptionError(f"--epochs {epochs} and {given[0]} exclude each other: --epochs is the whole schedule")
+        epochs_head, epochs_finetune = split_epochs(epochs)
     settings = dict(
         backbone=backbone, epochs_head=epochs_head, epochs_finetune=epochs_finetune, unfreeze=unfreeze,
         batch_size=parse_batch_size(batch_size), lr_head=parse_lr(lr_head, "--lr-head"),
@@ -355,10 +376,10 @@ def finetune(
     changes = None
     if resume is not None:
         if output is not None:
-            from transfer.errors import OptionError
-
             raise OptionError("--output: a resumed run continues in its own folder; give only --resume RUN_DIR")
         given = {name for name in settings if ctx.get_parameter_source(name).name == "COMMANDLINE"}
+        if epochs is not None:
+            given |= {"epochs_head", "epochs_finetune"}
         changes = {name: settings[name] for name in given}
     config = None if resume else FinetuneConfig(**settings)
     progress = progress_for(quiet)
@@ -366,6 +387,11 @@ def finetune(
     result = run_finetune(data_dir, config, output=output, resume=resume, device=device.value, log=progress.log,
                           changes=changes, progress=progress, dist_timeout=dist_timeout)
     say(f"validation accuracy {result.best_val_acc:.4f} ({result.epochs_run} epochs) -> {result.run_dir}")
+    write_record(json_out, {"run_dir": str(result.run_dir), "best_val_loss": result.best_val_loss,
+                            "best_val_accuracy": result.best_val_acc, "epochs": result.epochs_run,
+                            "stopped": result.stopped})
+    if json_out is not None:
+        say(f"wrote {json_out}")
 
 
 def parse_batch_size(text: str) -> int | str:
@@ -404,8 +430,11 @@ def lr_find_command(
     unfreeze: Annotated[str, typer.Option(help="stage 2: top K unfreeze groups (0..K), or all")] = "2",
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     input_size: Annotated[int | None, typer.Option(help="train at this size instead of the backbone's")] = None,
+    crop_pct: Annotated[float | None, typer.Option(help="centre-crop fraction, 0.1..1 (as finetune)")] = None,
     weights: WeightsOpt = None,
     pretrained: PretrainedOpt = None,
+    seed: Annotated[int, typer.Option(min=0, help="the test draws random batches; each stage starts from this seed")
+                    ] = 0,
     output: Annotated[Path, typer.Option("--output", "-o", help="the plot (PNG)")] = Path("lr_find.png"),
     device: DeviceOpt = Device.auto,
     workers: WorkersOpt = None,
@@ -421,15 +450,19 @@ def lr_find_command(
     check_json_path(json_out)
     config = FinetuneConfig(backbone=backbone, epochs_head=epochs_head, epochs_finetune=1, unfreeze=unfreeze,
                             batch_size=batch_size, lr_head=parse_lr(lr_head, "--lr-head"), input_size=input_size,
-                            weights=str(weights) if weights else None, pretrained=pretrained, augment=False,
-                            workers=workers)
+                            crop_pct=crop_pct, weights=str(weights) if weights else None, pretrained=pretrained,
+                            augment=False, workers=workers, seed=seed)
     progress = progress_for(quiet)
     results = lr_find(data_dir, config, tuple(stage) if stage else None, output=output, device=device.value,
                       log=progress.log, progress=progress)
     for result in results:
+        after = (f", after training the head {epochs_head} epoch(s) at {lr_head}" if result.stage == "finetune"
+                 and epochs_head else "")
         say(f"stage {result.stage}: suggested learning rate {result.suggestion:.2e} ({result.rule}; "
-            f"{result.stopped}; {len(result.lrs)} steps from {result.lrs[0]:.1e})")
+            f"{result.stopped}; {len(result.lrs)} steps from {result.lrs[0]:.1e}{after}; seed {seed})")
     say(f"wrote {output}")
+    if json_out is not None:
+        say(f"wrote {json_out}")
     write_record(json_out, [result.to_dict() for result in results])
 
 
@@ -468,7 +501,10 @@ def evaluate(
                          ] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="plot the most confidently wrong images "
                                                                        "to this .png")] = None,
+    split: Annotated[Split, typer.Option(help="all: every labelled image; val: only the run's validation images "
+                                               "(never trained on)")] = Split.all,
     device: DeviceOpt = Device.auto,
+    workers: WorkersOpt = None,
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -484,8 +520,12 @@ def evaluate(
             raise TransferError(f"--output {output}: the plot of the worst mistakes is a .png file")
         check_writable(output, "--output")
     report = run_evaluate(model, data_dir, batch_size=batch_size, device=device.value, progress=progress_for(quiet),
-                          tta=tta, top_losses_plot=output, tta_crops=tta_crops)
-    say(f"{model} on {data_dir}: accuracy {report['accuracy']:.4f} ({report['count']} images)")
+                          tta=tta, top_losses_plot=output, tta_crops=tta_crops, split=split.value, workers=workers)
+    which = " of the run's validation split" if split == Split.val else ""
+    say(f"{model} on {data_dir}: accuracy {report['accuracy']:.4f} ({report['count']} images{which})")
+    if report["training_images"]:
+        say(f"warning: {report['training_images']} of these {report['count']} images trained the run, so this "
+            "accuracy is optimistic; --split val evaluates only its validation images", err=True)
     if "tta" in report:
         views = "image + mirror" if len(report["tta"]["views"]) == 2 else "image, 4 corners and their mirrors"
         say(f"with test-time augmentation ({views}): accuracy {report['tta']['accuracy']:.4f}")
@@ -508,6 +548,8 @@ def evaluate(
     if output is not None:
         say(f"wrote {output} ({len(report['top_losses'])} most confidently wrong images)")
     write_record(json_out, report)
+    if json_out is not None:
+        say(f"wrote {json_out}")
 
 
 @app.command(epilog=examples(
@@ -536,13 +578,16 @@ def extract(
     seed: Annotated[int, typer.Option(min=0, help="seeds the random init of a backbone without pretrained weights "
                                                   "(recorded in the sidecar)")] = 0,
     dist_timeout: DistTimeoutOpt = 600.0,
+    json_out: JsonOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Features of intermediate layers, streamed to disk with a JSON sidecar (paths, labels, metadata)."""
+    from transfer.distributed import World
     from transfer.features import default_layers, sidecar_path
     from transfer.features import extract as run_extract
 
     one_model(run, onnx)
+    check_json_path(json_out)
     layers = layer or default_layers(backbone, run, onnx)
     output = output or Path("features.npy" if len(layers) == 1 else "features.npz")
     result = run_extract(images if len(images) > 1 else images[0], backbone=backbone, layers=layers,
@@ -550,12 +595,19 @@ def extract(
                          pretrained=pretrained, input_size=input_size, output=output, batch_size=batch_size,
                          device=device.value, workers=workers, progress=progress_for(quiet), seed=seed,
                          dist_timeout=dist_timeout)
+    if not World.from_env().main:  # under torchrun rank 0 reports for all
+        return
     for name, shape in result.metadata["shapes"].items():
         module = result.metadata["layers"][name]
         say(f"{name} ({module}): {tuple(shape)}")
     for item in result.skipped:
         say(f"skipped {item.path}: {item.reason}")
     say(f"wrote {output} and {sidecar_path(output)} ({len(result.paths)} images)")
+    write_record(json_out, {"output": str(output), "sidecar": str(sidecar_path(output)), "images": len(result.paths),
+                            "shapes": result.metadata["shapes"], "layers": result.metadata["layers"],
+                            "skipped": [{"path": s.path, "reason": s.reason} for s in result.skipped]})
+    if json_out is not None:
+        say(f"wrote {json_out}")
 
 
 @app.command(epilog=examples("transfer export --run runs/flowers -o flowers.onnx --json record.json",
@@ -597,9 +649,12 @@ def export(
         + ", ".join(f"{n} {record.output_shapes[n]}" for n in record.output_names))
     say(f"onnx.checker: {record.checker}")
     for name in record.output_names:
+        within = record.max_rel_diff[name] <= record.tolerance
+        verdict = (f"within the tolerance {record.tolerance:g}" if within else
+                   f"over {record.tolerance:g}, so int8 is judged by its answers below")
         say(f"max difference vs PyTorch ({name}, batch {record.batch_sizes_checked}, {record.verify_images}): "
-            f"abs {record.max_abs_diff[name]:.3g}, relative {record.max_rel_diff[name]:.3g} "
-            f"(tolerance {record.tolerance:g})")
+            f"relative {record.max_rel_diff[name]:.3g}, {verdict} (absolute {record.max_abs_diff[name]:.3g}, "
+            "for reference)")
     if record.preprocessing_in_graph is not None:
         check = record.preprocessing_in_graph
         same = f"; same top-1 on {check['same_top1']}" if check["same_top1"] else ""
@@ -613,6 +668,8 @@ def export(
         say(f"int8: {report.speedup:.2f}x the fp32 file's speed on this CPU, "
             f"{record.fp32_size_bytes / record.size_bytes:.2f}x smaller; {report.kernel}")
     write_record(json_out, record.to_dict())
+    if json_out is not None:
+        say(f"wrote {json_out}")
 
 
 @app.command(epilog=examples("transfer predict cat.jpg cup.png --onnx model.onnx",
@@ -634,6 +691,9 @@ def predict(
     tta: Annotated[bool, typer.Option("--tta", help="average each image's probabilities with its mirror's")] = False,
     tta_crops: Annotated[bool, typer.Option("--tta-crops", help="average ten views: the image, its four corners "
                                             "and their mirrors (10x the work)")] = False,
+    workers: Annotated[int | None, typer.Option(min=0, max=64, help="decoding threads (default min(8, cores))")
+                       ] = None,
+    json_out: JsonOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Top-k labels of images with onnxruntime only; unreadable images are listed, not fatal."""
@@ -655,9 +715,10 @@ def predict(
         raise OptionError(f"predict needs a model: {model_flag_hint(images)}")
     if output is not None:
         check_predictions_path(output)
+    check_json_path(json_out)
     world = World.from_env()
     index, shards = parse_shard(shard) or (world.rank, world.size)
-    onnx_model = OnnxModel(onnx, device=device.value)
+    onnx_model = OnnxModel(onnx, device=device.value, decode_workers=workers or None)
     onnx_model.require_classifier()
     all_paths = expand_inputs(images)
     block = World(index, shards).batch_block(len(all_paths), batch_size)
@@ -696,6 +757,12 @@ def predict(
     if output is not None:
         with output_lock(output):
             write_predictions(output, results)
+        say(f"wrote {output} ({len(results)} rows)")
+    write_record(json_out, {"model": str(onnx), "images": len(results), "unreadable": len(bad), "top_k": top_k,
+                            "views": [name for name, _, _ in views], "output": str(output) if output else None,
+                            "predictions": [r.__dict__ for r in results]})
+    if json_out is not None:
+        say(f"wrote {json_out}")
 
 
 @app.command(epilog=examples("transfer serve --onnx model.onnx",
@@ -784,8 +851,10 @@ def index_command(
 def similar(
     queries: Annotated[list[str], typer.Argument(help="query images: files, folders or globs")],
     index: Annotated[Path, typer.Option(help="an index folder written by `transfer index`")],
-    k: Annotated[int, typer.Option("-k", "--top", min=1, help="neighbours per query")] = 10,
+    k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="neighbours per query")] = 10,
     output: Annotated[Path, typer.Option("--output", "-o", help="the contact sheet (PNG)")] = Path("similar.png"),
+    exclude_self: Annotated[bool, typer.Option("--exclude-self", help="leave out a query's own indexed image (found "
+                                               "first otherwise, marked 'itself')")] = False,
     device: DeviceOpt = Device.auto,
     quiet: QuietOpt = False,
     json_out: JsonOpt = None,
@@ -800,13 +869,14 @@ def similar(
     check_writable(output, "--output")
     check_json_path(json_out)
     results = run_similar(queries if len(queries) > 1 else queries[0], index, k=k, device=device.value,
-                          progress=progress_for(quiet))
+                          progress=progress_for(quiet), exclude_self=exclude_self)
     table = Table()
     for column in ("query", "rank", "score", "label", "image"):
         table.add_column(column, overflow="fold")
     for result in results:
         for rank, hit in enumerate(result["neighbours"], 1):
-            note = "" if hit["status"] == "ok" else f" ({hit['status']} since indexed)"
+            note = (" (itself)" if hit["self"] else "") + ("" if hit["status"] == "ok" else
+                                                            f" ({hit['status']} since indexed)")
             table.add_row(display(result["query"]) if rank == 1 else "", str(rank), f"{hit['score']:.4f}",
                           hit["label"] or "-", display(hit["path"]) + note)
     console.print(table)
@@ -817,9 +887,11 @@ def similar(
     if stale:
         say(f"{len(stale)} indexed image(s) are missing or changed since the index was built; rebuild it with "
             "`transfer index` to search what is there now")
-    contact_sheet(results, output)
+    contact_sheet(results, output, title=f"nearest images in {display(index.name)} (cosine similarity)")
     say(f"wrote {output}")
     write_record(json_out, {"index": str(index), "k": k, "results": results})
+    if json_out is not None:
+        say(f"wrote {json_out}")
 
 
 @app.command(epilog=examples("transfer bench --onnx model.onnx", "transfer bench --onnx model.onnx "

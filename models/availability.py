@@ -28,7 +28,7 @@ class WeightsStatus:
 def weights_status(spec: BackboneSpec) -> WeightsStatus:
     """Check, without downloading anything, whether the pretrained weights of `spec` are at hand."""
     if spec.weights_source == "none":
-        return WeightsStatus("none (trained from scratch)", False)
+        return WeightsStatus("none (trained from scratch)", True)  # nothing to fetch: usable now
     if spec.weights_source == "package":
         path = package_weights_path()
         return WeightsStatus(f"package {PACKAGE}", path is not None, path)

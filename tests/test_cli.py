@@ -263,5 +263,6 @@ def test_export_int8_states_agreement_speed_and_kernel(tmp_path, runner):
     # without a run there is no validation set, so a quarter of --calibration must be held out to judge the file
     result = runner.invoke(cli.app, ["export", "-b", "lenet5", "--no-pretrained", "--int8", "--calibration", str(few),
                                      "-o", str(tmp_path / "few.onnx")])
-    assert result.exit_code == 2 and "--calibration: 5 usable images of distinct content; int8 needs at least 8" in result.output
+    assert result.exit_code == 2
+    assert "--calibration: 5 usable images of distinct content; int8 needs at least 8" in result.output
     assert not (tmp_path / "few.onnx").exists()

@@ -141,8 +141,9 @@ def test_bounded_load_is_batched_without_errors(server, classifier, cat_jpeg, ph
     assert after["largest_batch"] > 1 and after["batches"] - before["batches"] < 200
 
 
-def test_page_classifies_a_dropped_image_in_a_real_browser(server, cat_jpeg):
-    """Headless Chromium (Debian's, installed by `make`) uploads through the page at / and reads the top-1."""
+def in_browser(url: str, image: Path, wait_for: str, read: str) -> dict:
+    """Headless Chromium (Debian's, installed by `make`) opens the page, uploads `image`, waits until the JavaScript
+    condition `wait_for` holds, and returns the value of the JavaScript expression `read`."""
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -153,14 +154,19 @@ def test_page_classifies_a_dropped_image_in_a_real_browser(server, cat_jpeg):
             "--disable-sync", "--no-first-run"])
         try:
             page = browser.new_page()
-            page.goto(server.url + "/", timeout=30_000)
-            page.set_input_files("#file", str(cat_jpeg))
-            page.wait_for_function("document.querySelector('#top1').textContent.length > 0", timeout=60_000)
-            top1 = page.text_content("#top1")
-            items = page.locator("#results li").all_text_contents()
+            page.goto(url + "/", timeout=30_000)
+            page.set_input_files("#file", str(image))
+            page.wait_for_function(wait_for, timeout=60_000)
+            return page.evaluate(read)
         finally:
             browser.close()
-    assert top1 in CATS and len(items) == 5 and items[0].startswith(top1)
+
+
+def test_page_classifies_a_dropped_image_in_a_real_browser(server, cat_jpeg):
+    seen = in_browser(server.url, cat_jpeg, "document.querySelector('#top1').textContent.length > 0",
+                      "({top1: document.querySelector('#top1').textContent, "
+                      "items: [...document.querySelectorAll('#results li')].map(li => li.textContent)})")
+    assert seen["top1"] in CATS and len(seen["items"]) == 5 and seen["items"][0].startswith(seen["top1"])
 
 
 def test_serve_command_refuses_bad_input(runner, tmp_path):
@@ -192,8 +198,26 @@ def test_similar_and_embed_over_http(tmp_path, photos):
         assert hits[0]["path"] == str(query) and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
         assert [h["label"] for h in hits] == ["coffee"] * 3
         assert httpx.post(running.url + "/predict", files=files).status_code == 400  # an extractor, not a classifier
+        # the page shows the neighbours, with thumbnails the server makes of the indexed images
+        shown = in_browser(running.url, query, "document.querySelectorAll('#neighbours li img').length > 0 && "
+                           "[...document.querySelectorAll('#neighbours img')].every(i => i.complete)",
+                           "[...document.querySelectorAll('#neighbours li')].map(li => ({width: "
+                           "li.querySelector('img').naturalWidth, text: li.textContent}))")
+        assert len(shown) == 8 and all(item["width"] > 0 for item in shown)
+        assert shown[0]["text"].startswith("#1  1.000") and shown[0]["text"].endswith("coffee")
+        assert httpx.get(running.url + "/thumbnail/9999").status_code == 404
     finally:
         running.stop()
+    bare = Server("--onnx", str(extractor), "--device", "cpu")  # no index: the page gives the embedding and a hint
+    try:
+        seen = in_browser(bare.url, query, "document.querySelector('#hint').textContent.length > 0",
+                          "({items: [...document.querySelectorAll('#results li')].map(li => li.textContent), "
+                          "hint: document.querySelector('#hint').textContent, "
+                          "error: document.querySelector('#error').textContent})")
+    finally:
+        bare.stop()
+    assert seen["error"] == "" and seen["items"][0].startswith("avg_pool: shape [1280], 1280 values")
+    assert "--index DIR" in seen["hint"]
     other = tmp_path / "other.onnx"
     export_onnx(other, backbone="efficientnet_lite0", layers=["avg_pool"], input_size=64)
     refused = subprocess.run([TRANSFER, "serve", "--onnx", str(other), "--index", str(tmp_path / "idx")],

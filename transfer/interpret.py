@@ -42,7 +42,8 @@ def top_losses(logits: np.ndarray, y_true: Sequence[int], classes: Sequence[str]
 
 
 def plot_top_losses(items: Sequence[dict], path: str | os.PathLike, title: str = "most confidently wrong") -> None:
-    """A grid of the images in `items` titled 'predicted p / true' (an empty grid says there were none)."""
+    """A grid of the images in `items`, each titled with the predicted class and its probability, the true class
+    and its probability, and the loss (an empty grid says there were none)."""
     from matplotlib.figure import Figure
 
     from transfer.images import BadImageError, open_image
@@ -60,6 +61,7 @@ def plot_top_losses(items: Sequence[dict], path: str | os.PathLike, title: str =
             axes.imshow(np.asarray(image))
         except BadImageError:
             axes.text(0.5, 0.5, "unreadable", ha="center")
-        axes.set_title(f"{item['predicted']} {item['probability']:.2f}\ntrue: {item['true']}", fontsize=9)
+        axes.set_title(f"predicted {item['predicted']} ({item['probability']:.2f})\ntrue {item['true']} "
+                       f"({item['true_probability']:.2f}), loss {item['loss']:.2f}", fontsize=9)
         axes.axis("off")
     save_figure(figure, path)

@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -83,7 +84,8 @@ def cycle(batches: Callable[[], Iterator]) -> Iterator:
             raise ValueError("no training batches")
 
 
-def find_lr(trainer, model, stage, steps: int = 100, start: float = 1e-7, end: float = 10.0) -> LrFindResult:
+def find_lr(trainer, model, stage, steps: int = 100, start: float = 1e-7, end: float = 10.0,
+            advance=None) -> LrFindResult:
     """The range test for `stage` of `trainer` on a copy of `model` (the trainer's data, batches and loss)."""
     from transfer.model import set_trainable, train_mode
     from transfer.train import make_optimizer
@@ -112,6 +114,8 @@ def find_lr(trainer, model, stage, steps: int = 100, start: float = 1e-7, end: f
             group["lr"] = lr * rate / base[0]  # discriminative groups keep their ratios
         inputs, targets = next(stream)
         loss_sum, _, targets = trainer.train_step(forward, optimizer, inputs, targets, stage, 0, 0, probe=True)
+        if advance is not None:
+            advance(1)
         return loss_sum / max(1, len(targets))
 
     lrs, losses, smoothed, stopped = range_test(step, start, end, steps)
@@ -127,7 +131,9 @@ def lr_find(data_dir: str | os.PathLike, config, stages: tuple[str, ...] | None 
     """`transfer lr-find`: the range test for each of `stages` (default: every stage the run would have): the head
     stage, stage 2 after training the head for `config.epochs_head` epochs at `config.lr_head` (or at the head
     test's suggestion when that is "auto"), or the single stage of a net trained from scratch.
-    Nothing is written but the plot at `output`."""
+    Each stage's test starts from `config.seed`, so a stage gets the same suggestion whether it is tested alone or
+    after another (the test draws random batches: another seed may suggest another rate). Nothing is written but
+    the plot at `output`."""
     import tempfile
 
     from transfer.model import set_trainable
@@ -142,11 +148,14 @@ def lr_find(data_dir: str | os.PathLike, config, stages: tuple[str, ...] | None 
         model, pretrained, _ = trainer.build_model(None)
         planned = {stage.name: stage for stage in plan_stages(config, trainer.spec, pretrained)}
         results = []
-        for name in dict.fromkeys(stages or tuple(planned)):  # a stage named twice is tested once
+        names = list(dict.fromkeys(stages or tuple(planned)))  # a stage named twice is tested once
+        for name in names:
             if name not in planned:
                 from transfer.errors import OptionError
 
                 raise OptionError(f"--stage {name}: {config.backbone} trains in stage(s) {', '.join(planned)}")
+        for name in names:
+            torch.manual_seed(config.seed)  # the same start whether this stage is tested alone or after another
             stage = planned[name]
             if name == "finetune" and "head" in planned and planned["head"].epochs:
                 head = planned["head"]
@@ -159,28 +168,30 @@ def lr_find(data_dir: str | os.PathLike, config, stages: tuple[str, ...] | None 
                 for epoch in range(1, head.epochs + 1):
                     trainer.train_epoch(model, head, optimizer, epoch, f"training the head first ({epoch})")
             set_trainable(model, list(stage.prefixes))
-            results.append(find_lr(trainer, model, stage))
-            log(f"stage {name}: suggested learning rate {results[-1].suggestion:.2e} ({results[-1].stopped})")
+            with trainer.progress.task(f"range test, stage {name}", total=100, unit="steps") as advance:
+                results.append(find_lr(trainer, model, stage, advance=advance))
     if output is not None:
-        plot(results, output)
+        plot(results, output, title=f"learning-rate range test: {config.backbone} on {Path(data_dir).name}")
     return results
 
 
-def plot(results: list[LrFindResult], path: str | os.PathLike) -> None:
-    """Loss against learning rate (log scale) per stage, the suggestion marked."""
+def plot(results: list[LrFindResult], path: str | os.PathLike, title: str = "learning-rate range test") -> None:
+    """Loss against learning rate (log scale) per stage, the suggestion marked; the whole smoothed curve shows."""
     from matplotlib.figure import Figure
 
     from transfer.metrics import save_figure
 
-    figure = Figure(figsize=(6 * len(results), 4.2), layout="constrained")
+    figure = Figure(figsize=(6 * len(results), 4.6), layout="constrained")
+    figure.suptitle(title)
     for index, result in enumerate(results):
         axes = figure.add_subplot(1, len(results), index + 1)
         axes.plot(result.lrs, result.losses, alpha=0.3, label="loss")
         axes.plot(result.lrs, result.smoothed, label="smoothed")
         axes.axvline(result.suggestion, color="red", linestyle="--", label=f"suggestion {result.suggestion:.2e}")
         axes.set_xscale("log")
-        low, first = min(result.smoothed), result.smoothed[0]
-        axes.set_ylim(low - 0.1 * abs(low), max(first, low) + 0.6 * abs(first - low) + 0.1 * abs(first))
+        low, high = min(result.smoothed), max(result.smoothed)
+        margin = 0.05 * (high - low) or 0.05 * abs(high) or 0.05
+        axes.set_ylim(low - margin, high + margin)  # every smoothed point; raw spikes above may be cut
         axes.set_xlabel("learning rate")
         axes.set_ylabel("training loss")
         axes.set_title(f"stage {result.stage}: {result.stopped}")

@@ -108,5 +108,10 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: str | os.Pa
         display = ConfusionMatrixDisplay(values, display_labels=list(classes))
         display.plot(ax=axes, cmap="Blues", values_format=fmt, include_values=show_values, colorbar=True,
                      xticks_rotation="vertical")
+        if fmt == "d":  # counts are whole numbers: no 0.5 ticks on the colour bar
+            from matplotlib.ticker import MaxNLocator
+
+            display.im_.colorbar.locator = MaxNLocator(integer=True)
+            display.im_.colorbar.update_ticks()
         axes.set_title(name)
     save_figure(figure, path)

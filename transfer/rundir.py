@@ -16,8 +16,9 @@ from transfer.errors import TransferError
 from transfer.io import Lock, OutputError, display, file_sha256, os_error_message, probe_folder, remove_stale_temps
 
 CHECKPOINT = "last.ckpt"
+SPLIT_FILE = "split.json"  # which images trained and which validated
 RUN_FILES = ("config.json", "best.safetensors", CHECKPOINT, "metrics.csv", "curves.png", "confusion.png",
-             "report.json", "top_losses.png", "lr_find.png")
+             "report.json", "top_losses.png", "lr_find.png", SPLIT_FILE)
 LOCK_NAME = ".lock"
 
 

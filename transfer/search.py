@@ -278,25 +278,33 @@ class SearchIndex:
             best_scores, best_rows = best_scores[order], best_rows[order]
         labels, classes = self.record.get("labels"), self.record.get("classes") or []
         stamps = self.record.get("stamps")
-        return [{"path": self.record["paths"][row], "score": float(score),
+        return [{"row": row, "path": self.record["paths"][row], "score": float(score),
                  "label": classes[labels[row]] if labels and labels[row] is not None and classes else None,
                  "status": image_status(self.record["paths"][row], stamps[row] if stamps else None)}
                 for row, score in zip(best_rows.tolist(), best_scores.tolist(), strict=True)]
 
 
 def similar(queries, index: str | os.PathLike, k: int = 10, device: str = "auto",
-            progress: Progress = SILENT) -> list[dict]:
+            progress: Progress = SILENT, exclude_self: bool = False) -> list[dict]:
     """For each query image: its k nearest images in the index, embedded with the index's own model (checked to
     be the same content as when the index was built). A query that cannot be read comes back with `error` set
-    and no neighbours."""
+    and no neighbours. A query that is itself indexed finds itself first (`self: true` on that hit), unless
+    `exclude_self` drops it."""
     search = SearchIndex.load(index)
     check_model_unchanged(search.model, index)
     vectors, result = embed(queries, spec_for_embedding(search.model), device=device, workers=0, progress=progress)
     if result.metadata.get("weights") != search.model.get("weights"):
         raise DataError(f"--index {display(index)}: built with weights from {search.model.get('weights')}, but the "
                         f"model now loads {result.metadata.get('weights')}; rebuild the index")
-    found = [{"query": path, "neighbours": search.nearest(vector, k)}
-             for path, vector in zip(result.paths, vectors, strict=True)]
+    found = []
+    for path, vector in zip(result.paths, vectors, strict=True):
+        itself = str(Path(path).resolve())
+        hits = search.nearest(vector, k + 1 if exclude_self else k)
+        for hit in hits:
+            hit["self"] = hit["path"] == itself
+        if exclude_self:
+            hits = [hit for hit in hits if not hit["self"]][:k]
+        found.append({"query": path, "neighbours": hits})
     return found + [{"query": item.path, "neighbours": [], "error": item.reason} for item in result.skipped]
 
 
@@ -387,24 +395,29 @@ def check_vectors(vectors: np.ndarray, record: dict, where: str) -> None:
                             "`transfer index` wrote it: rebuild the index")
 
 
-def contact_sheet(results: Sequence[dict], output: str | os.PathLike, thumb: int = 160) -> Path:
-    """One row per query: the query, then its neighbours with rank, score and label; written atomically."""
-    from PIL import Image, ImageDraw
+def contact_sheet(results: Sequence[dict], output: str | os.PathLike, thumb: int = 160,
+                  title: str = "similar images") -> Path:
+    """A title, then one row per query: the query (blue frame), then its neighbours with rank, score and label, in
+    a font large enough to read; written atomically."""
+    from PIL import Image, ImageDraw, ImageFont
 
     from transfer.images import BadImageError, open_image
     from transfer.io import atomic_path
 
     results = [r for r in results if not r.get("error")]  # unreadable queries have no row
     columns = 1 + max((len(r["neighbours"]) for r in results), default=0)
-    caption = 34
-    sheet = Image.new("RGB", (columns * (thumb + 8) + 8, len(results) * (thumb + caption + 8) + 8), "white")
+    font, bold = ImageFont.load_default(size=15), ImageFont.load_default(size=20)
+    header, caption = 40, 44
+    sheet = Image.new("RGB", (max(columns * (thumb + 8) + 8, 480), header + len(results) * (thumb + caption + 8) + 8),
+                      "white")
     draw = ImageDraw.Draw(sheet)
+    draw.text((8, 8), title, fill="black", font=bold)
     for row, result in enumerate(results):
         neighbours = enumerate(result["neighbours"], 1)
-        cells = [(result["query"], "query", "")] + [
-            (n["path"], f"#{rank} {n['score']:.3f}", n["label"] or "") for rank, n in neighbours]
+        cells = [(result["query"], "query", Path(result["query"]).name)] + [
+            (n["path"], f"#{rank}  {n['score']:.3f}", n["label"] or Path(n["path"]).name) for rank, n in neighbours]
         for column, (path, top, bottom) in enumerate(cells):
-            x, y = 8 + column * (thumb + 8), 8 + row * (thumb + caption + 8)
+            x, y = 8 + column * (thumb + 8), header + row * (thumb + caption + 8)
             try:
                 image = open_image(path, draft_size=(thumb, thumb))
                 image.thumbnail((thumb, thumb))
@@ -413,8 +426,8 @@ def contact_sheet(results: Sequence[dict], output: str | os.PathLike, thumb: int
                 draw.rectangle((x, y, x + thumb, y + thumb), outline="red")
             if column == 0:
                 draw.rectangle((x - 3, y - 3, x + thumb + 3, y + thumb + 3), outline="blue", width=3)
-            draw.text((x, y + thumb + 2), top, fill="black")
-            draw.text((x, y + thumb + 16), (bottom or Path(path).name)[:24], fill="dimgray")
+            draw.text((x, y + thumb + 3), top, fill="black", font=font)
+            draw.text((x, y + thumb + 22), bottom[:20], fill="dimgray", font=font)
     output = Path(output)
     with output_lock(output), atomic_path(output) as temp:
         sheet.save(temp, format="PNG")

@@ -35,7 +35,7 @@ import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 
 from exporters.runtime import OnnxModel
@@ -311,6 +311,25 @@ def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16,
                 "transfer": shown, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "limits": limits.public(),
                 "index": None if search is None else {"images": search.record["count"], "dim": search.record["dim"],
                                                       "layer": search.model["layer"]}}
+
+    @app.get("/thumbnail/{row}", include_in_schema=False)
+    async def thumbnail(row: int, size: Annotated[int, Query(ge=16, le=512)] = 160) -> Response:
+        """A JPEG thumbnail of indexed image `row` (the page shows neighbours with it); only indexed images."""
+        if search is None or not 0 <= row < search.record["count"]:
+            raise HTTPException(404, "no such indexed image")
+        path = search.record["paths"][row]
+
+        def small() -> bytes:
+            image = open_image(path, max_pixels=limits.max_pixels, draft_size=(size, size))
+            image.thumbnail((size, size))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=85)
+            return buffer.getvalue()
+
+        try:
+            return Response(await run_in_threadpool(small), media_type="image/jpeg")
+        except BadImageError:
+            raise HTTPException(404, "the indexed image is missing or unreadable now") from None
 
     @app.post("/predict")
     async def predict(files: Files, top_k: Annotated[int, Query(ge=1, le=1000)] = 5) -> dict:

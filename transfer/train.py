@@ -50,7 +50,7 @@ from transfer.model import TransferModel, build_transfer_model, group_prefixes, 
 from transfer.preprocess import Preprocessing, decode_size
 from transfer.progress import SILENT, Progress
 from transfer.regularize import discriminative_groups, mix_batch, soft_cross_entropy
-from transfer.rundir import CHECKPOINT, RunDirectory
+from transfer.rundir import CHECKPOINT, SPLIT_FILE, RunDirectory
 from transfer.scan import ScanReport, scan_folder
 
 
@@ -155,6 +155,14 @@ class FinetuneResult:
     epochs_run: int
     report: dict
     stopped: str = "completed"
+
+
+def split_epochs(total: int) -> tuple[int, int]:
+    """`--epochs N` as (head, fine-tune) epochs: half, at least one, with the backbone frozen (Keras' guide trains
+    the new head first), the rest fine-tuning; 6 gives the defaults 3 + 3. A net trained from scratch runs both
+    counts as its one stage, so N stays N."""
+    head = max(1, total // 2)
+    return head, total - head
 
 
 def plan_stages(config: FinetuneConfig, spec: BackboneSpec, pretrained: bool) -> list[Stage]:
@@ -278,6 +286,20 @@ class Trainer:
         self.rows: list[dict] = []
         self.last_good_epoch: int | None = None  # epoch of the checkpoint on disk
         self.feature_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache_seconds = 0.0  # spent caching stage-1 features, reported apart from the epoch's own time
+        self.state: dict | None = None  # the schedule's position, for the reports of an interrupted run
+        self.model: TransferModel | None = None
+
+    def write_interrupted_reports(self) -> None:
+        """report.json, curves.png and confusion.png for the epochs an interrupted run completed (a second Ctrl-C
+        skips them); report.json says `finished: false`."""
+        if self.state is None or self.model is None:
+            return
+        try:
+            self.log("writing the report of the epochs done (Ctrl-C again to skip)")
+            self.finish(self.model, self.state, finished=False)
+        except KeyboardInterrupt:
+            self.log("report skipped")
 
     def kept_message(self) -> str:
         """What survives a failed or interrupted run, truthfully."""
@@ -333,7 +355,9 @@ class Trainer:
             features, labels = self.sharded_forward(model, samples, pooled=True,
                                                     description=f"caching {split} features")
             self.feature_cache[split] = (features, labels)
-            self.log(f"cached {split} features {tuple(features.shape)} in {time.perf_counter() - started:.1f}s")
+            seconds = time.perf_counter() - started
+            self.cache_seconds += seconds
+            self.log(f"cached {split} features {tuple(features.shape)} in {seconds:.1f}s")
         return self.feature_cache[split]
 
     @torch.no_grad()
@@ -525,6 +549,7 @@ class Trainer:
             self.lr_found = dict(saved.get("lr_find", {}))
         if resume_state is None:
             self.write_config(stages, source)
+            self.write_split()
         else:
             state.update({key: resume_state[key] for key in STATE_KEYS})
             state["best_source"] = resume_state.get("best_source", "model")
@@ -532,6 +557,7 @@ class Trainer:
             self.rows = [r for r in read_run_metrics(self.run_dir) if r["epoch"] <= state["epoch"]]
             if saved is not None and [s["epochs"] for s in saved["stages"]] != [s.epochs for s in stages]:
                 self.write_config(stages, source, previous=saved)
+        self.state = state
         for stage_index in range(state["stage_index"], len(stages)):
             stage = stages[stage_index]
             trainable = set_trainable(model, list(stage.prefixes))
@@ -564,7 +590,7 @@ class Trainer:
 
     def run_epoch(self, model, stage: Stage, stage_index: int, stage_epoch: int, optimizer, scheduler,
                   state: dict) -> None:
-        started = time.perf_counter()
+        started, cached_before = time.perf_counter(), self.cache_seconds
         epoch = state["epoch"] + 1
         lr = optimizer.param_groups[0]["lr"]
         per_batch = stage.schedule == "one-cycle"
@@ -581,7 +607,8 @@ class Trainer:
             scheduler.step()
         row = {"stage": stage.name, "epoch": epoch, "stage_epoch": stage_epoch, "lr": lr, "train_loss": train_loss,
                "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
-               "seconds": round(time.perf_counter() - started, 3)}
+               "seconds": round(time.perf_counter() - started - (self.cache_seconds - cached_before), 3)}
+        caching = self.cache_seconds - cached_before
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             raise NonFiniteLossError(f"non-finite validation loss ({val_loss}) in stage {stage.name}, epoch {epoch}; "
                                      f"{self.kept_message()} (try a lower learning rate)")
@@ -601,21 +628,25 @@ class Trainer:
         self.log(f"[{stage.name} {stage_epoch}/{stage.epochs}] epoch {epoch}: train loss {train_loss:.4f} "
                  f"acc {train_acc:.3f} | val loss {val_loss:.4f} acc {val_acc:.3f} | "
                  + (f"EMA val loss {ema_loss:.4f} acc {ema_acc:.3f} | " if self.ema is not None else "")
-                 + f"lr {lr:.2e} | {row['seconds']:.1f}s{' *' if improved else ''}"
+                 + f"lr {lr:.2e} | {row['seconds']:.1f}s" + (f" (+{caching:.1f}s caching features)" if caching else "")
+                 + (" *" if improved else "")
                  + (" (EMA weights)" if improved and source == "ema" else ""))
         if self.on_epoch_end is not None:
             self.on_epoch_end(row)
 
-    def finish(self, model: TransferModel, state: dict) -> FinetuneResult:
-        """Reload the best weights, then write report.json, confusion.png and curves.png (rank 0)."""
+    def finish(self, model: TransferModel, state: dict, finished: bool = True) -> FinetuneResult:
+        """Reload the best weights, then write report.json, confusion.png and curves.png (rank 0). An interrupted
+        run (`finished=False`) writes them too, for the epochs it completed, and says so in report.json."""
         self.world.barrier()  # rank 0's best.safetensors is complete
         load_weights(model, self.run_dir / "best.safetensors")
-        logits, labels = self.sharded_forward(model, self.val_samples, pooled=False, description="validating")
+        logits, labels = self.sharded_forward(model, self.val_samples, pooled=False,
+                                              description="report: validating the best weights")
         predictions = logits.argmax(1)
         report = classification_report(labels.tolist(), predictions.tolist(), self.classes)
         paths = [s.path for s in self.val_samples]
         worst = top_losses(logits.numpy(), labels.numpy(), self.classes, paths)
-        report.update(split="validation", best_val_loss=state["best_val_loss"],
+        report.update(split="validation", finished=finished, epochs=state["epoch"],
+                      best_val_loss=state["best_val_loss"],
                       best_weights=state.get("best_source", "model"),
                       most_confused=most_confused(report["confusion_matrix"], self.classes), top_losses=worst,
                       skipped=[{"path": s.path, "reason": s.reason} for s in self.scan.skipped])
@@ -634,6 +665,16 @@ class Trainer:
         self.log(f"best val loss {state['best_val_loss']:.4f}{kept}, val accuracy {report['accuracy']:.4f}; "
                  f"run saved in {self.run_dir}")
         return result
+
+    def write_split(self) -> None:
+        """split.json: which images trained and which validated (paths relative to the data folder), so evaluate
+        can say when it is given training images, and evaluate --split val can take the validation ones."""
+        if not self.world.main:
+            return
+        write_json(self.run_dir / SPLIT_FILE, {
+            "data_dir": str(self.data_dir),
+            **{name: [os.path.relpath(Path(s.path).resolve(), self.data_dir) for s in samples]
+               for name, samples in (("train", self.train_samples), ("val", self.val_samples))}})
 
     def write_config(self, stages: list[Stage], source: str, previous: dict | None = None) -> None:
         """config.json; `previous` (the config a resumed run was read from) adds an entry to its extensions."""
@@ -757,7 +798,7 @@ def default_run_dir(backbone: str) -> Path:
 
 
 def finetune(
-    data_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | None,
     config: FinetuneConfig | None = None,
     output: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
@@ -777,6 +818,13 @@ def finetune(
     interrupted before its first checkpoint leaves nothing behind. Under torchrun a process that stops answering
     for `dist_timeout` seconds ends every other one with a `PeerLostError`; the last checkpoint stays resumable.
     """
+    if data_dir is None:
+        if resume is None:
+            raise OptionError("finetune needs a data folder (one sub-folder per class)")
+        data_dir = load_run_config(resume).get("data_dir") or ""
+        if not Path(data_dir).is_dir():
+            raise DataError(f"--resume {display(resume)}: its data folder {data_dir or '(not recorded)'} is gone; "
+                            "give the data folder as the first argument")
     if not Path(data_dir).is_dir():
         raise DataError(f"folder not found: {data_dir}")
     world = World.from_env()
@@ -801,6 +849,11 @@ def finetune(
                 config = resumed_config(saved, changes or {}, run_dir)
                 resume_state = load_checkpoint(run_dir / CHECKPOINT)
                 check_extension(saved, config, resume_state, run_dir)
+                finished = finished_result(run_dir, saved, config)
+                if finished is not None:
+                    log(f"{display(run_dir)} already finished its {finished.epochs_run} epoch(s); nothing new to "
+                        "train (raise --epochs-head/--epochs-finetune, or --epochs, to train more)")
+                    return finished
             torch.manual_seed(config.seed)
             trainer = Trainer(config, data_dir, run_dir, target, log, on_epoch_end, on_batch, progress, world)
             if saved is not None and trainer.classes != saved["classes"]:
@@ -818,9 +871,11 @@ def finetune(
             except KeyboardInterrupt:
                 if trainer.last_good_epoch is None:
                     log("interrupted before the first epoch finished; nothing was kept")
-                else:
-                    log(f"interrupted; epoch {trainer.last_good_epoch} is saved: resume with "
-                        f"transfer finetune {display(data_dir)} --resume {display(run_dir)}")
+                    raise
+                log(f"interrupted; epoch {trainer.last_good_epoch} is saved: resume with "
+                    f"transfer finetune --resume {display(run_dir)}")
+                if not world.distributed:
+                    trainer.write_interrupted_reports()
                 raise
     finally:
         if joined:
@@ -866,6 +921,22 @@ def check_extension(saved: dict, config: FinetuneConfig, state: dict, run_dir: P
     if config.epochs_head > before["epochs_head"] and current == "finetune":
         raise OptionError(f"--epochs-head {config.epochs_head}: {display(run_dir)} is already in stage finetune; "
                           "raise --epochs-finetune instead")
+
+
+def finished_result(run_dir: Path, saved: dict, config: FinetuneConfig) -> FinetuneResult | None:
+    """The result of a run that completed its schedule, when resuming it adds no epoch; else None."""
+    import json
+
+    added = (config.epochs_head > saved["settings"]["epochs_head"]
+             or config.epochs_finetune > saved["settings"]["epochs_finetune"])
+    try:
+        report = json.loads((run_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if added or not isinstance(report, dict) or report.get("finished") is not True:
+        return None
+    return FinetuneResult(run_dir, float(report.get("best_val_loss", math.nan)), float(report.get("accuracy", 0.0)),
+                          int(report.get("epochs", 0)), report, stopped="already finished")
 
 
 def load_run_config(run_dir: str | os.PathLike) -> dict:
