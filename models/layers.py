@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from torch import nn
 
-from models.registry import BackboneSpec
+from models.registry import FLATTEN, BackboneSpec, module_of
 from transfer.errors import TransferError, UnknownNameError
 
 
@@ -62,11 +63,11 @@ def resolve_layer(spec: BackboneSpec, name: str, model: nn.Module | None = None,
     """
     if paths is None:
         paths = [p for p, _ in model.named_modules() if p] if model is not None else list(module_paths(spec.name))
-    if name in spec.aliases and spec.aliases[name] in paths:
+    if name in spec.aliases and module_of(spec.aliases[name]) in paths:
         return spec.aliases[name]
     if name in paths:
         return name
-    valid = [alias for alias, path in spec.aliases.items() if path in paths] + paths
+    valid = [alias for alias, path in spec.aliases.items() if module_of(path) in paths] + paths
     raise UnknownNameError(f"layer for {spec.name}", name, valid)
 
 
@@ -103,8 +104,12 @@ class LayerInfo:
 def describe_layers(spec: BackboneSpec, model: nn.Module, input_size: int) -> list[LayerInfo]:
     """Run one image of `input_size` through `model` and list every module that ran, as Keras' summary does."""
     alias_of: dict[str, str] = {}
+    flattened = set()
     for alias, path in spec.aliases.items():
-        alias_of.setdefault(path, alias)
+        if module_of(path) not in alias_of:
+            alias_of[module_of(path)] = alias
+            if path.endswith(FLATTEN):
+                flattened.add(module_of(path))
     order: list[tuple[str, nn.Module, tuple[int, ...] | None]] = []
     seen: set[str] = set()
 
@@ -125,10 +130,16 @@ def describe_layers(spec: BackboneSpec, model: nn.Module, input_size: int) -> li
         for handle in handles:
             handle.remove()
     counts = keras_param_counts(model, [(path, alias_of.get(path, "")) for path, _, _ in order])
-    return [
-        LayerInfo(alias_of.get(path, ""), path, type(module).__name__, shape, counts[path], group_of(spec, path))
-        for path, module, shape in order
-    ]
+    rows = []
+    for path, module, shape in order:
+        rows.append(LayerInfo(alias_of.get(path, ""), path, type(module).__name__,
+                              (math.prod(shape),) if shape and path in flattened else shape, counts[path],
+                              group_of(spec, path)))
+        for alias, target in spec.aliases.items():  # Keras' Flatten of a module that has its own name (VGG16)
+            if target == path + FLATTEN and alias_of.get(path) != alias:
+                rows.append(LayerInfo(alias, target, "Flatten", (math.prod(shape),) if shape else None, 0,
+                                      group_of(spec, path)))
+    return rows
 
 
 def keras_param_counts(model: nn.Module, rows: list[tuple[str, str]]) -> dict[str, int]:
@@ -165,6 +176,11 @@ def keras_param_counts(model: nn.Module, rows: list[tuple[str, str]]) -> dict[st
     return counts
 
 
+def keras_flatten(output: torch.Tensor) -> torch.Tensor:
+    """N x C x H x W -> N x (H*W*C) in Keras' channels-last order (its Flatten layer); 2-D outputs pass."""
+    return output.permute(0, 2, 3, 1).flatten(1) if output.ndim == 4 else output
+
+
 class _StopForward(Exception):
     """Raised by a tap once every requested layer has been captured: nothing deeper is computed."""
 
@@ -181,18 +197,19 @@ class FeatureTap(nn.Module):
     def __init__(self, model: nn.Module, paths: list[str], stop_early: bool = True):
         super().__init__()
         self.model, self.paths, self.stop_early = model, list(paths), stop_early
+        self.modules_tapped = list(dict.fromkeys(module_of(p) for p in self.paths))
         modules = dict(model.named_modules())
         for module in model.modules():
             if getattr(module, "inplace", False) is True:
                 module.inplace = False
         self._captured: dict[str, torch.Tensor] = {}
-        self._handles = [modules[p].register_forward_hook(self._hook_for(p)) for p in dict.fromkeys(self.paths)]
+        self._handles = [modules[p].register_forward_hook(self._hook_for(p)) for p in self.modules_tapped]
 
     def _hook_for(self, path: str):
         def hook(_module: nn.Module, _inputs, output: torch.Tensor) -> None:
             if path not in self._captured:
                 self._captured[path] = output.clone()
-            if self.stop_early and len(self._captured) == len(set(self.paths)):
+            if self.stop_early and len(self._captured) == len(self.modules_tapped):
                 raise _StopForward
         return hook
 
@@ -203,10 +220,11 @@ class FeatureTap(nn.Module):
         except _StopForward:
             pass
         captured, self._captured = self._captured, {}
-        silent = [p for p in self.paths if p not in captured]
+        silent = [p for p in self.modules_tapped if p not in captured]
         if silent:
             raise TransferError(f"layer {silent[0]} does not run in this model's forward pass, so it has no output")
-        return tuple(captured[p] for p in self.paths)
+        return tuple(keras_flatten(captured[module_of(p)]) if p.endswith(FLATTEN) else captured[p]
+                     for p in self.paths)
 
     def close(self) -> None:
         for handle in self._handles:

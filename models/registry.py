@@ -86,6 +86,14 @@ def list_backbones() -> list[BackboneSpec]:
     return list(BACKBONES.values())
 
 
+FLATTEN = "#flatten"  # an alias target ending so is that module's output flattened as Keras' Flatten does
+
+
+def module_of(target: str) -> str:
+    """The module path of an alias target (`pre_logits.act1#flatten` -> `pre_logits.act1`)."""
+    return target.split("#", 1)[0]
+
+
 def _seq(prefix: str, first: int, last: int) -> tuple[str, ...]:
     return tuple(f"{prefix}.{i}" for i in range(first, last + 1))
 
@@ -102,7 +110,10 @@ def _vgg16_aliases() -> dict[str, str]:
             index += 2
         aliases[f"block{block}_pool"] = f"features.{index}"
         index += 1
-    aliases.update({"fc1": "pre_logits.act1", "fc2": "pre_logits.act2", "predictions": "head.fc"})
+    # Keras' Flatten and Dense layers give vectors: `#flatten` flattens the module's output in Keras' channels-last
+    # order (timm runs fc1/fc2 as convolutions with 4096x1x1 outputs; `flatten` is block5_pool as 25,088 values).
+    aliases.update({"flatten": f"features.{index - 1}{FLATTEN}", "fc1": f"pre_logits.act1{FLATTEN}",
+                    "fc2": f"pre_logits.act2{FLATTEN}", "predictions": "head.fc"})
     return aliases
 
 

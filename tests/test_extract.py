@@ -133,7 +133,7 @@ def test_cli_streams_npz_with_sidecar(tmp_path, photo_dir, runner):
     (["--layer", "block4_pool", "--pool", "median"], "--pool"),
 ])
 def test_cli_bad_layer_or_flag(tmp_path, photo_dir, runner, args, message):
-    result = runner.invoke(cli.app, ["extract", str(photo_dir), "--no-pretrained", "--output",
+    result = runner.invoke(cli.app, ["extract", str(photo_dir), "-b", "vgg16", "--no-pretrained", "--output",
                                      str(tmp_path / "f.npy"), *args])
     assert result.exit_code == 2 and message in result.output
     assert len(result.output.strip().splitlines()) == 1

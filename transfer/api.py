@@ -38,4 +38,4 @@ def layer_summary(backbone: str, input_size: int | None = None, only: list[str] 
     model = build_architecture(spec)
     wanted = {resolve_layer(spec, name, model) for name in only or []}
     rows = describe_layers(spec, model, size)
-    return [row for row in rows if not wanted or row.path in wanted], size
+    return [row for row in rows if not wanted or row.path in wanted or spec.aliases.get(row.alias) in wanted], size

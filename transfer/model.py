@@ -7,7 +7,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from models.registry import BackboneSpec
+from models.registry import BackboneSpec, module_of
 from transfer.errors import TransferError, UnknownNameError
 
 HEADS = ("mlp", "linear")
@@ -73,7 +73,7 @@ def resolve_run_layer(spec: BackboneSpec, name: str, model: TransferModel) -> st
     dropped = (spec.classifier, "global_pool", "pre_logits", "head", "fc", "classifier")
     running = {path for path, _ in model.backbone.named_modules() if path
                and not any(path == d or path.startswith(d + ".") for d in dropped)}
-    aliases = {alias: path for alias, path in spec.aliases.items() if path in running}
+    aliases = {alias: path for alias, path in spec.aliases.items() if module_of(path) in running}
     try:
         return "backbone." + resolve_layer(_View(spec, aliases), name, None, sorted(running))
     except UnknownNameError:
