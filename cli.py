@@ -386,6 +386,10 @@ def finetune(
     signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` is handled like Ctrl-C: nothing half-written stays
     result = run_finetune(data_dir, config, output=output, resume=resume, device=device.value, log=progress.log,
                           changes=changes, progress=progress, dist_timeout=dist_timeout)
+    from transfer.distributed import World
+
+    if not World.from_env().main:  # under torchrun rank 0 reports for all
+        return
     say(f"validation accuracy {result.best_val_acc:.4f} ({result.epochs_run} epochs) -> {result.run_dir}")
     write_record(json_out, {"run_dir": str(result.run_dir), "best_val_loss": result.best_val_loss,
                             "best_val_accuracy": result.best_val_acc, "epochs": result.epochs_run,
