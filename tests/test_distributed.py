@@ -130,6 +130,7 @@ def test_two_process_extract_is_byte_identical(tmp_path, digits):
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "one.npz").read_bytes() == (tmp_path / "two.npz").read_bytes()
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one.pop("output") == "one.npz" and two.pop("output") == "two.npz"  # each sidecar names its own file
     assert one["paths"] == two["paths"] and len(one["paths"]) == 24 and one == two
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.json", "one.npz", "two.json", "two.npz"]
 

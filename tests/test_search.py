@@ -76,14 +76,16 @@ def test_index_and_similar_find_the_same_scene(tmp_path, photos, runner):
     scores = [n["score"] for n in hits[0]["neighbours"]]
     assert scores == sorted(scores, reverse=True) and scores[0] <= 1.0 + 1e-6
     sheet = np.asarray(Image.open(tmp_path / "sheet.png").convert("RGB"))
-    assert sheet.shape == (8 * (160 + 34 + 8) + 8, 6 * 168 + 8, 3)  # query + 5 neighbours per row, 8 rows
+    header = 40  # the sheet's title
+    assert sheet.shape == (header + 8 * (160 + 44 + 8) + 8, 6 * 168 + 8, 3)  # query + 5 neighbours per row, 8 rows
+    assert sheet[8:30, 8:300].std() > 10  # the title is drawn
     query = Image.open(queries[0]).convert("RGB")
     query.thumbnail((160, 160))
-    cell = sheet[8:8 + query.height, 8:8 + query.width].astype(int)  # the first row's first cell: that query
+    cell = sheet[header:header + query.height, 8:8 + query.width].astype(int)  # the first row's first cell: that query
     assert np.abs(cell - np.asarray(query, dtype=int)).mean() < 3
     for column in range(1, 6):  # each neighbour cell holds an image, not blank paper
         x = 8 + column * 168
-        assert sheet[8:168, x:x + 160].std() > 10
+        assert sheet[header:header + 160, x:x + 160].std() > 10
 
 
 def test_index_writes_are_whole_and_never_touch_other_files(tmp_path, photos, runner):

@@ -415,7 +415,8 @@ def contact_sheet(results: Sequence[dict], output: str | os.PathLike, thumb: int
     for row, result in enumerate(results):
         neighbours = enumerate(result["neighbours"], 1)
         cells = [(result["query"], "query", Path(result["query"]).name)] + [
-            (n["path"], f"#{rank}  {n['score']:.3f}", n["label"] or Path(n["path"]).name) for rank, n in neighbours]
+            (n["path"], f"#{rank}  {n['score']:.3f}" + ("  itself" if n.get("self") else ""),
+             n["label"] or Path(n["path"]).name) for rank, n in neighbours]
         for column, (path, top, bottom) in enumerate(cells):
             x, y = 8 + column * (thumb + 8), header + row * (thumb + caption + 8)
             try:

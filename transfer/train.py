@@ -872,10 +872,10 @@ def finetune(
                 if trainer.last_good_epoch is None:
                     log("interrupted before the first epoch finished; nothing was kept")
                     raise
-                log(f"interrupted; epoch {trainer.last_good_epoch} is saved: resume with "
-                    f"transfer finetune --resume {display(run_dir)}")
                 if not world.distributed:
                     trainer.write_interrupted_reports()
+                log(f"interrupted; epoch {trainer.last_good_epoch} is saved: resume with "
+                    f"transfer finetune {display(data_dir)} --resume {display(run_dir)}")
                 raise
     finally:
         if joined:
