@@ -24,9 +24,12 @@ demo: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 
+# Two workers, one file each at a time (module fixtures built once); tests/conftest.py hands out the longest first.
+PYTEST = $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: $(BIN)/.installed browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-all: $(BIN)/.installed browser
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(PYTEST) -m "slow or not slow"

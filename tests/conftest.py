@@ -14,8 +14,13 @@ from typer.testing import CliRunner
 
 from transfer.samples import write_digits_folder
 
+LONGEST_FIRST = ("test_readme.py", "test_tutorials.py", "test_distributed.py", "test_trust.py")
+
 
 def pytest_collection_modifyitems(config, items):
+    # The longest files first, so that `pytest -n 2 --dist loadfile` (make test) does not end on the README tour alone.
+    items.sort(key=lambda item: next((rank for rank, name in enumerate(LONGEST_FIRST) if item.path.name == name),
+                                     len(LONGEST_FIRST)))
     if torch.cuda.is_available() or os.environ.get("TRANSFER_GPU_REHEARSAL") == "1":  # see tests/test_gpu.py
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")

@@ -161,6 +161,8 @@ def test_run_classifier_agrees_with_pytorch_on_validation(small_run, tmp_path):
     assert json.loads(meta["transfer.classes"]) == ["0", "1", "2", "3"] and meta["transfer.input_size"] == "48"
 
 
+# slow (25 s): tests/test_cli.py's int8 test covers the record in the default suite
+@pytest.mark.slow
 def test_int8_trained_run_keeps_top1_and_shrinks(tmp_path):
     """LeNet-5 trained on all 1,797 digits (~98% val), int8 calibrated on 100 training images."""
     from transfer.samples import write_digits_folder
@@ -190,6 +192,8 @@ def test_int8_trained_run_keeps_top1_and_shrinks(tmp_path):
     assert session.get_modelmeta().custom_metadata_map["transfer.precision"] == "int8"
 
 
+# slow (23 s): VGG16 export at full size; every alias is checked in the default suite
+@pytest.mark.slow
 def test_vgg16_block4_pool_extractor_any_batch(tmp_path, photos, photo_dir):
     weights = random_weights_file(tmp_path, "vgg16", size=64)
     path = tmp_path / "vgg.onnx"

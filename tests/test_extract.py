@@ -46,6 +46,8 @@ def photo_files(photo_dir):
     return sorted(photo_dir.iterdir())
 
 
+# slow (17 s): tests/test_trust.py checks every VGG16 alias against a hook
+@pytest.mark.slow
 def test_vgg16_block4_pool_equals_hook(tmp_path, photo_dir):
     weights = random_weights_file(tmp_path, "vgg16", size=64)
     expected = hooked("vgg16", weights, ["features.23"], photo_files(photo_dir))["features.23"]

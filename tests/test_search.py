@@ -106,6 +106,8 @@ def test_index_writes_are_whole_and_never_touch_other_files(tmp_path, photos, ru
     assert result.exit_code == 2 and "not an index" in result.output
 
 
+# slow (20 s): model identity by content is in tests/test_surfaces.py and tests/test_serve.py
+@pytest.mark.slow
 def test_an_index_only_meets_its_own_model(tmp_path, photos):
     write_crops(tmp_path / "crops", photos, per_class=2, seed=0)
     extractor = tmp_path / "extractor.onnx"
