@@ -24,8 +24,8 @@ demo: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 
-# Two workers, one file each at a time (module fixtures built once); tests/conftest.py hands out the longest first.
-PYTEST = $(BIN)/python -m pytest -q -n 2 --dist loadfile
+# Two workers taking tests in collection order; tests/conftest.py puts the longest files (the README tour) first.
+PYTEST = $(BIN)/python -m pytest -q -n 2 --dist load
 
 test: $(BIN)/.installed browser
 	$(BIN)/ruff check .

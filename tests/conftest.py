@@ -18,7 +18,7 @@ LONGEST_FIRST = ("test_readme.py", "test_tutorials.py", "test_distributed.py", "
 
 
 def pytest_collection_modifyitems(config, items):
-    # The longest files first, so that `pytest -n 2 --dist loadfile` (make test) does not end on the README tour alone.
+    # The longest files first, so that `pytest -n 2 --dist load` (make test) does not end on the README tour alone.
     items.sort(key=lambda item: next((rank for rank, name in enumerate(LONGEST_FIRST) if item.path.name == name),
                                      len(LONGEST_FIRST)))
     if torch.cuda.is_available() or os.environ.get("TRANSFER_GPU_REHEARSAL") == "1":  # see tests/test_gpu.py
@@ -131,3 +131,12 @@ def held_out_by_content(data: Path, calibration: Path, val_split: float = 0.2, s
 
     _, validation = train_val_samples(scan_folder(data), val_split, seed)
     return len({digest(s.path) for s in validation} - {digest(p) for p in calibration.rglob("*.png")})
+
+
+def one_line_error(result, code: int = 2) -> str:
+    """The CLI result's one `error:` line, after checking the exit code and that no traceback was printed."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]

@@ -26,21 +26,13 @@ from exporters.export import export_onnx
 from exporters.runtime import OnnxModel
 from models.registry import get_backbone
 from models.weights import create_backbone
-from tests.conftest import digits_folder, make_messy_folder, tree_hashes
+from tests.conftest import digits_folder, make_messy_folder, one_line_error, tree_hashes
 from transfer.errors import DataError
 from transfer.search import MARKER_FILE, SearchIndex, build_index, previous_path
 from transfer.train import FinetuneConfig, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSFER = shutil.which("transfer") or str(Path(sys.executable).parent / "transfer")
-
-
-def one_line_error(result, code: int = 2) -> str:
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

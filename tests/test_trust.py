@@ -21,21 +21,13 @@ from PIL import Image
 import cli
 from exporters.export import export_onnx
 from exporters.runtime import OnnxModel
-from tests.conftest import digits_folder, tree_hashes
+from tests.conftest import digits_folder, one_line_error, tree_hashes
 from tests.test_finetune import random_weights_file
 from transfer.errors import DataError
 from transfer.train import FinetuneConfig, finetune, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSFER = str(Path(sys.executable).parent / "transfer")
-
-
-def one_line_error(result, code: int = 2) -> str:
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
