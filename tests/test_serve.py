@@ -300,7 +300,7 @@ def test_thin_and_bomb_uploads_are_413_and_a_request_is_cut_off_while_it_streams
             if select.select([sock], [], [], 0.05)[0]:
                 answer = sock.recv(4096)
         answer = answer or sock.recv(4096)
-    assert answer.startswith(b"HTTP/1.1 413") and 16 <= sent < 40, (sent, answer[:40])
+    assert answer.startswith(b"HTTP/1.1 413") and 16 <= sent < 60, (sent, answer[:40])  # 64 would be all of it
     assert httpx.get(server.url + "/health").json()["status"] == "ok"  # still serving
 
 
