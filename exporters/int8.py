@@ -94,9 +94,11 @@ def split_images(calibration: Sequence[Path], validation: Sequence[Path],
     calibration images count once."""
     from transfer.io import file_sha256
 
-    by_content = {file_sha256(p): Path(p) for p in reversed(list(calibration))}  # the first of each content wins
-    calibration = [p for p in calibration if by_content.get(file_sha256(p)) == Path(p)]
-    held_out, judged = [], set(by_content)
+    distinct: dict[str, Path] = {}
+    for path in calibration:
+        distinct.setdefault(file_sha256(path), path)  # the first image of each content calibrates
+    calibration = list(distinct.values())
+    held_out, judged = [], set(distinct)
     for path in validation:
         digest = file_sha256(path)
         if digest not in judged:
