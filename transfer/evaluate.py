@@ -32,9 +32,11 @@ def run_split(model_path: Path, metadata: dict | None = None) -> dict[str, set[P
 
     from transfer.rundir import SPLIT_FILE
 
-    run_dir = model_path if metadata is None else Path(metadata.get("transfer.run", "") or "/nonexistent")
+    run_dir = model_path if metadata is None else metadata.get("transfer.run")
+    if not run_dir:
+        return None
     try:
-        record = json.loads((run_dir / SPLIT_FILE).read_text())
+        record = json.loads((Path(run_dir) / SPLIT_FILE).read_text())
         root = Path(record["data_dir"])
         return {name: {(root / rel).resolve() for rel in record[name]} for name in ("train", "val")}
     except (OSError, ValueError, KeyError, TypeError):
@@ -52,8 +54,8 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_s
     `top_losses_plot`); with `tta` (`tta_crops`), also the accuracy of the average of the probabilities over the
     views of `tta_views`, and each view's own accuracy, next to the plain accuracy, which stays `accuracy`.
 
-    When the model's run recorded its split, `overlap` counts the images the run trained on (their accuracy says
-    little about new images), and `split="val"` keeps only the run's validation images.
+    When the model's run recorded its split, `training_images` counts the images the run trained on (their accuracy
+    says little about new images), and `split="val"` keeps only the run's validation images.
     """
     model_path = Path(model_path)
     check_int(batch_size, "--batch-size", 1)

@@ -605,10 +605,10 @@ class Trainer:
                 candidate, candidate_loss, candidate_acc, source = self.ema.module, ema_loss, ema_acc, "ema"
         if not per_batch:
             scheduler.step()
+        caching = self.cache_seconds - cached_before  # stage 1's one-off feature cache, reported apart
         row = {"stage": stage.name, "epoch": epoch, "stage_epoch": stage_epoch, "lr": lr, "train_loss": train_loss,
                "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
-               "seconds": round(time.perf_counter() - started - (self.cache_seconds - cached_before), 3)}
-        caching = self.cache_seconds - cached_before
+               "seconds": round(time.perf_counter() - started - caching, 3)}
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             raise NonFiniteLossError(f"non-finite validation loss ({val_loss}) in stage {stage.name}, epoch {epoch}; "
                                      f"{self.kept_message()} (try a lower learning rate)")
