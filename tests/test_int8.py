@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from PIL import Image
 
 from exporters.export import export_onnx
 from exporters.int8 import cpu_flags, gemm_kernel_nodes, kernel_plan, quantize_int8, split_images
@@ -54,7 +55,11 @@ def test_quantized_weights_follow_the_kernel_plan(tmp_path, photo_dir):
     # stem, block 0's pointwise, 15 expand/project pairs, head conv, classifier; not the 16 depthwise convs
     assert len(gemm_kernel_nodes(onnx.load(str(fp32)))) == 34
     prep = Preprocessing.from_metadata(record.metadata)
-    paths = sorted(photo_dir.iterdir()) * 3
+    paths = []  # nine distinct images: calibration and the held-out judgement never share content
+    for photo in sorted(photo_dir.iterdir()):
+        for angle in (0, 90, 180):
+            paths.append(tmp_path / f"{photo.stem}_{angle}.jpg")
+            Image.open(photo).rotate(angle, expand=True).save(paths[-1], quality=90)
 
     def to_batch(chunk):
         return np.stack([eval_array(open_image(p), prep) for p in chunk]).astype(np.float32)
