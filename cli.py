@@ -189,11 +189,13 @@ def check_json_path(path: Path | None) -> None:
 
 
 def write_record(path: Path | None, record) -> None:
+    """The --json record, written atomically under the file's lock, and said (every command says what it wrote)."""
     if path is not None:
         from transfer.io import output_lock, write_json
 
         with output_lock(path, "--json"):
             write_json(path, record)
+        say(f"wrote {path}")
 
 
 def model_flag_hint(items: list[str], flag: str = "--onnx") -> str:
@@ -394,8 +396,6 @@ def finetune(
     write_record(json_out, {"run_dir": str(result.run_dir), "best_val_loss": result.best_val_loss,
                             "best_val_accuracy": result.best_val_acc, "epochs": result.epochs_run,
                             "stopped": result.stopped})
-    if json_out is not None:
-        say(f"wrote {json_out}")
 
 
 def parse_batch_size(text: str) -> int | str:
@@ -465,8 +465,6 @@ def lr_find_command(
         say(f"stage {result.stage}: suggested learning rate {result.suggestion:.2e} ({result.rule}; "
             f"{result.stopped}; {len(result.lrs)} steps from {result.lrs[0]:.1e}{after}; seed {seed})")
     say(f"wrote {output}")
-    if json_out is not None:
-        say(f"wrote {json_out}")
     write_record(json_out, [result.to_dict() for result in results])
 
 
@@ -552,8 +550,6 @@ def evaluate(
     if output is not None:
         say(f"wrote {output} ({len(report['top_losses'])} most confidently wrong images)")
     write_record(json_out, report)
-    if json_out is not None:
-        say(f"wrote {json_out}")
 
 
 @app.command(epilog=examples(
@@ -610,8 +606,6 @@ def extract(
     write_record(json_out, {"output": str(output), "sidecar": str(sidecar_path(output)), "images": len(result.paths),
                             "shapes": result.metadata["shapes"], "layers": result.metadata["layers"],
                             "skipped": [{"path": s.path, "reason": s.reason} for s in result.skipped]})
-    if json_out is not None:
-        say(f"wrote {json_out}")
 
 
 @app.command(epilog=examples("transfer export --run runs/flowers -o flowers.onnx --json record.json",
@@ -672,8 +666,6 @@ def export(
         say(f"int8: {report.speedup:.2f}x the fp32 file's speed on this CPU, "
             f"{record.fp32_size_bytes / record.size_bytes:.2f}x smaller; {report.kernel}")
     write_record(json_out, record.to_dict())
-    if json_out is not None:
-        say(f"wrote {json_out}")
 
 
 @app.command(epilog=examples("transfer predict cat.jpg cup.png --onnx model.onnx",
@@ -765,8 +757,6 @@ def predict(
     write_record(json_out, {"model": str(onnx), "images": len(results), "unreadable": len(bad), "top_k": top_k,
                             "views": [name for name, _, _ in views], "output": str(output) if output else None,
                             "predictions": [r.__dict__ for r in results]})
-    if json_out is not None:
-        say(f"wrote {json_out}")
 
 
 @app.command(epilog=examples("transfer serve --onnx model.onnx",
@@ -894,8 +884,6 @@ def similar(
     contact_sheet(results, output, title=f"nearest images in {display(index.name)} (cosine similarity)")
     say(f"wrote {output}")
     write_record(json_out, {"index": str(index), "k": k, "results": results})
-    if json_out is not None:
-        say(f"wrote {json_out}")
 
 
 @app.command(epilog=examples("transfer bench --onnx model.onnx", "transfer bench --onnx model.onnx "
