@@ -21,14 +21,17 @@ endif
 demo: $(BIN)/.installed
 	$(BIN)/python examples/demo.py
 
+# ruff, then the architecture: the import-linter contracts in pyproject.toml (layers, torch-free packages, no cycles).
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 # Two workers taking tests in collection order; tests/conftest.py puts the longest files (the README tour) first.
 PYTEST = $(BIN)/python -m pytest -q -n 2 --dist load
 
 test: $(BIN)/.installed browser
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(PYTEST)
 
 test-all: $(BIN)/.installed browser

@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from transfer.errors import NonFiniteLossError, PeerLostError, TransferError, VerificationError
-from transfer.io import display, os_error_message
+from transfer.core.errors import NonFiniteLossError, PeerLostError, TransferError, VerificationError
+from transfer.core.io import display, os_error_message
 
 try:  # typer >= 0.20 vendors click; its exceptions are not the `click` package's
     from typer._click import exceptions as click_errors
@@ -89,7 +89,7 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 def progress_for(quiet: bool):
     """Bars on a terminal, plain periodic lines on stderr when piped or logged, nothing with --quiet."""
-    from transfer.progress import Progress
+    from transfer.core.progress import Progress
 
     return Progress.for_stream(sys.stderr, quiet=quiet, console=err_console)
 
@@ -183,7 +183,7 @@ def examples(*lines: str) -> str:
 
 def check_json_path(path: Path | None) -> None:
     if path is not None:
-        from transfer.io import check_writable
+        from transfer.core.io import check_writable
 
         check_writable(path, "--json")
 
@@ -191,7 +191,7 @@ def check_json_path(path: Path | None) -> None:
 def write_record(path: Path | None, record) -> None:
     """The --json record, written atomically under the file's lock, and said (every command says what it wrote)."""
     if path is not None:
-        from transfer.io import output_lock, write_json
+        from transfer.core.io import output_lock, write_json
 
         with output_lock(path, "--json"):
             write_json(path, record)
@@ -211,7 +211,7 @@ def model_flag_hint(items: list[str], flag: str = "--onnx") -> str:
 @cli_errors
 def backbones(json_out: JsonOpt = None) -> None:
     """The registered backbones: timm model, input size, parameters, default feature layer, weights."""
-    from transfer.api import backbone_table
+    from transfer.apps.catalog import backbone_table
 
     check_json_path(json_out)
     rows = backbone_table()
@@ -239,7 +239,7 @@ def layers(
     quiet: QuietOpt = False,
 ) -> None:
     """Every addressable layer in forward order: Keras alias, module path, output shape, params, unfreeze group."""
-    from transfer.api import layer_summary
+    from transfer.apps.catalog import layer_summary
 
     check_json_path(json_out)
     with progress_for(quiet).task(f"building {backbone} and running one image through it"):
@@ -264,7 +264,7 @@ def scan(
     quiet: QuietOpt = False,
 ) -> None:
     """Check a data folder before a long run: classes, counts per split, every skipped file and why."""
-    from transfer.scan import scan_folder
+    from transfer.data.scan import scan_folder
 
     check_json_path(json_out)
     report = scan_folder(data_dir, strict=strict, progress=progress_for(quiet))
@@ -282,7 +282,7 @@ def scan(
     say(f"{len(report.skipped)} file(s) skipped")
     write_record(json_out, report.to_dict())
     if report.empty_classes:
-        from transfer.errors import DataError
+        from transfer.core.errors import DataError
 
         raise DataError(f"empty class(es) with no usable image: {', '.join(report.empty_classes)}")
 
@@ -356,9 +356,9 @@ def finetune(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune a pretrained backbone with a new head: stage 1 head only, stage 2 top groups unfrozen."""
-    from transfer.errors import OptionError
-    from transfer.train import FinetuneConfig, split_epochs
-    from transfer.train import finetune as run_finetune
+    from transfer.core.errors import OptionError
+    from transfer.training.config import FinetuneConfig, split_epochs
+    from transfer.training.finetune import finetune as run_finetune
 
     check_json_path(json_out)
     if epochs is not None:
@@ -388,7 +388,7 @@ def finetune(
     signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` is handled like Ctrl-C: nothing half-written stays
     result = run_finetune(data_dir, config, output=output, resume=resume, device=device.value, log=progress.log,
                           changes=changes, progress=progress, dist_timeout=dist_timeout)
-    from transfer.distributed import World
+    from transfer.core.world import World
 
     if not World.from_env().main:  # under torchrun rank 0 reports for all
         return
@@ -403,7 +403,7 @@ def parse_batch_size(text: str) -> int | str:
     if text.strip().lower() == "auto":
         return "auto"
     if not text.strip().isdigit() or int(text) < 1:
-        from transfer.errors import OptionError
+        from transfer.core.errors import OptionError
 
         raise OptionError(f"--batch-size {text!r}: give a positive integer such as 32, or auto")
     return int(text)
@@ -416,7 +416,7 @@ def parse_lr(text: str, flag: str) -> float | str:
     try:
         return float(text)
     except ValueError:
-        from transfer.errors import OptionError
+        from transfer.core.errors import OptionError
 
         raise OptionError(f"{flag} {text!r}: give a number such as 1e-3, or auto") from None
 
@@ -446,9 +446,9 @@ def lr_find_command(
     json_out: JsonOpt = None,
 ) -> None:
     """The learning-rate range test: loss against an exponentially rising rate, and a suggested rate per stage."""
-    from transfer.io import check_writable
-    from transfer.lr_find import lr_find
-    from transfer.train import FinetuneConfig
+    from transfer.core.io import check_writable
+    from transfer.training.config import FinetuneConfig
+    from transfer.training.lr_find import lr_find
 
     check_writable(output, "--output")
     check_json_path(json_out)
@@ -471,7 +471,7 @@ def lr_find_command(
 def one_model(run: Path | None, onnx: Path | None) -> Path | None:
     """At most one of --run / --onnx."""
     if run is not None and onnx is not None:
-        from transfer.errors import OptionError
+        from transfer.core.errors import OptionError
 
         raise OptionError("--run and --onnx exclude each other; give one model")
     return run if run is not None else onnx
@@ -481,7 +481,7 @@ def model_path(run: Path | None, onnx: Path | None, positional: list[str], need:
     """Exactly one of --run / --onnx."""
     model = one_model(run, onnx)
     if model is None:
-        from transfer.errors import OptionError
+        from transfer.core.errors import OptionError
 
         raise OptionError(f"{need}: {model_flag_hint(positional, '--run RUN_DIR or --onnx')}")
     return model
@@ -512,8 +512,8 @@ def evaluate(
 ) -> None:
     """Accuracy, per-class precision/recall/F1, the confusion matrix and the worst mistakes of a run or an ONNX
     classifier."""
-    from transfer.evaluate import evaluate as run_evaluate
-    from transfer.io import check_writable
+    from transfer.apps.evaluate import evaluate as run_evaluate
+    from transfer.core.io import check_writable
 
     model = model_path(run, onnx, [str(data_dir)], "evaluate needs a model")
     check_json_path(json_out)
@@ -582,9 +582,9 @@ def extract(
     quiet: QuietOpt = False,
 ) -> None:
     """Features of intermediate layers, streamed to disk with a JSON sidecar (paths, labels, metadata)."""
-    from transfer.distributed import World
-    from transfer.features import default_layers, sidecar_path
-    from transfer.features import extract as run_extract
+    from transfer.apps.extract import default_layers, sidecar_path
+    from transfer.apps.extract import extract as run_extract
+    from transfer.core.world import World
 
     one_model(run, onnx)
     check_json_path(json_out)
@@ -633,7 +633,7 @@ def export(
     from exporters.export import export_onnx
 
     if run is None and backbone is None:
-        from transfer.errors import OptionError
+        from transfer.core.errors import OptionError
 
         raise OptionError("export needs --run RUN_DIR or --backbone NAME")
     check_json_path(json_out)
@@ -694,18 +694,18 @@ def predict(
 ) -> None:
     """Top-k labels of images with onnxruntime only; unreadable images are listed, not fatal."""
     from exporters.runtime import OnnxModel
-    from transfer.distributed import World, parse_shard
-    from transfer.errors import OptionError
-    from transfer.io import output_lock
-    from transfer.predict import (
+    from transfer.core.errors import OptionError
+    from transfer.core.io import output_lock
+    from transfer.core.preprocess import tta_views
+    from transfer.core.world import World, parse_shard
+    from transfer.data.scan import expand_inputs
+    from transfer.serving.predict import (
         check_predictions_path,
         foreign_parts,
         shard_fingerprint,
         write_predictions,
         write_shard,
     )
-    from transfer.preprocess import tta_views
-    from transfer.scan import expand_inputs
 
     if onnx is None:
         raise OptionError(f"predict needs a model: {model_flag_hint(images)}")
@@ -789,9 +789,9 @@ def serve(
     """HTTP inference: POST /predict or /embed (dynamic batching), /health, /metadata, a page at /.
 
     Exit codes: 0 after SIGTERM or Ctrl-C; 2 for a bad model, index or option, or a port that cannot be bound."""
-    from transfer.errors import OptionError
-    from transfer.serve import ServeLimits
-    from transfer.serve import serve as run_serve
+    from transfer.core.errors import OptionError
+    from transfer.serving.limits import ServeLimits
+    from transfer.serving.serve import serve as run_serve
 
     if onnx is None:
         raise OptionError("serve needs a model: --onnx MODEL.onnx (written by `transfer export`)")
@@ -825,7 +825,7 @@ def index_command(
     json_out: JsonOpt = None,
 ) -> None:
     """Build a similar-image index: avg-pooled, L2-normalised features of every image, with paths and labels."""
-    from transfer.search import build_index
+    from transfer.apps.index import build_index
 
     one_model(run, onnx)
     check_json_path(json_out)
@@ -854,9 +854,9 @@ def similar(
     json_out: JsonOpt = None,
 ) -> None:
     """The most similar indexed images to each query (cosine), as a table and a contact sheet."""
-    from transfer.io import check_writable
-    from transfer.search import contact_sheet
-    from transfer.search import similar as run_similar
+    from transfer.apps.index import similar as run_similar
+    from transfer.core.io import check_writable
+    from transfer.serving.search import contact_sheet
 
     if output.suffix.lower() != ".png":
         raise TransferError(f"--output {output}: the contact sheet is a .png file")
@@ -900,9 +900,9 @@ def bench(
     quiet: QuietOpt = False,
 ) -> None:
     """images/s and latency p50/p95 per batch size on synthetic input, optionally next to PyTorch eager."""
-    from transfer.errors import OptionError
-    from transfer.options import parse_batch_sizes
-    from transfer.predict import run_bench
+    from transfer.apps.bench import bench as run_bench
+    from transfer.core.errors import OptionError
+    from transfer.core.options import parse_batch_sizes
 
     if onnx is None:
         raise OptionError("bench needs a model: name it with --onnx MODEL.onnx")

@@ -22,10 +22,10 @@ EPOCHS, SEEDS = 40, (0, 1, 2)
 
 
 def main() -> int:
-    from transfer.data import Augment
-    from transfer.predict import machine_name
-    from transfer.samples import write_digits_folder
-    from transfer.train import FinetuneConfig, finetune
+    from transfer.data.augment import Augment
+    from transfer.data.samples import write_digits_folder
+    from transfer.serving.predict import machine_name
+    from transfer.training import FinetuneConfig, finetune
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

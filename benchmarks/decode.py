@@ -57,8 +57,8 @@ def main() -> int:
     from exporters import runtime
     from exporters.export import export_onnx
     from exporters.runtime import OnnxModel
-    from transfer import preprocess
-    from transfer.predict import machine_name
+    from transfer.core import preprocess
+    from transfer.serving.predict import machine_name
 
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)

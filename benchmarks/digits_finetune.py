@@ -11,9 +11,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from transfer.predict import machine_name
-from transfer.samples import write_digits_folder
-from transfer.train import FinetuneConfig, finetune
+from transfer.data.samples import write_digits_folder
+from transfer.serving.predict import machine_name
+from transfer.training import FinetuneConfig, finetune
 
 HERE = Path(__file__).parent
 

@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from transfer.predict import machine_name
-from transfer.samples import write_digits_folder
+from transfer.data.samples import write_digits_folder
+from transfer.serving.predict import machine_name
 
 HERE = Path(__file__).parent
 

@@ -67,7 +67,7 @@ def device_info(device: str) -> dict:
     import timm
     import torch
 
-    from transfer.predict import machine_name
+    from transfer.serving.predict import machine_name
 
     info = {"device": device, "host_cpu": machine_name(), "python": platform.python_version(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "timm": timm.__version__,
@@ -267,7 +267,7 @@ def train_speed(name: str, batch_size: int, device, autocast: bool, seconds: flo
 
     from models.registry import get_backbone
     from models.weights import create_backbone
-    from transfer.model import build_transfer_model
+    from transfer.training.model import build_transfer_model
 
     spec = get_backbone(name)
     size = spec.preprocessing.input_size

@@ -59,8 +59,8 @@ def write_crops(folder: Path, per_photo: int, seed: int) -> list[Path]:
 def measure(name: str, fp32: Path, calibration: list[Path], judge: list[Path], judged_on: str, prep, work: Path
             ) -> list[dict]:
     from exporters.int8 import quantize_int8
-    from transfer.images import open_image
-    from transfer.preprocess import eval_array
+    from transfer.core.images import open_image
+    from transfer.core.preprocess import eval_array
 
     def to_batch(chunk):
         return np.stack([eval_array(open_image(p), prep) for p in chunk]).astype(np.float32)
@@ -79,14 +79,14 @@ def measure(name: str, fp32: Path, calibration: list[Path], judge: list[Path], j
 
 
 def main() -> int:
-    from exporters.export import _run_validation_images, export_onnx
+    from exporters.export import export_onnx, run_validation_images
     from exporters.int8 import cpu_flags, kernel_plan
     from models.registry import get_backbone
-    from transfer.predict import machine_name
-    from transfer.preprocess import Preprocessing
-    from transfer.samples import write_digits_folder
-    from transfer.scan import scan_folder
-    from transfer.train import FinetuneConfig, finetune
+    from transfer.core.preprocess import Preprocessing
+    from transfer.data.samples import write_digits_folder
+    from transfer.data.scan import scan_folder
+    from transfer.serving.predict import machine_name
+    from transfer.training import FinetuneConfig, finetune
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +105,7 @@ def main() -> int:
         run_config = json.loads((work / "run" / "config.json").read_text())
         digits_calibration = [s.path for s in scan_folder(write_digits_folder(work / "cal", per_class=10)).samples]
         rows += measure(f"efficientnet_lite0 digits run (val acc {result.best_val_acc:.3f})", work / "run.onnx",
-                        digits_calibration, _run_validation_images(run_config),
+                        digits_calibration, run_validation_images(run_config),
                         "validation images of the run", Preprocessing.from_dict(run_config["preprocessing"]), work)
     out = ROOT / "benchmarks" / "int8.json"
     machine = {"cpu": machine_name(), "vnni": sorted(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}),

@@ -91,9 +91,9 @@ def photo_splits(root: Path) -> Path:
 
 
 def main() -> int:
-    from transfer.evaluate import evaluate
-    from transfer.predict import machine_name
-    from transfer.train import FinetuneConfig, finetune
+    from transfer.apps.evaluate import evaluate
+    from transfer.serving.predict import machine_name
+    from transfer.training import FinetuneConfig, finetune
 
     long = "--long" in sys.argv[1:]
     variants, epochs_finetune = (LONG_VARIANTS, 12) if long else (VARIANTS, 3)

@@ -38,7 +38,7 @@ def machine() -> dict:
     import timm
     import torch
 
-    from transfer.predict import machine_name
+    from transfer.serving.predict import machine_name
 
     flags: set[str] = set()
     try:
@@ -73,8 +73,8 @@ def calibration_images(count: int = 16) -> list:
 def quantize(fp32: Path, int8: Path, prep) -> None:
     """Static QDQ int8 exactly as `transfer export --int8` makes it on this CPU (exporters.int8)."""
     from exporters.int8 import quantize_int8
-    from transfer.images import open_image
-    from transfer.preprocess import eval_array
+    from transfer.core.images import open_image
+    from transfer.core.preprocess import eval_array
 
     paths = []
     for index, image in enumerate(calibration_images()):

@@ -48,7 +48,7 @@ def timed(command: list[str], env: dict) -> float:
 
 
 def main() -> int:
-    from transfer.predict import machine_name
+    from transfer.serving.predict import machine_name
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

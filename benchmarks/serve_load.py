@@ -86,7 +86,7 @@ async def load(url: str, images: list[tuple[str, bytes]]) -> dict:
 
 def main() -> int:
     from exporters.export import export_onnx
-    from transfer.predict import machine_name
+    from transfer.serving.predict import machine_name
 
     images = payloads()
     settings = {"dynamic batching (--max-batch 16 --max-wait-ms 10)": ("--max-batch", "16", "--max-wait-ms", "10"),

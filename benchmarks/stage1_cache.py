@@ -10,9 +10,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from transfer.predict import machine_name
-from transfer.samples import write_digits_folder
-from transfer.train import FinetuneConfig, finetune
+from transfer.data.samples import write_digits_folder
+from transfer.serving.predict import machine_name
+from transfer.training import FinetuneConfig, finetune
 
 HERE = Path(__file__).parent
 
@@ -21,7 +21,7 @@ def stage1_seconds(data: Path, output: Path, cached: bool) -> list[dict]:
     config = FinetuneConfig(backbone="efficientnet_lite0", epochs_head=3, epochs_finetune=0, input_size=96,
                             crop_pct=1.0, augment=False, cache_features=cached, patience=99)
     result = finetune(data, config, output=output, device="cpu", log=lambda _: None)
-    from transfer.metrics import read_metrics
+    from transfer.core.metrics import read_metrics
 
     return [{"epoch": r["epoch"], "seconds": r["seconds"], "val_acc": r["val_acc"]}
             for r in read_metrics(result.run_dir / "metrics.csv")]

@@ -43,7 +43,7 @@ def run_tour(workdir: Path, timeout: float = 600) -> list[dict]:
 
 
 def main() -> int:
-    from transfer.predict import machine_name
+    from transfer.serving.predict import machine_name
 
     with tempfile.TemporaryDirectory() as work:
         results = run_tour(Path(work))

@@ -24,7 +24,7 @@ def transfer(*args: str) -> None:
 
 
 def main() -> int:
-    from transfer.samples import write_digits_folder
+    from transfer.data.samples import write_digits_folder
 
     if not DATA.is_dir():
         write_digits_folder(DATA, size=64)

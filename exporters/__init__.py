@@ -1,0 +1,9 @@
+"""ONNX files: made, checked and run.
+
+Holds: `export` (PyTorch -> ONNX) and `verify` (checker, declared shapes, onnxruntime against PyTorch within a stated
+tolerance), the two torch modules; and the torch-free `runtime` (OnnxModel, what embedders import), `int8` (static
+quantisation by CPU) and `graph_preprocessing` (the evaluation transform as ONNX nodes).
+
+May import: the torch-free modules only `transfer.core` (plus onnx, onnxruntime, numpy, pillow); `export` and
+`verify` also `transfer.training`, `transfer.data` and `models`. Empty on purpose, so `exporters.runtime` stays light.
+"""

@@ -1,6 +1,6 @@
 """The evaluation transform as ONNX nodes, so an embedder only decodes: uint8 RGB of any size in, model input out.
 
-`transfer.preprocess.eval_array` does: resize the short side to `resize` (the long side to int(resize * long /
+`transfer.core.preprocess.eval_array` does: resize the short side to `resize` (the long side to int(resize * long /
 short)) with Pillow's antialiased bilinear or bicubic filter, round to uint8, centre-crop `crop` x `crop` (offsets
 rounded half to even, as Python's round), scale to [0, 1], subtract the mean, divide by the std, HWC -> CHW.
 The graph below does the same steps in the same order. ONNX `Resize` with `antialias=1` (opset 18) widens the
@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from transfer.preprocess import Preprocessing
+from transfer.core.preprocess import Preprocessing
 
 IN_GRAPH_LAYOUT = "NHWC_uint8_any"  # metadata transfer.layout of a file that takes decoded images of any size
 RESIZE_MODES = {"bilinear": "linear", "bicubic": "cubic"}

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from transfer.errors import TransferError
+from transfer.core.errors import TransferError
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 HOLD_OUT_EVERY = 4  # without a run's validation set, calibration image 3, 7, 11, ... judge the file instead
@@ -92,7 +92,7 @@ def split_images(calibration: Sequence[Path], validation: Sequence[Path],
     """(calibration images, judgement images, what the judgement images are): disjoint by content (SHA-256 of
     the bytes), so a copy of a calibration image under another name never judges the file. Byte-identical
     calibration images count once."""
-    from transfer.io import file_sha256
+    from transfer.core.io import file_sha256
 
     distinct: dict[str, Path] = {}
     for path in calibration:
@@ -204,3 +204,24 @@ def speedup(fp32, quant, batch: np.ndarray, seconds: float = 1.0) -> float:
             session.run(None, feed)
             latencies[name].append(time.perf_counter() - tick)
     return float(np.median(latencies["fp32"]) / np.median(latencies["int8"]))
+
+
+def shape_arithmetic_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes that compute sizes from `Shape` outputs (e.g. TF-"SAME" padding amounts), up to the `Pad` they feed.
+
+    They must stay in float: quantizing this integer arithmetic (its Clip looks like an activation) changes the
+    padding, hence every spatial size after it. That is what broke efficientnet_lite0 int8.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    marked: dict[str, onnx.NodeProto] = {}
+    frontier = [node for node in model.graph.node if node.op_type == "Shape"]
+    while frontier:
+        node = frontier.pop()
+        if node.name in marked or node.op_type == "Pad":
+            continue
+        marked[node.name] = node
+        frontier.extend(child for output in node.output for child in consumers.get(output, []))
+    return [name for name in marked if name]

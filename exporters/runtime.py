@@ -1,6 +1,6 @@
 """Torch-free ONNX runtime: what `transfer predict`/`bench` use and what other apps embed.
 
-Imports only onnxruntime, numpy and pillow (plus this project's torch-free `transfer.preprocess`/`images`).
+Imports only onnxruntime, numpy and pillow (plus this project's torch-free `transfer.core.preprocess`/`images`).
 Everything a model needs (classes, input size, resize/crop/interpolation, mean/std, layout, output kind) comes
 from the file's `transfer.*` metadata, and preprocessing is the very function training evaluates with.
 
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from transfer.errors import DataError, DeviceError
-from transfer.images import BadImageError, as_rgb_image
-from transfer.interpret import softmax
-from transfer.preprocess import (
+from transfer.core.errors import DataError, DeviceError
+from transfer.core.images import BadImageError, as_rgb_image
+from transfer.core.interpret import softmax
+from transfer.core.preprocess import (
     LAYOUTS,
     OUTPUT_KINDS,
     Preprocessing,

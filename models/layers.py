@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from models.registry import FLATTEN, BackboneSpec, module_of
-from transfer.errors import TransferError, UnknownNameError
+from transfer.core.errors import OptionError, TransferError, UnknownNameError
+from transfer.core.options import check_int
+from transfer.core.preprocess import MAX_INPUT_SIZE
 
 
 @lru_cache(maxsize=16)
@@ -53,6 +55,18 @@ def min_input_size(spec_name: str) -> int:
     feature_info = getattr(model, "feature_info", None)
     stride = int(feature_info[-1]["reduction"]) if feature_info else 1
     return max(low, stride)
+
+
+def check_input_size(backbone: str, size: int | None, flag: str = "--input-size") -> int | None:
+    """None (the backbone's own size) or a side between the backbone's real minimum and MAX_INPUT_SIZE."""
+    if size is None:
+        return None
+    check_int(size, flag, 1)
+    smallest = min_input_size(backbone)
+    if not smallest <= size <= MAX_INPUT_SIZE:
+        raise OptionError(f"{flag} {size}: {backbone} needs {smallest}..{MAX_INPUT_SIZE} pixels (below {smallest} "
+                          f"its last stages see only padding)")
+    return size
 
 
 def resolve_layer(spec: BackboneSpec, name: str, model: nn.Module | None = None,

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from transfer.errors import UnknownNameError
-from transfer.preprocess import Preprocessing
+from transfer.core.errors import UnknownNameError
+from transfer.core.preprocess import Preprocessing
 
 
 @dataclass(frozen=True)

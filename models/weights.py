@@ -16,7 +16,7 @@ from torch import nn
 
 from models.availability import hf_cached_file, hub_reachable, package_weights_path
 from models.registry import BackboneSpec
-from transfer.errors import WeightsError
+from transfer.core.errors import WeightsError
 
 NO_WEIGHTS_HINT = ("give weights with --weights FILE (safetensors or a state dict; weights= in Python), or start from "
                    "random weights with --no-pretrained (pretrained=False)")

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from transfer.samples import write_digits_folder
+from transfer.data.samples import write_digits_folder
 
 LONGEST_FIRST = ("test_readme.py", "test_tutorials.py", "test_distributed.py", "test_trust.py")
 
@@ -123,8 +123,8 @@ def held_out_by_content(data: Path, calibration: Path, val_split: float = 0.2, s
     """How many of a run's validation images (distinct bytes) are not byte-identical to a calibration image."""
     import hashlib
 
-    from transfer.data import train_val_samples
-    from transfer.scan import scan_folder
+    from transfer.data.scan import scan_folder
+    from transfer.data.splits import train_val_samples
 
     def digest(path) -> str:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()

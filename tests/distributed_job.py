@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.distributed_settings import CONFIG  # noqa: E402
-from transfer.errors import PeerLostError  # noqa: E402
-from transfer.train import finetune  # noqa: E402
+from transfer.core.errors import PeerLostError  # noqa: E402
+from transfer.training import finetune  # noqa: E402
 
 
 def main() -> int:

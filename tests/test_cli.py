@@ -15,7 +15,7 @@ import cli
 from exporters.export import export_onnx
 from models.registry import BACKBONES, get_backbone
 from tests.conftest import digits_folder, held_out_by_content
-from transfer.metrics import read_metrics
+from transfer.core.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("backbones", "layers", "scan", "finetune", "evaluate", "extract", "export", "predict", "bench", "serve",
@@ -53,7 +53,7 @@ def test_non_tty_finetune_prints_a_progress_line_per_epoch(tmp_path, runner):
 def test_progress_lines_report_rate_and_eta():
     import io
 
-    from transfer.progress import Progress
+    from transfer.core.progress import Progress
 
     stream = io.StringIO()
     progress = Progress("lines", stream, interval=0.0)
@@ -101,7 +101,7 @@ def test_resume_with_more_epochs_adds_exactly_those_epochs(tmp_path, runner):
 
 
 def test_interrupt_hint_names_the_data_folder(tmp_path):
-    from transfer.train import FinetuneConfig, finetune
+    from transfer.training import FinetuneConfig, finetune
 
     data = digits_folder(tmp_path / "d", per_class=6, size=32, classes=2)
     lines = []
@@ -170,7 +170,7 @@ def test_extract_without_layer_for_backbones_with_offline_weights(tmp_path, phot
 
 
 def test_extract_takes_files_and_globs(tmp_path, photo_dir, runner):
-    from transfer.features import load_features
+    from transfer.apps.extract import load_features
 
     out = tmp_path / "f.npy"
     result = runner.invoke(cli.app, ["extract", str(photo_dir / "chelsea.jpg"), str(photo_dir / "r*.jpg"), "-b",
@@ -237,8 +237,8 @@ def test_export_prints_no_warnings_and_uses_the_dynamo_exporter(tmp_path):
 
 
 def test_export_int8_states_agreement_speed_and_kernel(tmp_path, runner):
-    from transfer.samples import write_digits_folder
-    from transfer.train import FinetuneConfig, finetune
+    from transfer.data.samples import write_digits_folder
+    from transfer.training import FinetuneConfig, finetune
 
     data = write_digits_folder(tmp_path / "digits", per_class=40, size=32)
     finetune(data, FinetuneConfig(backbone="lenet5", epochs_head=8, epochs_finetune=0, augment=False, lr_head=3e-3,

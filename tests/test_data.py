@@ -11,11 +11,13 @@ from PIL import Image
 
 import cli
 from tests.conftest import digits_folder, make_messy_folder, png_header_only, tree_hashes
-from transfer.data import Augment, ImageDataset, eval_transform, stratified_split, train_transform
-from transfer.errors import DataError
-from transfer.images import BadImageError, open_image
-from transfer.preprocess import Preprocessing, eval_array
-from transfer.scan import scan_folder
+from transfer.core.errors import DataError
+from transfer.core.images import BadImageError, open_image
+from transfer.core.preprocess import Preprocessing, eval_array
+from transfer.data.augment import Augment
+from transfer.data.datasets import ImageDataset, eval_transform, train_transform
+from transfer.data.scan import scan_folder
+from transfer.data.splits import stratified_split
 
 
 def test_messy_folder_scan_reports_exactly_the_bad_files(tmp_path, photos):

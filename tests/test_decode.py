@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from transfer.data import eval_dataset
-from transfer.images import open_image
-from transfer.preprocess import Preprocessing, decode_size
-from transfer.scan import Sample
+from transfer.core.images import open_image
+from transfer.core.preprocess import Preprocessing, decode_size
+from transfer.data.datasets import eval_dataset
+from transfer.data.scan import Sample
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 
 from tests.conftest import digits_folder
 from tests.distributed_settings import CONFIG
-from transfer.data import GlobalBatchSampler
-from transfer.distributed import World, parse_shard
-from transfer.errors import OptionError
-from transfer.metrics import read_metrics
-from transfer.train import finetune
+from transfer.core.errors import OptionError
+from transfer.core.metrics import read_metrics
+from transfer.core.world import World, parse_shard
+from transfer.data.datasets import GlobalBatchSampler
+from transfer.training import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSFER = shutil.which("transfer") or str(Path(sys.executable).parent / "transfer")
@@ -156,7 +156,7 @@ def test_sharded_predict_merges_into_the_one_process_file(tmp_path, digits):
 
 
 def test_finetune_under_torchrun_needs_a_named_run(monkeypatch, digits):
-    from transfer.errors import TransferError
+    from transfer.core.errors import TransferError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")

@@ -17,9 +17,9 @@ import cli
 from exporters.export import export_onnx
 from tests.conftest import digits_folder, held_out_by_content
 from tests.test_finetune import random_weights_file
-from transfer.features import extract
-from transfer.preprocess import Preprocessing, eval_array
-from transfer.train import FinetuneConfig, finetune, load_run
+from transfer.apps.extract import extract
+from transfer.core.preprocess import Preprocessing, eval_array
+from transfer.training import FinetuneConfig, finetune, load_run
 
 PLAIN_ORT = r'''
 import json, sys
@@ -90,8 +90,8 @@ def test_preprocessing_in_the_graph_matches_the_python_path(imagenet_onnx, photo
     runtime and the embed example; logits within the stated tolerance."""
     import onnx
 
-    from exporters.export import IN_GRAPH_TOLERANCE
     from exporters.runtime import OnnxModel
+    from exporters.verify import IN_GRAPH_TOLERANCE
 
     path, _ = imagenet_onnx
     embedded = tmp_path / "embedded.onnx"
@@ -147,9 +147,9 @@ def test_run_classifier_agrees_with_pytorch_on_validation(small_run, tmp_path):
     record = export_onnx(path, run=run_dir)
     assert "validation" in record.verify_images
     model, config = load_run(run_dir)
-    from exporters.export import _run_validation_images
+    from exporters.export import run_validation_images
 
-    val = _run_validation_images(config)
+    val = run_validation_images(config)
     prep = Preprocessing.from_dict(config["preprocessing"])
     x = np.stack([eval_array(Image.open(p).convert("RGB"), prep) for p in val])
     ours = ort.InferenceSession(str(path)).run(["logits"], {"input": x})[0]
@@ -165,7 +165,7 @@ def test_run_classifier_agrees_with_pytorch_on_validation(small_run, tmp_path):
 @pytest.mark.slow
 def test_int8_trained_run_keeps_top1_and_shrinks(tmp_path):
     """LeNet-5 trained on all 1,797 digits (~98% val), int8 calibrated on 100 training images."""
-    from transfer.samples import write_digits_folder
+    from transfer.data.samples import write_digits_folder
 
     data = write_digits_folder(tmp_path / "digits", size=32)
     calibration = write_digits_folder(tmp_path / "calibration", per_class=10, size=32)
@@ -269,7 +269,7 @@ def test_int8_keeps_same_padding_arithmetic_in_float(imagenet_onnx, tmp_path):
     The dynamo export (the default) folds the padding into constants."""
     import onnx
 
-    from exporters.export import shape_arithmetic_nodes
+    from exporters.int8 import shape_arithmetic_nodes
 
     dynamo = onnx.load(str(imagenet_onnx[0]))
     assert imagenet_onnx[1].exporter == "dynamo" and not shape_arithmetic_nodes(dynamo)

@@ -14,8 +14,8 @@ from timm.data import create_transform
 import cli
 from tests.conftest import digits_folder
 from tests.test_finetune import random_weights_file
-from transfer.features import extract, load_features
-from transfer.train import FinetuneConfig, finetune
+from transfer.apps.extract import extract, load_features
+from transfer.training import FinetuneConfig, finetune
 
 
 def hooked(timm_name: str, weights, paths: list[str], photo_paths, size: int | None = None) -> dict[str, np.ndarray]:

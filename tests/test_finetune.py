@@ -13,8 +13,8 @@ import cli
 from models.registry import get_backbone
 from models.weights import build_architecture
 from tests.conftest import digits_folder, make_messy_folder, tree_hashes
-from transfer.metrics import read_metrics
-from transfer.train import FinetuneConfig, finetune
+from transfer.core.metrics import read_metrics
+from transfer.training import FinetuneConfig, finetune
 
 
 def random_weights_file(tmp_path, backbone: str, size: int = 96):
@@ -147,7 +147,7 @@ def test_non_finite_loss_exits_1_and_keeps_last_good_checkpoint(tmp_path, runner
         loss = real_cross_entropy(logits, targets, *args, **kwargs)
         return loss * float("nan") if calls["n"] > 3 else loss
 
-    monkeypatch.setattr("transfer.train.F.cross_entropy", poisoned)
+    monkeypatch.setattr("transfer.training.loop.F.cross_entropy", poisoned)
     result = runner.invoke(cli.app, ["finetune", str(data), "--backbone", "lenet5", "--epochs-head", "3",
                                      "--epochs-finetune", "0", "--batch-size", "4", "--output", str(run_dir),
                                      "--workers", "0", "--device", "cpu"])
@@ -173,7 +173,7 @@ def test_evaluate_run_dir_cli(tmp_path, runner):
 
 
 def test_cli_finetune_efficientnet_lite0_with_offline_weights(tmp_path, runner):
-    from transfer.samples import write_digits_folder
+    from transfer.data.samples import write_digits_folder
 
     data = write_digits_folder(tmp_path / "digits", per_class=8, size=48, classes=3)
     run_dir = tmp_path / "run"

@@ -27,7 +27,7 @@ cuda_only = pytest.mark.skipif(REHEARSAL, reason="CUDA-only check (rehearsal on 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One short staged run of efficientnet_lite0 (calibrated random weights: no download) on each device."""
-    from transfer.train import FinetuneConfig, finetune
+    from transfer.training import FinetuneConfig, finetune
 
     root = tmp_path_factory.mktemp("gpu")
     data = digits_folder(root / "digits", per_class=12, size=64, classes=3)
@@ -117,8 +117,8 @@ def test_onnxruntime_runs_on_the_cuda_provider_and_fp16_stays_within_tolerance(t
 def test_batch_size_auto_probes_the_card_and_leaves_the_model_untouched(trained):
     from models.registry import get_backbone
     from models.weights import create_backbone
-    from transfer.batch_size import choose_batch_size, cuda_fits
-    from transfer.model import build_transfer_model
+    from transfer.training.batch_size import choose_batch_size, cuda_fits
+    from transfer.training.model import build_transfer_model
 
     root, _, _ = trained
     spec = get_backbone("efficientnet_lite0")

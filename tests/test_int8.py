@@ -10,9 +10,9 @@ from PIL import Image
 
 from exporters.export import export_onnx
 from exporters.int8 import cpu_flags, gemm_kernel_nodes, kernel_plan, quantize_int8, split_images
-from transfer.errors import TransferError
-from transfer.images import open_image
-from transfer.preprocess import Preprocessing, eval_array
+from transfer.core.errors import TransferError
+from transfer.core.images import open_image
+from transfer.core.preprocess import Preprocessing, eval_array
 
 
 def test_cpu_flags_read_from_cpuinfo(tmp_path):

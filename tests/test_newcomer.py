@@ -13,7 +13,7 @@ import typer
 
 import cli
 from tests.conftest import digits_folder, tree_hashes
-from transfer.train import FinetuneConfig, finetune, split_epochs
+from transfer.training import FinetuneConfig, finetune, split_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def test_evaluate_warns_about_training_images_and_takes_the_validation_split(tmp
 
 
 def test_vgg16_fc1_fc2_and_flatten_are_keras_vectors(tmp_path, photo_dir):
-    from transfer.features import extract
+    from transfer.apps.extract import extract
 
     result = extract(photo_dir, backbone="vgg16", layers=["block5_pool", "flatten", "fc1", "fc2"], pretrained=False,
                      workers=0)

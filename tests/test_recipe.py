@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 import cli
 from tests.conftest import digits_folder
-from transfer.evaluate import evaluate
-from transfer.interpret import most_confused, top_losses
-from transfer.preprocess import Preprocessing
+from transfer.apps.evaluate import evaluate
+from transfer.core.interpret import most_confused, top_losses
+from transfer.core.preprocess import Preprocessing
 
 
 def test_most_confused_and_top_losses_by_hand():
@@ -77,7 +77,7 @@ def test_tta_crops_average_the_ten_views_cut_by_hand(tmp_path):
     from PIL import Image
 
     from exporters.runtime import OnnxModel
-    from transfer.interpret import softmax
+    from transfer.core.interpret import softmax
 
     data = digits_folder(tmp_path / "digits", per_class=6, size=32, classes=3)
     linear_classifier(tmp_path / "linear.onnx", ["0", "1", "2"])
@@ -117,7 +117,7 @@ def test_tta_crops_average_the_ten_views_cut_by_hand(tmp_path):
 
 def test_finetune_and_evaluate_report_their_mistakes(tmp_path, runner):
     """report.json and top_losses.png at the end of finetune; evaluate --tta -o: both accuracies and the plot."""
-    from transfer.train import FinetuneConfig, finetune
+    from transfer.training import FinetuneConfig, finetune
 
     data = digits_folder(tmp_path / "digits", per_class=8, size=32, classes=3)
     finetune(data, FinetuneConfig(backbone="lenet5", epochs_head=3, epochs_finetune=0, augment=False, workers=0,
@@ -146,7 +146,7 @@ def test_finetune_and_evaluate_report_their_mistakes(tmp_path, runner):
 def test_mixup_and_cutmix_targets_and_images():
     import torch
 
-    from transfer.regularize import mix_batch, smoothed_one_hot
+    from transfer.training.regularize import mix_batch, smoothed_one_hot
 
     soft = smoothed_one_hot(torch.tensor([0, 2]), 4, 0.1)
     assert torch.allclose(soft, torch.tensor([[0.925, 0.025, 0.025, 0.025], [0.025, 0.025, 0.925, 0.025]]))
@@ -174,7 +174,8 @@ def test_discriminative_rates_per_unfrozen_group(tmp_path):
     """--unfreeze 2 --lr-decay 0.5: the optimizer holds the head at lr, the top group at lr/2, the next at lr/4
     (the cosine schedule starts each group from those); every trainable tensor is in exactly one group."""
     from tests.test_finetune import random_weights_file
-    from transfer.train import FinetuneConfig, finetune, load_checkpoint
+    from transfer.training import FinetuneConfig, finetune
+    from transfer.training.checkpoints import load_checkpoint
 
     data = digits_folder(tmp_path / "digits", per_class=4, size=32, classes=2)
     weights = random_weights_file(tmp_path, "efficientnet_lite0", size=64)
@@ -199,7 +200,10 @@ def test_discriminative_rates_per_unfrozen_group(tmp_path):
 def test_ema_follows_the_decay_formula_for_two_steps(tmp_path):
     import torch
 
-    from transfer.train import FinetuneConfig, Stage, Trainer, resolve_device
+    from transfer.training import FinetuneConfig
+    from transfer.training.device import resolve_device
+    from transfer.training.loop import Trainer
+    from transfer.training.stages import Stage
 
     data = digits_folder(tmp_path / "digits", per_class=4, size=32, classes=2)
     config = FinetuneConfig(backbone="lenet5", ema=0.5, workers=0).check()
@@ -225,7 +229,8 @@ def test_ema_follows_the_decay_formula_for_two_steps(tmp_path):
 def test_a_resumed_run_with_ema_and_one_cycle_equals_the_straight_run(tmp_path):
     from safetensors.torch import load_file
 
-    from transfer.train import FinetuneConfig, finetune, load_checkpoint
+    from transfer.training import FinetuneConfig, finetune
+    from transfer.training.checkpoints import load_checkpoint
 
     data = digits_folder(tmp_path / "digits", per_class=6, size=32, classes=3)
     config = FinetuneConfig(backbone="lenet5", epochs_head=3, epochs_finetune=0, ema=0.9, workers=0, batch_size=6,
@@ -266,7 +271,9 @@ def test_one_cycle_follows_fastai_per_batch_in_every_stage():
     import torch
 
     from models.registry import get_backbone
-    from transfer.train import FinetuneConfig, make_scheduler, plan_stages
+    from transfer.training import FinetuneConfig
+    from transfer.training.schedules import make_scheduler
+    from transfer.training.stages import plan_stages
 
     parameters = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     optimizer = torch.optim.SGD([{"params": [parameters[0]], "lr": 0.1}, {"params": [parameters[1]], "lr": 0.05}],
@@ -306,7 +313,7 @@ def test_one_cycle_run_records_its_rates_per_epoch(tmp_path, runner):
 
 
 def test_lr_find_suggests_the_steepest_descent_inside_the_range():
-    from transfer.lr_find import range_test, suggest
+    from transfer.training.lr_find import range_test, suggest
 
     centre = 1e-3  # the loss falls fastest here (a sigmoid in log10(lr)), then explodes past 0.1
 
@@ -323,7 +330,7 @@ def test_lr_find_suggests_the_steepest_descent_inside_the_range():
 
 
 def test_lr_find_command_and_finetune_auto_rates(tmp_path, runner):
-    from transfer.train import load_checkpoint
+    from transfer.training.checkpoints import load_checkpoint
 
     data = digits_folder(tmp_path / "digits", per_class=6, size=32, classes=2)
     result = runner.invoke(cli.app, ["lr-find", str(data), "-b", "lenet5", "-o", str(tmp_path / "lr.png"),
@@ -356,8 +363,8 @@ def test_lr_find_command_and_finetune_auto_rates(tmp_path, runner):
 
 def test_batch_size_probe_doubles_then_backs_off():
     """The CUDA probe's search, with a stand-in for 'this batch fits the card' (the real one is a gpu test)."""
-    from transfer.batch_size import choose_batch_size, probe_batch_size
-    from transfer.errors import DeviceError
+    from transfer.core.errors import DeviceError
+    from transfer.training.batch_size import choose_batch_size, probe_batch_size
 
     assert probe_batch_size(lambda batch: batch <= 48, limit=256) == (32, [
         {"batch_size": 8, "fits": True}, {"batch_size": 16, "fits": True}, {"batch_size": 32, "fits": True},

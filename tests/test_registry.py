@@ -17,8 +17,8 @@ from models.imagenet import imagenet_labels
 from models.layers import describe_layers, resolve_layer
 from models.registry import BACKBONES, get_backbone
 from models.weights import build_architecture, create_backbone, load_state_dict_file
-from transfer.errors import UnknownNameError, WeightsError
-from transfer.preprocess import eval_array
+from transfer.core.errors import UnknownNameError, WeightsError
+from transfer.core.preprocess import eval_array
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,10 +15,10 @@ import cli
 from exporters.export import export_onnx
 from exporters.runtime import OnnxModel
 from tests.conftest import digits_folder
-from transfer.data import eval_transform
-from transfer.evaluate import evaluate
-from transfer.preprocess import Preprocessing
-from transfer.train import FinetuneConfig, finetune
+from transfer.apps.evaluate import evaluate
+from transfer.core.preprocess import Preprocessing
+from transfer.data.datasets import eval_transform
+from transfer.training import FinetuneConfig, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_runtime_without_torch_matches_evaluate(lenet_onnx):
     assert result.returncode == 0, result.stderr
     runtime_top1 = json.loads(result.stdout)
     # evaluate's confusion matrix rows follow the sorted sample order per class: rebuild its predictions
-    from transfer.evaluate import _run_model
+    from transfer.apps.evaluate import _run_model
 
     run_logits, _ = _run_model(run_dir, 32, "cpu")
     torch_logits = run_logits([Path(p) for p in images], None, False)
@@ -71,7 +71,7 @@ def test_runtime_preprocessing_equals_training_transform(photos, tmp_path):
     for name, image in odd.items():
         file = tmp_path / f"{name}.png"
         image.save(file)
-        from transfer.images import open_image
+        from transfer.core.images import open_image
 
         training = eval_transform(model.prep)(open_image(file)).numpy()
         runtime = model.preprocess_one(str(file))
@@ -91,7 +91,7 @@ def test_a_cuda_session_that_falls_back_to_cpu_is_an_error(lenet_onnx, monkeypat
     CPU build is told CUDA is available, so the session really falls back."""
     import onnxruntime as ort
 
-    from transfer.errors import DeviceError
+    from transfer.core.errors import DeviceError
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(DeviceError, match="fell back to CPUExecutionProvider"), \

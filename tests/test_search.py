@@ -12,8 +12,9 @@ from PIL import Image
 import cli
 from exporters.export import export_onnx
 from exporters.runtime import OnnxModel
-from transfer.errors import DataError
-from transfer.search import SearchIndex, build_index, normalise
+from transfer.apps.index import build_index
+from transfer.core.errors import DataError
+from transfer.serving.search import SearchIndex, normalise
 
 CLASSES = ("chelsea", "coffee", "astronaut", "rocket")
 
@@ -36,7 +37,7 @@ def write_crops(folder: Path, photos: dict, per_class: int, seed: int, classes: 
 
 
 def test_exact_search_matches_brute_force_across_chunks(tmp_path, monkeypatch):
-    import transfer.search as search
+    import transfer.serving.search as search
 
     rng = np.random.default_rng(0)
     vectors = normalise(rng.standard_normal((1000, 16)))
@@ -121,7 +122,7 @@ def test_an_index_only_meets_its_own_model(tmp_path, photos):
         SearchIndex.load(tmp_path / "by_onnx").check_model(OnnxModel(other, device="cpu"))
     with pytest.raises(DataError, match="not an ONNX file"):
         SearchIndex.load(tmp_path / "by_backbone").check_model(OnnxModel(extractor, device="cpu"))
-    from transfer.search import similar
+    from transfer.apps.index import similar
 
     hits = similar(tmp_path / "crops" / "coffee", tmp_path / "by_onnx", k=1)
     assert [h["neighbours"][0]["path"] for h in hits] == [h["query"] for h in hits]  # each crop finds itself
@@ -131,7 +132,8 @@ def test_an_index_only_meets_its_own_model(tmp_path, photos):
 
 
 def test_an_unwritable_index_folder_fails_before_any_image_is_embedded(tmp_path, photos, monkeypatch, runner):
-    import transfer.search as search
+    import transfer.apps.index as index
+    import transfer.serving.search as search
 
     write_crops(tmp_path / "crops", photos, per_class=1, seed=0)
 
@@ -142,7 +144,7 @@ def test_an_unwritable_index_folder_fails_before_any_image_is_embedded(tmp_path,
         raise AssertionError("images were embedded before the output was checked")
 
     monkeypatch.setattr(search, "probe_folder", refuse)  # root ignores mode bits: simulate a read-only folder
-    monkeypatch.setattr(search, "embed", embed_never)
+    monkeypatch.setattr(index, "embed", embed_never)
     result = runner.invoke(cli.app, ["index", str(tmp_path / "crops"), "-o", str(tmp_path / "out" / "idx")])
     assert result.exit_code == 2 and result.output.startswith("error: --output")
     assert "Permission denied" in result.output

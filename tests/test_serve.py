@@ -180,7 +180,7 @@ def test_serve_command_refuses_bad_input(runner, tmp_path):
 def test_similar_and_embed_over_http(tmp_path, photos):
     """An extractor file served with the index built from it: /embed gives its output, /similar the neighbours."""
     from tests.test_search import write_crops
-    from transfer.search import build_index
+    from transfer.apps.index import build_index
 
     write_crops(tmp_path / "crops", photos, per_class=3, seed=0)
     extractor = tmp_path / "extractor.onnx"
@@ -227,7 +227,7 @@ def test_similar_and_embed_over_http(tmp_path, photos):
 
 
 def test_serving_imports_no_torch(classifier):
-    code = ("import sys\nfrom transfer.serve import create_app\n"
+    code = ("import sys\nfrom transfer.serving.serve import create_app\n"
             f"app = create_app({str(classifier)!r}, device='cpu')\n"
             "from fastapi.testclient import TestClient\n"
             "with TestClient(app) as client:\n"
@@ -323,7 +323,7 @@ def test_one_failing_image_fails_only_its_own_request():
     """Under a memory cap one bad image made every request batched with it answer 500."""
     import numpy as np
 
-    from transfer.serve import BatchStats, DynamicBatcher
+    from transfer.serving.serve import BatchStats, DynamicBatcher
 
     class Model:
         def run(self, batch):
@@ -392,8 +392,8 @@ def test_metadata_shows_no_server_paths(tmp_path, photos):
     from fastapi.testclient import TestClient
 
     from tests.conftest import digits_folder
-    from transfer.search import build_index
-    from transfer.serve import create_app
+    from transfer.apps.index import build_index
+    from transfer.serving.serve import create_app
 
     digits = digits_folder(tmp_path / "digits", per_class=2, size=32, classes=3)
     extractor = tmp_path / "extractor.onnx"

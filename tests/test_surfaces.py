@@ -27,9 +27,10 @@ from exporters.runtime import OnnxModel
 from models.registry import get_backbone
 from models.weights import create_backbone
 from tests.conftest import digits_folder, make_messy_folder, one_line_error, tree_hashes
-from transfer.errors import DataError
-from transfer.search import MARKER_FILE, SearchIndex, build_index, previous_path
-from transfer.train import FinetuneConfig, finetune
+from transfer.apps.index import build_index
+from transfer.core.errors import DataError
+from transfer.serving.search import MARKER_FILE, SearchIndex, previous_path
+from transfer.training import FinetuneConfig, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSFER = shutil.which("transfer") or str(Path(sys.executable).parent / "transfer")
@@ -80,7 +81,7 @@ def test_an_index_rebuilt_in_place_keeps_only_index_files(tmp_path, digits):
 def test_a_rebuild_killed_between_the_renames_keeps_the_old_index(tmp_path, digits, monkeypatch):
     """Killed between moving the old index aside and the new one in: once there was no readable index, and the next
     build removed the old copy as a stale temp."""
-    import transfer.search as search
+    import transfer.serving.search as search
 
     old = build_index(digits, tmp_path / "idx", backbone="lenet5", workers=0)
     old_bytes = (tmp_path / "idx" / "vectors.npy").read_bytes()

@@ -23,8 +23,8 @@ from exporters.export import export_onnx
 from exporters.runtime import OnnxModel
 from tests.conftest import digits_folder, one_line_error, tree_hashes
 from tests.test_finetune import random_weights_file
-from transfer.errors import DataError
-from transfer.train import FinetuneConfig, finetune, load_run
+from transfer.core.errors import DataError
+from transfer.training import FinetuneConfig, finetune, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSFER = str(Path(sys.executable).parent / "transfer")
@@ -71,11 +71,11 @@ def test_two_processes_into_one_output_one_wins_other_exits_2(tmp_path):
 
 def test_lock_of_a_dead_process_does_not_block(tmp_path):
     """flock dies with its holder: a lock file left by a killed writer is taken over."""
-    from transfer.io import Lock
+    from transfer.core.io import Lock
 
     lock_path = tmp_path / ".lock"
     code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
-            "from transfer.io import Lock\nfrom pathlib import Path\n"
+            "from transfer.core.io import Lock\nfrom pathlib import Path\n"
             f"Lock(Path({str(lock_path)!r}), 'x').acquire(); print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -137,7 +137,7 @@ def test_existing_folder_with_other_files_is_refused_and_untouched(tmp_path, run
 # --- checkpoints only of finite epochs; messages that tell the truth ---------------------------------------------
 def nan_validation_from(monkeypatch, epoch: int):
     """Make the validation loss NaN from `epoch` on (training itself stays finite)."""
-    from transfer import train
+    from transfer.training import loop as train
 
     real = train.Trainer.validate
 
@@ -267,7 +267,7 @@ def test_class_count_checked_again_on_the_first_batch(lenet_run):
 
 # --- layers are exactly the named module ---------------------------------------------------------------------------
 def test_run_predictions_and_classifier_give_the_runs_logits(tmp_path, runner):
-    from transfer.features import extract
+    from transfer.apps.extract import extract
 
     data = digits_folder(tmp_path / "d", per_class=6, size=32, classes=3)
     weights = random_weights_file(tmp_path, "resnet18", size=48)
@@ -276,7 +276,7 @@ def test_run_predictions_and_classifier_give_the_runs_logits(tmp_path, runner):
              output=tmp_path / "run", device="cpu", log=lambda _: None)
     got = extract(data, layers=["predictions", "fc", "avg_pool"], run=tmp_path / "run", device="cpu", workers=0)
     model, config = load_run(tmp_path / "run")
-    from transfer.preprocess import Preprocessing, eval_array
+    from transfer.core.preprocess import Preprocessing, eval_array
 
     prep = Preprocessing.from_dict(config["preprocessing"])
     x = torch.from_numpy(np.stack([eval_array(Image.open(p).convert("RGB"), prep) for p in got.paths]))
@@ -384,7 +384,7 @@ def test_outputs_under_a_file_fail_before_work(lenet_run, tmp_path, runner):
 
 def test_read_only_folder_and_full_disk_are_one_line(lenet_run, tmp_path, runner, monkeypatch):
     run_dir, onnx_path, data = lenet_run
-    from transfer import io as tio
+    from transfer.core import io as tio
 
     real_open = os.open
     read_only = tmp_path / "ro"
@@ -416,7 +416,7 @@ def test_self_symlink_and_unreadable_class_folder_are_skipped_and_reported(tmp_p
     (data / "1" / "gone.png").symlink_to(tmp_path / "nowhere.png")
     locked = data / "2" / "private"
     locked.mkdir()
-    import transfer.scan as scan_module
+    import transfer.data.scan as scan_module
 
     real_scandir = os.scandir
 
@@ -523,8 +523,8 @@ def test_random_bytes_and_metadata_raise_only_documented_errors(tmp_path):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from transfer.images import BadImageError, open_image
-    from transfer.preprocess import Preprocessing
+    from transfer.core.images import BadImageError, open_image
+    from transfer.core.preprocess import Preprocessing
 
     png = tmp_path / "seed.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png)

@@ -1,12 +1,15 @@
 """transfer: fine-tune timm backbones on image folders, extract Keras-named features, export verified ONNX.
 
-Importing this package does not import torch: `transfer.preprocess`, `transfer.images` and `transfer.errors`
-are used by the torch-free ONNX runtime in `exporters`. The notebook API loads lazily:
+Importing this package does not import torch. The notebook API below loads lazily, on first use:
 
     import transfer
     result = transfer.extract("photos/", backbone="vgg16", layers=["block4_pool"])
     result.features["block4_pool"].shape, result.paths
     transfer.finetune("mydata/", transfer.FinetuneConfig(backbone="efficientnet_lite0"))
+
+The packages, bottom to top (README, "How the code is laid out"; the rules are import-linter contracts in
+pyproject.toml): `core` (torch-free base), `data`, `training`, `serving` (torch-free apps on an ONNX file),
+`apps` (the apps that may need torch). `models/` and `exporters/` sit beside this package.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "extract": ("transfer.features", "extract"),
-    "finetune": ("transfer.train", "finetune"),
-    "FinetuneConfig": ("transfer.train", "FinetuneConfig"),
+    "extract": ("transfer.apps.extract", "extract"),
+    "finetune": ("transfer.training.finetune", "finetune"),
+    "FinetuneConfig": ("transfer.training.config", "FinetuneConfig"),
     "export_onnx": ("exporters.export", "export_onnx"),
     "OnnxModel": ("exporters.runtime", "OnnxModel"),
 }
+
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):
@@ -29,3 +34,7 @@ def __getattr__(name: str):
         module, attribute = _LAZY[name]
         return getattr(importlib.import_module(module), attribute)
     raise AttributeError(f"module 'transfer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

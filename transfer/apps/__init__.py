@@ -1,0 +1,7 @@
+"""The apps that may need torch: `extract` (features by Keras layer name), `evaluate`, `bench` (PyTorch eager next
+to onnxruntime), `index` (builds a search index through `extract`) and `catalog` (the backbone and layer tables).
+
+May import everything below them: `transfer.serving`, `transfer.training`, `transfer.data`, `models`,
+`exporters.runtime` and `transfer.core`; not `exporters.export`, and nothing imports `apps` but `cli.py` and the
+lazy names of `transfer`. Empty on purpose: `extract` imports torch, `catalog` does not.
+"""

@@ -1,0 +1,391 @@
+"""`transfer extract`: outputs of intermediate layers (Keras or timm names), streamed to .npy/.npz.
+
+The forward pass stops after the deepest requested layer; tapped tensors are cloned before any in-place op can
+touch them; features go to disk batch by batch, so a folder larger than RAM works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.layers import FeatureTap, check_input_size, resolve_layer
+from models.registry import get_backbone
+from models.weights import create_backbone
+from transfer.core.errors import DataError, TransferError
+from transfer.core.io import atomic_path, output_lock, temp_dir_beside, write_json
+from transfer.core.options import check_int
+from transfer.core.preprocess import Preprocessing
+from transfer.core.progress import SILENT, Progress
+from transfer.core.world import DEFAULT_TIMEOUT_S, World
+from transfer.data.datasets import eval_dataset, make_loader
+from transfer.data.scan import Sample, Skipped, check_image, expand_inputs, scan_folder
+from transfer.training import collectives
+from transfer.training.model import resolve_run_layer
+
+POOLS = ("none", "avg", "max")
+LAYOUTS = ("nchw", "nhwc")
+
+
+@dataclass
+class ExtractResult:
+    """Features per requested layer name (arrays in memory, or None when streamed to `output`), and their rows."""
+
+    features: dict[str, np.ndarray | None]
+    paths: list[str]
+    labels: list[int] | None
+    classes: list[str]
+    metadata: dict
+    skipped: list[Skipped] = field(default_factory=list)
+    output: Path | None = None
+
+
+def collect_samples(images: str | os.PathLike | Sequence[str | os.PathLike],
+                    progress: Progress = SILENT) -> tuple[list[Sample], list[str], list[Skipped]]:
+    """One folder (flat, or class sub-folders giving labels), or files, folders and glob patterns (unlabelled)
+    -> usable samples, classes, skipped files with reasons."""
+    items = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    if not items:
+        raise DataError("no images given")
+    if len(items) == 1 and Path(items[0]).is_dir():
+        report = scan_folder(items[0], progress=progress)
+        if not report.samples:
+            raise DataError(f"{items[0]}: no usable images found")
+        return report.samples, report.classes, report.skipped
+    samples, skipped = [], []
+    paths = expand_inputs(items)
+    with progress.task("checking images", total=len(paths), unit="files") as advance:
+        for path in paths:
+            reason = check_image(path)
+            if reason is None:
+                samples.append(Sample(path, None))
+            else:
+                skipped.append(Skipped(str(path), reason))
+            advance(1)
+    if not samples:
+        raise DataError("no usable images among the given files")
+    return samples, [], skipped
+
+
+def default_layers(backbone: str, run: str | os.PathLike | None, onnx: str | os.PathLike | None) -> list[str]:
+    """Without --layer: every output of an extractor file, else the backbone's documented feature layer
+    (`transfer backbones` lists it: block4_pool for vgg16, mixed7 for inception_v3, ...)."""
+    if onnx is not None:
+        from exporters.runtime import OnnxModel
+
+        return list(OnnxModel(onnx, device="cpu").output_names)
+    if run is not None:
+        from transfer.training.runs import load_run_config
+
+        backbone = load_run_config(run)["backbone"]
+    return [get_backbone(backbone).feature_layer]
+
+
+def _post_process(array: np.ndarray, pool: str, layout: str) -> np.ndarray:
+    """Spatial pooling or NHWC layout for 4-D outputs; other outputs pass unchanged."""
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 4:
+        if pool == "avg":
+            array = array.mean(axis=(2, 3))
+        elif pool == "max":
+            array = array.max(axis=(2, 3))
+        elif layout == "nhwc":
+            array = array.transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(array)
+
+
+class _NpyStream:
+    """Writes a float32 .npy of known shape batch by batch with plain file writes (bounded memory)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]):
+        self.shape = shape
+        self.handle = open(path, "wb")
+        np.lib.format.write_array_header_1_0(self.handle, {"descr": "<f4", "fortran_order": False, "shape": shape})
+
+    def write(self, batch: np.ndarray) -> None:
+        np.ascontiguousarray(batch, dtype="<f4").tofile(self.handle)
+
+    def close(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()
+
+
+def extract(
+    images: str | os.PathLike | Sequence[str | os.PathLike],
+    backbone: str = "efficientnet_lite0",
+    layers: Sequence[str] | None = None,
+    pool: str = "none",
+    layout: str = "nchw",
+    weights: str | os.PathLike | None = None,
+    run: str | os.PathLike | None = None,
+    onnx: str | os.PathLike | None = None,
+    pretrained: bool | None = None,
+    input_size: int | None = None,
+    output: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    workers: int | None = None,
+    progress: Progress = SILENT,
+    seed: int = 0,
+    dist_timeout: float = DEFAULT_TIMEOUT_S,
+) -> ExtractResult:
+    """Features of `layers` for every usable image; in memory, or streamed to `output` (.npy one layer, .npz more).
+
+    `run` uses a fine-tuned run's weights and preprocessing instead of the pretrained backbone's; `onnx` runs an
+    exported feature extractor with onnxruntime (its outputs are the layers). A backbone without pretrained weights
+    (`pretrained=False`, or a net that has none) is initialised from `seed`: the same features every time and on
+    every torchrun rank.
+    """
+
+    if run is not None and onnx is not None:
+        raise TransferError("--run and --onnx exclude each other; give one model")
+    if pool not in POOLS:
+        raise TransferError(f"--pool {pool!r}: use one of {', '.join(POOLS)}")
+    if layout not in LAYOUTS:
+        raise TransferError(f"--layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    layers = list(dict.fromkeys(layers or default_layers(backbone, run, onnx)))
+    if output is not None and Path(output).suffix not in (".npy", ".npz"):
+        raise TransferError(f"--output {output}: use a .npy (one layer) or .npz file")
+    if output is not None and Path(output).suffix == ".npy" and len(layers) > 1:
+        raise TransferError(f"--output {output}: several layers need a .npz file")
+    check_int(batch_size, "--batch-size", 1)
+    if workers is not None:
+        check_int(workers, "--workers", 0, 64)
+
+    output = Path(output) if output is not None else None
+    if output is not None:
+        check_sidecar(output)
+    world = World.from_env()
+    # gloo: only small objects travel between ranks; the features go in files
+    joined = collectives.join(world, "cpu", dist_timeout)
+    try:
+        with output_lock(output) if output is not None and world.main else contextlib.nullcontext():
+            return _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size,
+                            output, batch_size, device, workers, progress if world.main else SILENT, world, seed)
+    except RuntimeError as exc:
+        lost = collectives.lost_peer(world, exc, dist_timeout)
+        if lost is None:
+            raise
+        raise lost from None
+    finally:
+        if joined:
+            collectives.leave(world)
+
+
+def _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size, output,
+             batch_size, device, workers, progress, world: World, seed: int) -> ExtractResult:
+    if onnx is not None:
+        make_batches, metadata = _onnx_batches(onnx, layers, batch_size, device, input_size)
+    else:
+        make_batches, metadata = _torch_batches(backbone, layers, weights, run, pretrained, input_size,
+                                                batch_size, device, workers, seed)
+    samples, classes, skipped = collect_samples(images, progress)
+    mine = world.batch_block(len(samples), batch_size)
+    metadata.update(pool=pool, layout=layout)
+    with contextlib.ExitStack() as stack:
+        temp_dir = None
+        if output is not None:  # rank 0 makes the scratch folder beside the output; every rank streams into it
+            made = stack.enter_context(temp_dir_beside(output)) if world.main else None
+            temp_dir = Path(collectives.all_gather(world, str(made) if made else None)[0])
+        advance = stack.enter_context(progress.task("extracting", total=len(samples), unit="images"))
+        parts = _run_block(make_batches(samples[mine.start:mine.stop]) if len(mine) else iter(()), len(mine),
+                           layers, pool, layout, temp_dir, world.rank, advance)
+        shapes = [shape for shape in collectives.all_gather(world, parts.shapes) if shape]
+        if not shapes:
+            raise DataError("no features were produced")
+        metadata["shapes"] = {name: [len(samples), *shapes[0][name]] for name in layers}
+        if output is None:
+            gathered = collectives.all_gather(world, parts.arrays)
+            features: dict[str, np.ndarray | None] = {
+                name: np.concatenate([part[name] for part in gathered if part]) for name in layers}
+        else:
+            if world.main:
+                for name in layers:
+                    _join_parts(temp_dir, name, world.size, metadata["shapes"][name])
+                _finalize(output, temp_dir, layers)
+            features = {name: None for name in layers}
+    labels = [s.label for s in samples] if classes else None
+    result = ExtractResult(features, [str(s.path) for s in samples], labels, classes, metadata, skipped, output)
+    if output is not None and world.main:
+        write_json(sidecar_path(output), {
+            "output": output.name, **metadata, "paths": result.paths, "labels": labels, "classes": classes,
+            "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
+        })
+    collectives.barrier(world)  # every rank returns once the output exists
+    return result
+
+
+@dataclass
+class _Part:
+    """One rank's features: arrays in memory, or the shape of what it streamed to TEMP/NAME.partRANK.npy."""
+
+    arrays: dict[str, np.ndarray]
+    shapes: dict[str, list[int]]
+
+
+def _run_block(batches, rows: int, layers: list[str], pool: str, layout: str, temp_dir: Path | None, rank: int,
+               advance) -> _Part:
+    """Features of this rank's `rows` images: kept in memory, or streamed to TEMP/NAME.partRANK.npy."""
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+    streams: dict[str, _NpyStream] = {}
+    try:
+        for count, outputs in batches:
+            for name, raw in zip(layers, outputs, strict=True):
+                array = _post_process(raw, pool, layout)
+                if temp_dir is None:
+                    chunks[name].append(array)
+                    continue
+                if name not in streams:
+                    streams[name] = _NpyStream(temp_dir / f"{name}.part{rank}.npy", (rows, *array.shape[1:]))
+                streams[name].write(array)
+            advance(count)
+    finally:
+        for stream in streams.values():
+            stream.close()
+    if temp_dir is not None:
+        return _Part({}, {name: list(stream.shape[1:]) for name, stream in streams.items()})
+    arrays = {name: np.concatenate(chunks[name]) for name in layers if chunks[name]}
+    return _Part(arrays, {name: list(a.shape[1:]) for name, a in arrays.items()})
+
+
+def _join_parts(temp_dir: Path, name: str, ranks: int, shape: list[int]) -> None:
+    """TEMP/NAME.part0.npy, part1, ... -> TEMP/NAME.npy in rank order, streamed (one part's data at a time)."""
+    parts = [temp_dir / f"{name}.part{rank}.npy" for rank in range(ranks)]
+    parts = [part for part in parts if part.exists()]
+    if len(parts) == 1:
+        os.replace(parts[0], temp_dir / f"{name}.npy")
+        return
+    with open(temp_dir / f"{name}.npy", "wb") as joined:
+        np.lib.format.write_array_header_1_0(joined, {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)})
+        for part in parts:
+            with open(part, "rb") as handle:
+                np.lib.format.read_magic(handle)
+                np.lib.format.read_array_header_1_0(handle)
+                shutil.copyfileobj(handle, joined, 1 << 22)
+            part.unlink()
+
+
+def _torch_batches(backbone, layers, weights, run, pretrained, input_size, batch_size, device, workers, seed):
+    """The model and its layers, resolved before any image is read; returns `batches(samples)` yielding
+    (batch length, [array per layer]) from a registry backbone or a run, tapped with `FeatureTap`."""
+    from transfer.training.device import resolve_device
+    from transfer.training.runs import load_run
+
+    if run is not None:
+        network, config = load_run(run)
+        spec = get_backbone(config["backbone"])
+        prep = Preprocessing.from_dict(config["preprocessing"])
+        source = f"run {run}"
+        paths_in_model = [resolve_run_layer(spec, name, network) for name in layers]
+    else:
+        spec = get_backbone(backbone)
+        network, source = create_backbone(spec, pretrained, weights, seed=seed)
+        prep = spec.preprocessing
+        paths_in_model = [resolve_layer(spec, name, network) for name in layers]
+    if input_size is not None:
+        prep = replace(prep, input_size=check_input_size(spec.name, input_size))
+    target = resolve_device(device)
+    tap = FeatureTap(network.eval().to(target), paths_in_model, stop_early=True)
+    metadata = {"backbone": spec.name, "weights": source, "layers": dict(zip(layers, paths_in_model, strict=True)),
+                "input_size": prep.input_size, "preprocessing": prep.to_dict()}
+    if source.startswith("random init"):
+        metadata["seed"] = seed
+
+    def generate(samples):
+        loader = make_loader(eval_dataset(samples, prep), batch_size, workers=workers,
+                             device=target.type)
+        with torch.no_grad():
+            for images_batch, _ in loader:
+                outputs = tap(images_batch.to(target))
+                yield len(images_batch), [t.float().cpu().numpy() for t in outputs]
+        tap.close()
+
+    return generate, metadata
+
+
+def _onnx_batches(onnx, layers, batch_size, device, input_size):
+    """(batch length, [array per layer]) from an exported feature extractor run by onnxruntime."""
+    from exporters.runtime import OnnxModel
+    from transfer.core.errors import UnknownNameError
+
+    runtime = OnnxModel(onnx, device=device)
+    if runtime.output_kind != "features":
+        raise TransferError(f"--onnx {onnx} is a classifier (its output is logits): export an extractor with "
+                            "`transfer export -b NAME --layer LAYER` (or `--run RUN_DIR --layer LAYER`), or use "
+                            "`transfer predict --onnx` for its labels")
+    if input_size and input_size != runtime.prep.input_size:
+        raise TransferError(f"--input-size {input_size}: {onnx} was exported at {runtime.prep.input_size}")
+    for name in layers:
+        if name not in runtime.output_names:
+            raise UnknownNameError(f"layer in {onnx}", name, runtime.output_names)
+    indices = [runtime.output_names.index(name) for name in layers]
+    metadata = {"backbone": runtime.metadata.get("transfer.backbone", ""), "weights": f"onnx {onnx}",
+                "layers": {name: json.loads(runtime.metadata.get("transfer.layers", "{}")).get(name, name)
+                           for name in layers},
+                "input_size": runtime.prep.input_size, "preprocessing": runtime.prep.to_dict()}
+
+    def generate(samples):
+        for rows, batch, errors in runtime.iter_batches([s.path for s in samples], batch_size):
+            if errors:
+                index, reason = errors[0]
+                raise DataError(f"{samples[index].path}: {reason}")
+            outputs = runtime.run(batch)
+            yield len(rows), [outputs[i] for i in indices]
+
+    return generate, metadata
+
+
+def sidecar_path(output: str | os.PathLike) -> Path:
+    """features.npy -> features.json: ordered file paths, labels and metadata of the rows."""
+    return Path(output).with_suffix(".json")
+
+
+def check_sidecar(output: Path) -> None:
+    """feats.npz must not take the sidecar of feats.npy (both would be feats.json): refused before any work."""
+    sidecar = sidecar_path(output)
+    if not sidecar.is_file():
+        return
+    try:
+        owner = json.loads(sidecar.read_text()).get("output")
+    except (OSError, ValueError, AttributeError):
+        owner = None
+    if owner is None:  # written by an earlier version, or not ours: the other features file beside it tells
+        other = output.with_suffix(".npz" if output.suffix == ".npy" else ".npy")
+        owner = other.name if other.exists() else None
+    if owner is not None and owner != output.name:
+        raise TransferError(f"--output {output}: its sidecar {sidecar.name} belongs to {owner}, which would be left "
+                            f"without it; choose another name (for example {output.stem}_2{output.suffix})")
+
+
+def _finalize(output: Path, temp_dir: Path, names: list[str]) -> None:
+    """Move one .npy into place, or pack several into an uncompressed .npz (streamed from disk)."""
+    with atomic_path(output) as temp:
+        if output.suffix == ".npy":
+            os.replace(temp_dir / f"{names[0]}.npy", temp)
+        else:
+            with zipfile.ZipFile(temp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                for name in names:  # a fixed timestamp: the same features give the same bytes
+                    source = temp_dir / f"{name}.npy"
+                    entry = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                    with open(source, "rb") as handle, archive.open(
+                            entry, "w", force_zip64=source.stat().st_size >= zipfile.ZIP64_LIMIT) as target:
+                        shutil.copyfileobj(handle, target, 1 << 22)
+
+
+def load_features(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """Read back what `extract` wrote: {layer: array} (memory-mapped for .npy) and the sidecar metadata."""
+    path = Path(path)
+    meta = json.loads(sidecar_path(path).read_text())
+    if path.suffix == ".npy":
+        return {next(iter(meta["layers"])): np.load(path, mmap_mode="r")}, meta
+    with np.load(path) as archive:
+        return {name: archive[name] for name in archive.files}, meta

@@ -1,0 +1,399 @@
+"""The training loop: `Trainer` holds the model, data and run directory, and `fit` walks the stages epoch by epoch.
+
+`fit` is a ladder of short steps (stage -> epoch -> batch): `start_state`, `begin_stage`, `run_epoch`,
+`train_epoch`, `train_step`, `validate`. What the loop does not own it is handed: the learning-rate range test as
+`choose_lr` (from `transfer.training.lr_find`, wired by `transfer.training.finetune`), progress and epoch hooks.
+The schedule itself is `transfer.training.stages`; see there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.registry import get_backbone
+from models.weights import build_architecture, create_backbone
+from transfer.core.errors import DataError, NonFiniteLossError, OptionError
+from transfer.core.io import display
+from transfer.core.metrics import write_metrics
+from transfer.core.preprocess import decode_size
+from transfer.core.progress import SILENT, Progress
+from transfer.core.world import World
+from transfer.data.augment import Augment
+from transfer.data.datasets import ImageDataset, eval_dataset, make_loader, train_transform
+from transfer.data.scan import ScanReport, scan_folder
+from transfer.data.splits import train_val_samples
+from transfer.training import collectives
+from transfer.training.batch_size import resolve_auto_batch_size
+from transfer.training.checkpoints import STATE_KEYS, save_checkpoint, save_weights
+from transfer.training.config import FinetuneConfig
+from transfer.training.device import autocast, to_device
+from transfer.training.model import TransferModel, build_transfer_model, set_trainable, train_mode
+from transfer.training.regularize import discriminative_groups, mix_batch, soft_cross_entropy
+from transfer.training.report import FinetuneResult, write_report
+from transfer.training.runs import read_run_metrics, write_config, write_split
+from transfer.training.schedules import fresh_tail, make_optimizer, make_scheduler
+from transfer.training.stages import Stage, epoch_seed, plan_stages
+
+ChooseLr = Callable[["Trainer", TransferModel, Stage], Stage]
+
+
+class Trainer:
+    """Holds the model, data and run directory; `fit` walks the stages epoch by epoch."""
+
+    def __init__(self, config: FinetuneConfig, data_dir: str | os.PathLike, run_dir: Path, device: torch.device,
+                 log: Callable[[str], None] = print, on_epoch_end: Callable[[dict], None] | None = None,
+                 on_batch: Callable[[str, int, int], None] | None = None, progress: Progress = SILENT,
+                 world: World | None = None, choose_lr: ChooseLr | None = None):
+        self.config, self.run_dir, self.device, self.log = config, run_dir, device, log
+        self.world = world or World()  # under torchrun: this rank; only rank 0 writes the run directory
+        self.parallel: nn.Module | None = None  # the stage's trainable module, in DistributedDataParallel if needed
+        self.ema = None  # timm ModelEmaV3 of the whole model with --ema
+        self.lr_found: dict[str, dict] = {}  # stage name -> the range test's choice, for config.json
+        self.lr_results: list = []  # this session's range tests, for lr_find.png
+        self.batch_choice: dict | None = None  # how --batch-size auto chose, for config.json
+        self.on_batch = on_batch  # (description, batches done, batches in the epoch): a hook for callers
+        self.progress = progress
+        self.data_dir = Path(data_dir).resolve()
+        self.on_epoch_end = on_epoch_end
+        self.choose_lr = choose_lr  # a stage whose rate is "auto" gets it from here (the range test)
+        self.spec = get_backbone(config.backbone)
+        self.scan: ScanReport = scan_folder(data_dir, strict=config.strict, progress=progress)
+        self.scan.check_trainable()
+        self.train_samples, self.val_samples = train_val_samples(self.scan, config.val_split, config.seed)
+        if not self.val_samples:
+            raise DataError(f"{data_dir}: no validation images; use --val-split > 0 or a val/ folder")
+        base = self.spec.preprocessing
+        self.prep = replace(base, input_size=base.input_size if config.input_size is None else config.input_size,
+                            crop_pct=base.crop_pct if config.crop_pct is None else config.crop_pct)
+        self.classes = list(self.scan.classes)
+        self.rows: list[dict] = []
+        self.last_good_epoch: int | None = None  # epoch of the checkpoint on disk
+        self.feature_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache_seconds = 0.0  # spent caching stage-1 features, reported apart from the epoch's own time
+        self.state: dict | None = None  # the schedule's position, for the reports of an interrupted run
+        self.model: TransferModel | None = None
+
+    def write_interrupted_reports(self) -> None:
+        """report.json, curves.png and confusion.png for the epochs an interrupted run completed (a second Ctrl-C
+        skips them); report.json says `finished: false`."""
+        if self.state is None or self.model is None:
+            return
+        try:
+            self.log("writing the report of the epochs done (Ctrl-C again to skip)")
+            write_report(self, self.model, self.state, finished=False)
+        except KeyboardInterrupt:
+            self.log("report skipped")
+
+    def kept_message(self) -> str:
+        """What survives a failed or interrupted run, truthfully."""
+        if self.last_good_epoch is None:
+            return "no epoch had finished, so nothing was kept"
+        kept = display(self.run_dir / "last.ckpt")
+        return f"the last good checkpoint, epoch {self.last_good_epoch}, is kept in {kept}"
+
+    # --- model -------------------------------------------------------------------------------------------------
+    def build_model(self, resume_state: dict | None) -> tuple[TransferModel, bool, str]:
+        """The transfer model; on resume random-initialised then overwritten by the checkpoint."""
+        if resume_state is not None:
+            backbone, source = build_architecture(self.spec), "resumed checkpoint"
+            pretrained = self.config.pretrained is not False and (self.spec.has_pretrained or bool(self.config.weights))
+        else:
+            backbone, source = create_backbone(self.spec, self.config.pretrained, self.config.weights, seed=None)
+            pretrained = not source.startswith("random init")
+        model = build_transfer_model(self.spec, backbone, len(self.classes), self.prep.input_size,
+                                     self.config.head, self.config.dropout)
+        if resume_state is not None:
+            model.load_state_dict(resume_state["model"])
+        model = model.to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        return model, pretrained, source
+
+    # --- data --------------------------------------------------------------------------------------------------
+    def image_loader(self, samples, augment: bool, shuffle: bool, epoch: int = 0):
+        """Training (`shuffle`): this rank's share of each global batch. Evaluation: the samples given, in order."""
+        augmentation = Augment(**self.config.augmentation) if augment else None
+        dataset = ImageDataset(samples, train_transform(self.prep, augmentation),
+                               draft_size=decode_size(self.prep)) if augment else eval_dataset(samples, self.prep)
+        size = self.prep.input_size
+        return make_loader(dataset, self.config.batch_size, shuffle=shuffle, workers=self.config.workers,
+                           device=self.device.type, seed=epoch_seed(self.config.seed, epoch),
+                           world=self.world if shuffle else None, image_shape=(3, size, size))
+
+    def sharded_forward(self, model: TransferModel, samples, pooled: bool,
+                        description: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs for `samples` in their order: each rank forwards its contiguous block, then all gather."""
+        outputs, labels = self.forward_all(model, self.image_loader(self.world.take(samples), False, False),
+                                           pooled=pooled, description=description)
+        if not self.world.distributed:
+            return outputs, labels
+        parts = [part for part in collectives.all_gather(self.world, (outputs, labels)) if len(part[1])]
+        return torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
+
+    def cached_features(self, model: TransferModel, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled backbone features of a split, computed once with the evaluation transform."""
+        if split not in self.feature_cache:
+            samples = self.train_samples if split == "train" else self.val_samples
+            started = time.perf_counter()
+            features, labels = self.sharded_forward(model, samples, pooled=True,
+                                                    description=f"caching {split} features")
+            self.feature_cache[split] = (features, labels)
+            seconds = time.perf_counter() - started
+            self.cache_seconds += seconds
+            self.log(f"cached {split} features {tuple(features.shape)} in {seconds:.1f}s")
+        return self.feature_cache[split]
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        return to_device(images, self.device)
+
+    def autocast(self):
+        return autocast(self.device)
+
+    @torch.no_grad()
+    def forward_all(self, model: TransferModel, loader, pooled: bool = False,
+                    description: str = "validating") -> tuple[torch.Tensor, torch.Tensor]:
+        model.eval()
+        outputs, labels = [], []
+        with self.progress.task(description, total=len(loader.dataset), unit="images") as advance:
+            for images, targets in loader:
+                images = self.to_device(images)
+                with self.autocast():
+                    out = model.pooled_features(images) if pooled else model(images)
+                outputs.append(out.float().cpu())
+                labels.append(targets)
+                advance(len(targets))
+        if not outputs:  # a rank whose block is empty (fewer images than processes)
+            return torch.empty(0), torch.empty(0, dtype=torch.long)
+        return torch.cat(outputs), torch.cat(labels)
+
+    # --- one epoch ---------------------------------------------------------------------------------------------
+    def train_epoch(self, model: TransferModel, stage: Stage, optimizer, epoch: int,
+                    label: str = "", batch_scheduler=None) -> tuple[float, float]:
+        """One pass over the training images (or cached features); `batch_scheduler` steps after every batch."""
+        torch.manual_seed(epoch_seed(self.config.seed, epoch))
+        train_mode(model, list(stage.prefixes), batchnorm_stats=stage.name == "scratch" or self.config.bn_stats)
+        if stage.cached:
+            features, labels = self.cached_features(model, "train")
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(
+                epoch_seed(self.config.seed, epoch)))
+            shares = (idx[span.start:span.stop] for idx in order.split(self.config.batch_size)
+                      for span in [self.world.block(len(idx))])
+            batches = ((features[idx], labels[idx]) for idx in shares)
+            total = math.ceil(len(labels) / self.config.batch_size)
+        else:
+            batches = self.image_loader(self.train_samples, self.config.augment, True, epoch)
+            total = len(batches)
+        forward = self.parallel
+        total_loss, correct, count = 0.0, 0, 0
+        with self.progress.task(label or f"{stage.name} epoch {epoch}", total=total, unit="batches",
+                                min_seconds=0) as advance:
+            for step, (inputs, targets) in enumerate(batches):
+                loss_sum, logits, targets = self.train_step(forward, optimizer, inputs, targets, stage, epoch, step)
+                if batch_scheduler is not None:
+                    batch_scheduler.step()
+                total_loss += loss_sum
+                correct += int((logits.argmax(1) == targets).sum())
+                count += len(targets)
+                advance(1)
+                if self.on_batch is not None:
+                    self.on_batch(f"{stage.name} epoch {epoch}", step + 1, total)
+        total_loss, correct, count = collectives.all_sum(self.world, [total_loss, correct, count])
+        return total_loss / count, correct / count
+
+    def train_step(self, forward, optimizer, inputs, targets, stage: Stage, epoch: int,
+                   step: int, probe: bool = False) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """One optimisation step on this rank's share of a global batch; returns the share's summed loss.
+
+        The loss is the global batch's mean: each rank scales its sum by world size / global count, and
+        DistributedDataParallel averages the gradients over the ranks. A non-finite loss (summed over the ranks,
+        so every rank sees it) stops the run before the weights are touched. A `probe` step (the learning-rate range
+        test, on a copy of the model) returns a non-finite loss instead, and leaves the run's EMA alone."""
+        inputs, targets = self.to_device(inputs), targets.to(self.device)
+        config = self.config
+        soft = None
+        if config.mixup > 0 or config.cutmix > 0 or config.label_smoothing > 0:
+            inputs, soft = mix_batch(inputs, targets, len(self.classes), config.mixup, config.cutmix,
+                                     config.label_smoothing)
+        with self.autocast():
+            logits = forward(inputs)
+            loss_sum = (F.cross_entropy(logits.float(), targets, reduction="sum") if soft is None
+                        else soft_cross_entropy(logits.float(), soft))
+        global_sum, global_count = collectives.all_sum(self.world, [loss_sum.item(), len(targets)])
+        if not math.isfinite(global_sum):
+            if probe:
+                return global_sum, logits.detach(), targets
+            raise NonFiniteLossError(f"non-finite training loss ({global_sum / global_count}) in stage {stage.name}, "
+                                     f"epoch {epoch}, batch {step}; {self.kept_message()} (try a lower learning rate)")
+        optimizer.zero_grad(set_to_none=True)
+        (loss_sum * (self.world.size / global_count)).backward()
+        optimizer.step()
+        if self.ema is not None and not probe:
+            self.ema.update(self.model)
+        return loss_sum.item(), logits.detach(), targets
+
+    def validate(self, model: TransferModel, stage: Stage) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+        if stage.cached:
+            features, labels = self.cached_features(model, "val")
+            model.eval()
+            with torch.no_grad():
+                logits = model.head(features.to(self.device)).float().cpu()
+        else:
+            logits, labels = self.sharded_forward(model, self.val_samples, pooled=False, description="validating")
+        loss = F.cross_entropy(logits, labels).item()
+        return loss, float((logits.argmax(1) == labels).float().mean()), logits, labels
+
+    def lr_groups(self, model: TransferModel, stage: Stage) -> list[dict] | None:
+        """Stage 2 with --lr-decay below 1: one parameter group per unfrozen group, lower rates further down."""
+        if stage.name != "finetune" or self.config.lr_decay == 1.0:
+            return None
+        groups = self.spec.unfreeze_groups
+        count = len(groups) if self.config.unfreeze == "all" else int(self.config.unfreeze)
+        return discriminative_groups(model, [list(g.modules) for g in groups[:count]], stage.lr,
+                                     self.config.lr_decay)
+
+    # --- the run -----------------------------------------------------------------------------------------------
+    def fit(self, resume_state: dict | None = None, saved: dict | None = None) -> FinetuneResult:
+        """Walk the stages epoch by epoch; on resume, continue where the checkpoint stopped (`saved` is the run's
+        config.json). The last step writes the report of the best weights."""
+        model, pretrained, source = self.build_model(resume_state)
+        self.model = model
+        self.ema = self.make_ema(model, resume_state)
+        stages = plan_stages(self.config, self.spec, pretrained)
+        if saved is not None:
+            self.batch_choice = saved.get("batch_size_auto")
+        if self.config.batch_size == "auto":
+            resolve_auto_batch_size(self, model, stages[-1])
+        self.log(f"{self.spec.name}: weights from {source}; {len(self.classes)} classes, "
+                 f"{len(self.train_samples)} train / {len(self.val_samples)} val images, "
+                 f"{len(self.scan.skipped)} skipped; device {self.device}")
+        state = self.state = self.start_state(stages, source, resume_state, saved)
+        for stage_index in range(state["stage_index"], len(stages)):
+            stage, optimizer, scheduler, start = self.begin_stage(model, stages, stage_index, resume_state, saved)
+            for stage_epoch in range(start + 1, stage.epochs + 1):
+                if state["bad_epochs"] >= self.config.patience:
+                    self.log(f"stage {stage.name}: no validation-loss gain in {self.config.patience} epoch(s); "
+                             "stopping it early (--patience)")
+                    break
+                self.run_epoch(model, stage, stage_index, stage_epoch, optimizer, scheduler, state)
+        return write_report(self, model, state)
+
+    def make_ema(self, model: TransferModel, resume_state: dict | None):
+        """timm's ModelEmaV3 of the whole model with --ema (restored on resume), else None."""
+        if self.config.ema <= 0:
+            return None
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=self.config.ema)
+        if resume_state is not None and "ema" in resume_state:
+            ema.module.load_state_dict(resume_state["ema"])
+        return ema
+
+    def start_state(self, stages: list[Stage], source: str, resume_state: dict | None, saved: dict | None) -> dict:
+        """The schedule's position: a fresh run writes config.json and split.json; a resumed one continues from its
+        checkpoint and records an extension in config.json when its epoch counts were raised."""
+        state = {"stage_index": 0, "stage_epoch": 0, "epoch": 0, "best_val_loss": math.inf, "best_val_acc": 0.0,
+                 "bad_epochs": 0}
+        if saved is not None:
+            self.lr_found = dict(saved.get("lr_find", {}))
+        if resume_state is None:
+            write_config(self, stages, source)
+            if self.world.main:
+                write_split(self.run_dir, self.data_dir, self.train_samples, self.val_samples)
+            return state
+        state.update({key: resume_state[key] for key in STATE_KEYS})
+        state["best_source"] = resume_state.get("best_source", "model")
+        self.last_good_epoch = state["epoch"]
+        self.rows = [r for r in read_run_metrics(self.run_dir) if r["epoch"] <= state["epoch"]]
+        if saved is not None and [s["epochs"] for s in saved["stages"]] != [s.epochs for s in stages]:
+            write_config(self, stages, source, previous=saved)
+        return state
+
+    def begin_stage(self, model: TransferModel, stages: list[Stage], stage_index: int, resume_state: dict | None,
+                    saved: dict | None):
+        """Make the stage's parameters trainable, resolve an "auto" rate, and build its optimizer and schedule (on
+        resume: restored, and a fresh tail when the stage was extended). Returns (stage, optimizer, scheduler,
+        epochs already done in it)."""
+        state = self.state
+        stage = stages[stage_index]
+        trainable = set_trainable(model, list(stage.prefixes))
+        if stage.lr == "auto":
+            if self.choose_lr is None:
+                raise OptionError(f"stage {stage.name}: learning rate 'auto' needs the range test (transfer.finetune)")
+            stage = self.choose_lr(self, model, stage)
+        stages[stage_index] = stage
+        self.parallel = collectives.data_parallel(model.head if stage.cached else model, self.world, self.device)
+        optimizer = make_optimizer(stage, model, self.config.weight_decay, self.lr_groups(model, stage))
+        steps_per_epoch = math.ceil(len(self.train_samples) / self.config.batch_size)
+        scheduler = make_scheduler(stage, optimizer, steps_per_epoch)
+        start = 0
+        if resume_state is not None and stage_index == resume_state["stage_index"]:
+            optimizer.load_state_dict(resume_state["optimizer"])
+            scheduler.load_state_dict(resume_state["scheduler"])
+            start = resume_state["stage_epoch"]
+            saved_epochs = saved["stages"][stage_index]["epochs"] if saved else stage.epochs
+            if stage.epochs > saved_epochs:
+                scheduler = fresh_tail(stage, optimizer, start, start >= saved_epochs, steps_per_epoch)
+                state["bad_epochs"] = 0
+                self.log(f"stage {stage.name} extended from {saved_epochs} to {stage.epochs} epochs")
+        else:
+            state["bad_epochs"] = 0
+        self.log(f"stage {stage.name}: {stage.epochs} epoch(s), {stage.optimizer} lr {stage.lr:g}, "
+                 f"{len(trainable)} trainable tensors{', cached features' if stage.cached else ''}")
+        return stage, optimizer, scheduler, start
+
+    def run_epoch(self, model, stage: Stage, stage_index: int, stage_epoch: int, optimizer, scheduler,
+                  state: dict) -> None:
+        """One epoch: train, validate (the EMA too), step the schedule, keep the best weights and the checkpoint."""
+        started, cached_before = time.perf_counter(), self.cache_seconds
+        epoch = state["epoch"] + 1
+        lr = optimizer.param_groups[0]["lr"]
+        per_batch = stage.schedule == "one-cycle"
+        train_loss, train_acc = self.train_epoch(model, stage, optimizer, epoch,
+                                                 f"{stage.name} {stage_epoch}/{stage.epochs} (epoch {epoch})",
+                                                 batch_scheduler=scheduler if per_batch else None)
+        val_loss, val_acc, _, _ = self.validate(model, stage)
+        candidate, candidate_loss, candidate_acc, source = model, val_loss, val_acc, "model"
+        if self.ema is not None:
+            ema_loss, ema_acc, _, _ = self.validate(self.ema.module, stage)
+            if math.isfinite(ema_loss) and ema_loss < val_loss:
+                candidate, candidate_loss, candidate_acc, source = self.ema.module, ema_loss, ema_acc, "ema"
+        if not per_batch:
+            scheduler.step()
+        caching = self.cache_seconds - cached_before  # stage 1's one-off feature cache, reported apart
+        row = {"stage": stage.name, "epoch": epoch, "stage_epoch": stage_epoch, "lr": lr, "train_loss": train_loss,
+               "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
+               "seconds": round(time.perf_counter() - started - caching, 3)}
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            raise NonFiniteLossError(f"non-finite validation loss ({val_loss}) in stage {stage.name}, epoch {epoch}; "
+                                     f"{self.kept_message()} (try a lower learning rate)")
+        improved = candidate_loss < state["best_val_loss"]
+        state.update(epoch=epoch, stage_index=stage_index, stage_epoch=stage_epoch,
+                     bad_epochs=0 if improved else state["bad_epochs"] + 1)
+        if improved:
+            state.update(best_val_loss=candidate_loss, best_val_acc=candidate_acc, best_source=source)
+        self.rows.append(row)
+        if self.world.main:
+            if improved:
+                save_weights(candidate, self.run_dir / "best.safetensors")
+            save_checkpoint(self.run_dir / "last.ckpt", model, optimizer, scheduler, state,
+                            ema=self.ema.module if self.ema is not None else None)
+            write_metrics(self.run_dir / "metrics.csv", self.rows)
+        self.last_good_epoch = epoch
+        self.log(f"[{stage.name} {stage_epoch}/{stage.epochs}] epoch {epoch}: train loss {train_loss:.4f} "
+                 f"acc {train_acc:.3f} | val loss {val_loss:.4f} acc {val_acc:.3f} | "
+                 + (f"EMA val loss {ema_loss:.4f} acc {ema_acc:.3f} | " if self.ema is not None else "")
+                 + f"lr {lr:.2e} | {row['seconds']:.1f}s" + (f" (+{caching:.1f}s caching features)" if caching else "")
+                 + (" *" if improved else "")
+                 + (" (EMA weights)" if improved and source == "ema" else ""))
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(row)
+

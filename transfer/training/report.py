@@ -1,0 +1,77 @@
+"""The end of a run: the best weights reloaded and validated once more, report.json, the confusion matrix, loss
+curves and top losses (rank 0); and reading a finished run's report back for --resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from transfer.core.interpret import most_confused, plot_top_losses, top_losses
+from transfer.core.io import write_json
+from transfer.core.metrics import classification_report, plot_confusion, plot_curves
+from transfer.training import collectives
+from transfer.training.checkpoints import load_weights
+from transfer.training.config import FinetuneConfig
+from transfer.training.model import TransferModel
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    best_val_loss: float
+    best_val_acc: float
+    epochs_run: int
+    report: dict
+    stopped: str = "completed"
+
+
+def write_report(trainer, model: TransferModel, state: dict, finished: bool = True) -> FinetuneResult:
+    """Reload the best weights, then write report.json, confusion.png, curves.png and top_losses.png (rank 0). An
+    interrupted run (`finished=False`) writes them too, for the epochs it completed, and says so in report.json."""
+    collectives.barrier(trainer.world)  # rank 0's best.safetensors is complete
+    load_weights(model, trainer.run_dir / "best.safetensors")
+    logits, labels = trainer.sharded_forward(model, trainer.val_samples, pooled=False,
+                                             description="report: validating the best weights")
+    predictions = logits.argmax(1)
+    classes = trainer.classes
+    report = classification_report(labels.tolist(), predictions.tolist(), classes)
+    paths = [s.path for s in trainer.val_samples]
+    worst = top_losses(logits.numpy(), labels.numpy(), classes, paths)
+    report.update(split="validation", finished=finished, epochs=state["epoch"],
+                  best_val_loss=state["best_val_loss"],
+                  best_weights=state.get("best_source", "model"),
+                  most_confused=most_confused(report["confusion_matrix"], classes), top_losses=worst,
+                  skipped=[{"path": s.path, "reason": s.reason} for s in trainer.scan.skipped])
+    result = FinetuneResult(trainer.run_dir, state["best_val_loss"], report["accuracy"], state["epoch"], report)
+    if not trainer.world.main:
+        return result
+    run_dir = trainer.run_dir
+    write_json(run_dir / "report.json", report)
+    name = f"{trainer.spec.name} on {trainer.data_dir.name} ({run_dir.name})"
+    plot_confusion(np.asarray(report["confusion_matrix"]), classes, run_dir / "confusion.png",
+                   title=f"{name}: validation confusion matrix")
+    plot_curves(trainer.rows, run_dir / "curves.png", title=f"{name}: loss and accuracy per epoch")
+    plot_top_losses(worst, run_dir / "top_losses.png", title=f"{name}: most confidently wrong (validation)")
+    kept = " (kept the EMA weights: they validated better)" if report["best_weights"] == "ema" else ""
+    trainer.log(f"best val loss {state['best_val_loss']:.4f}{kept}, val accuracy {report['accuracy']:.4f}; "
+                f"run saved in {run_dir}")
+    return result
+
+
+def finished_result(run_dir: Path, saved: dict, config: FinetuneConfig) -> FinetuneResult | None:
+    """The result of a run that completed its schedule, when resuming it adds no epoch; else None."""
+    added = (config.epochs_head > saved["settings"]["epochs_head"]
+             or config.epochs_finetune > saved["settings"]["epochs_finetune"])
+    try:
+        report = json.loads((run_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if added or not isinstance(report, dict) or report.get("finished") is not True:
+        return None
+    return FinetuneResult(run_dir, float(report.get("best_val_loss", math.nan)), float(report.get("accuracy", 0.0)),
+                          int(report.get("epochs", 0)), report, stopped="already finished")
+
