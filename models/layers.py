@@ -9,7 +9,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from models.registry import FLATTEN, BackboneSpec, module_of
+from models.spec import FLATTEN, BackboneSpec, module_of
 from transfer.core.errors import OptionError, TransferError, UnknownNameError
 from transfer.core.options import check_int
 from transfer.core.preprocess import MAX_INPUT_SIZE
@@ -41,20 +41,39 @@ def min_input_size(spec_name: str) -> int:
         model = build_architecture(spec).eval()
 
     def runs(side: int) -> bool:
-        try:
-            with torch.no_grad():
-                out = model.forward_features(torch.zeros(1, 3, side, side, device="meta"))
-        except (RuntimeError, ValueError, IndexError):
-            return False
-        return out.ndim < 4 or min(out.shape[2:]) >= 1
+        return _forward_error(model, side) is None
 
-    low, high = 1, spec.input_size
-    while low < high:
-        middle = (low + high) // 2
-        low, high = (low, middle) if runs(middle) else (middle + 1, high)
     feature_info = getattr(model, "feature_info", None)
     stride = int(feature_info[-1]["reduction"]) if feature_info else 1
-    return max(low, stride)
+    step = 1 if spec.curated else stride  # timm models may need whole patches or windows: try multiples of the stride
+    low, high = 1, max(1, spec.input_size // step)
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if runs(middle * step) else (middle + 1, high)
+    return max(low * step, stride)
+
+
+def _forward_error(model: nn.Module, side: int) -> str | None:
+    """Why `model.forward_features` cannot run on one side x side image (shapes only, on the meta device), or None.
+    An output map below 1x1 counts as failing."""
+    try:
+        with torch.no_grad():
+            out = model.forward_features(torch.zeros(1, 3, side, side, device="meta"))
+    except (RuntimeError, ValueError, IndexError, AssertionError) as exc:  # timm asserts on sizes (patch grids)
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None if out.ndim < 4 or min(out.shape[2:]) >= 1 else "its feature map would be empty"
+
+
+@lru_cache(maxsize=64)
+def input_size_error(spec_name: str, side: int) -> str | None:
+    """Why the backbone cannot run at `side` pixels (a ViT's side must be a multiple of its patch, a Swin's of its
+    window), or None: tried on the meta device, so it costs no memory or compute."""
+    from models.registry import get_backbone
+    from models.weights import build_architecture
+
+    with torch.device("meta"):
+        model = build_architecture(get_backbone(spec_name)).eval()
+    return _forward_error(model, side)
 
 
 def check_input_size(backbone: str, size: int | None, flag: str = "--input-size") -> int | None:
@@ -62,10 +81,19 @@ def check_input_size(backbone: str, size: int | None, flag: str = "--input-size"
     if size is None:
         return None
     check_int(size, flag, 1)
+    from models.registry import get_backbone
+
+    spec = get_backbone(backbone)
+    if spec.fixed_input_size and size != spec.input_size:
+        raise OptionError(f"{flag} {size}: {backbone} runs at {spec.input_size} pixels only (its position embeddings "
+                          "are fixed and its timm class cannot resize them)")
     smallest = min_input_size(backbone)
     if not smallest <= size <= MAX_INPUT_SIZE:
         raise OptionError(f"{flag} {size}: {backbone} needs {smallest}..{MAX_INPUT_SIZE} pixels (below {smallest} "
                           f"its last stages see only padding)")
+    problem = None if spec.curated else input_size_error(backbone, size)
+    if problem:
+        raise OptionError(f"{flag} {size}: {backbone} cannot run at {size} pixels ({problem[:200]})")
     return size
 
 

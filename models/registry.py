@@ -1,68 +1,17 @@
-"""Backbone registry: per backbone, in one place, the timm name, Keras layer aliases, unfreeze groups, weights source.
+"""Backbone registry: the curated backbones, each in one place: timm name, Keras layer aliases, unfreeze groups,
+weights source. Any other timm architecture is described from timm's metadata by `models.timm_backbones`.
 
-timm owns the architectures; this module only describes them. Add a backbone with `@register_backbone` on a
+timm owns the architectures; this module only describes them. Add a curated backbone with `@register_backbone` on a
 function returning a `BackboneSpec`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from models.spec import FLATTEN, BackboneSpec, UnfreezeGroup
 from transfer.core.errors import UnknownNameError
 from transfer.core.preprocess import Preprocessing
-
-
-@dataclass(frozen=True)
-class UnfreezeGroup:
-    """A named set of module paths that is unfrozen together in stage 2 of fine-tuning."""
-
-    name: str
-    modules: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What the project knows about one backbone; the architecture itself comes from timm or `constructor`."""
-
-    name: str
-    timm_name: str | None
-    aliases: dict[str, str]
-    unfreeze_groups: tuple[UnfreezeGroup, ...]  # from the head backwards
-    weights_source: str  # "timm" | "package" | "none"
-    classifier: str  # module path of the ImageNet (or own) classifier, replaced by the new head
-    input_size_default: int  # the pretrained weights' input side, known without timm (a test checks it)
-    feature_layer: str  # the documented default of `transfer extract` (an intermediate, transferable block)
-    params: int  # parameter count with the ImageNet (or own) classifier; a test checks it against the model
-    hf_hub_id: str | None = None  # timm's default pretrained weights on the hub (a test checks it)
-    constructor: Callable | None = None  # classic nets built here, trained from scratch
-    preprocessing_override: Preprocessing | None = None
-    description: str = ""
-
-    @property
-    def has_pretrained(self) -> bool:
-        return self.weights_source != "none"
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        """The preprocessing of the pretrained weights (timm's `pretrained_cfg`), or the override."""
-        if self.preprocessing_override is not None:
-            return self.preprocessing_override
-        import timm
-
-        cfg = timm.models.get_pretrained_cfg(self.timm_name)
-        return Preprocessing(
-            input_size=int(cfg.input_size[-1]),
-            crop_pct=float(cfg.crop_pct),
-            interpolation=str(cfg.interpolation),
-            mean=tuple(float(v) for v in cfg.mean),
-            std=tuple(float(v) for v in cfg.std),
-        )
-
-    @property
-    def input_size(self) -> int:
-        return self.preprocessing.input_size
-
 
 BACKBONES: dict[str, BackboneSpec] = {}
 
@@ -75,23 +24,21 @@ def register_backbone(factory: Callable[[], BackboneSpec]) -> Callable[[], Backb
 
 
 def get_backbone(name: str) -> BackboneSpec:
-    """The spec for `name`, or `UnknownNameError` listing the closest backbone names."""
-    try:
+    """The spec for `name`: a curated entry (Keras names, the seeds' recipes), else any timm architecture or
+    pretrained tag described from timm's own metadata (`models.timm_backbones`); else `UnknownNameError` listing the
+    closest names of both."""
+    if name in BACKBONES:
         return BACKBONES[name]
-    except KeyError:
-        raise UnknownNameError("backbone", name, BACKBONES) from None
+    from models.timm_backbones import is_timm_name, timm_backbone, timm_names
+
+    if is_timm_name(name):
+        return timm_backbone(name)
+    raise UnknownNameError("backbone", name, [*BACKBONES, *timm_names()]) from None
 
 
 def list_backbones() -> list[BackboneSpec]:
+    """The curated entries (instant: no model is built)."""
     return list(BACKBONES.values())
-
-
-FLATTEN = "#flatten"  # an alias target ending so is that module's output flattened as Keras' Flatten does
-
-
-def module_of(target: str) -> str:
-    """The module path of an alias target (`pre_logits.act1#flatten` -> `pre_logits.act1`)."""
-    return target.split("#", 1)[0]
 
 
 def _seq(prefix: str, first: int, last: int) -> tuple[str, ...]:

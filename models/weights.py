@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from models.availability import hf_cached_file, hub_reachable, package_weights_path
-from models.registry import BackboneSpec
+from models.spec import BackboneSpec
 from transfer.core.errors import WeightsError
 
 NO_WEIGHTS_HINT = ("give weights with --weights FILE (safetensors or a state dict; weights= in Python), or start from "
@@ -28,7 +28,7 @@ def build_architecture(spec: BackboneSpec, num_classes: int | None = None) -> nn
         return spec.constructor(num_classes=num_classes or (10 if spec.name in ("lenet5", "cifar_convnet") else 1000))
     import timm
 
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs = dict(spec.timm_kwargs) | ({} if num_classes is None else {"num_classes": num_classes})
     return timm.create_model(spec.timm_name, pretrained=False, **kwargs)
 
 
@@ -153,7 +153,8 @@ def _timm_pretrained(spec: BackboneSpec) -> tuple[nn.Module, str]:
 
     cached = _timm_cached_file(spec.timm_name)
     if cached:
-        model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": cached})
+        model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": cached},
+                                  **dict(spec.timm_kwargs))
         return model, f"timm cache {cached}"
     if not hub_reachable():
         raise WeightsError(
@@ -161,7 +162,7 @@ def _timm_pretrained(spec: BackboneSpec) -> tuple[nn.Module, str]:
             f"{NO_WEIGHTS_HINT}"
         )
     try:
-        model = timm.create_model(spec.timm_name, pretrained=True)
+        model = timm.create_model(spec.timm_name, pretrained=True, **dict(spec.timm_kwargs))
     except Exception as exc:  # any download or hub failure ends in the same advice
         raise WeightsError(
             f"could not download pretrained weights for {spec.name} ({exc}); {NO_WEIGHTS_HINT}"

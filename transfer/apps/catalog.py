@@ -24,6 +24,13 @@ def backbone_table() -> list[dict]:
     return rows
 
 
+def timm_table(pattern: str | None = None) -> list[dict]:
+    """timm's architectures matching `pattern`, each with its pretrained tags; no model is built."""
+    from models.timm_backbones import list_timm
+
+    return list_timm(pattern)
+
+
 def layer_summary(backbone: str, input_size: int | None = None, only: list[str] | None = None):
     """The Keras-style summary of `backbone` at `input_size` (default: its native size), from a forward pass.
 
@@ -37,4 +44,6 @@ def layer_summary(backbone: str, input_size: int | None = None, only: list[str] 
     model = build_architecture(spec)
     wanted = {resolve_layer(spec, name, model) for name in only or []}
     rows = describe_layers(spec, model, size)
+    if not spec.curated:  # no Keras names: timm's feature layers (feature_info) come first, then every module
+        rows.sort(key=lambda row: row.path not in spec.feature_layers)
     return [row for row in rows if not wanted or row.path in wanted or spec.aliases.get(row.alias) in wanted], size

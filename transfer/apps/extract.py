@@ -91,8 +91,11 @@ def default_layers(backbone: str, run: str | os.PathLike | None, onnx: str | os.
 
 
 def _post_process(array: np.ndarray, pool: str, layout: str) -> np.ndarray:
-    """Spatial pooling or NHWC layout for 4-D outputs; other outputs pass unchanged."""
+    """Spatial pooling or NHWC layout for 4-D outputs, pooling over the tokens of 3-D (batch, tokens, channels)
+    outputs (a ViT block's); other outputs pass unchanged."""
     array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 3 and pool != "none":
+        array = array.mean(axis=1) if pool == "avg" else array.max(axis=1)
     if array.ndim == 4:
         if pool == "avg":
             array = array.mean(axis=(2, 3))

@@ -7,7 +7,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from models.registry import BackboneSpec, module_of
+from models.spec import BackboneSpec, module_of
 from transfer.core.errors import TransferError, UnknownNameError
 
 HEADS = ("mlp", "linear")
@@ -33,19 +33,30 @@ class GlobalAvgPool(nn.Module):
         return x.mean(dim=(2, 3)) if x.ndim == 4 else x
 
 
+POOLS = ("avg", "model", "none")
+
+
 class TransferModel(nn.Module):
     """`backbone.forward_features` -> `global_pool` -> `head`.
 
-    The pooled features are exactly what stage 1's feature cache stores, so the head trains on the cache or on
-    images with the same code. In a run, the Keras name `avg_pool` is `global_pool` and `predictions` is `head`.
+    `pool`: "avg" averages `forward_features` (the curated CNNs, Keras' GlobalAveragePooling2D); "model" lets the
+    timm model pool as it was trained (`forward_head(pre_logits=True)`, which is `backbone(x)` once its classifier is
+    reset: average pooling and a norm for ConvNeXt, the class token for ViT); "none" is for the classic nets, whose
+    own dense layers come first. The pooled features are exactly what stage 1's feature cache stores, so the head
+    trains on the cache or on images with the same code. In a run, the Keras name `avg_pool` is `global_pool` and
+    `predictions` is `head`.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, pool: bool = True):
+    def __init__(self, backbone: nn.Module, head: nn.Module, pool: str = "avg"):
         super().__init__()
-        self.backbone, self.head = backbone, head
-        self.global_pool = GlobalAvgPool() if pool else nn.Identity()
+        if pool not in POOLS:
+            raise TransferError(f"unknown pooling {pool!r}; use one of {', '.join(POOLS)}")
+        self.backbone, self.head, self.pool = backbone, head, pool
+        self.global_pool = GlobalAvgPool() if pool == "avg" else nn.Identity()
 
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool == "model":
+            return self.global_pool(self.backbone(x))
         return self.global_pool(self.backbone.forward_features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,20 +75,21 @@ def resolve_run_layer(spec: BackboneSpec, name: str, model: TransferModel) -> st
     classifier_names = {"predictions", "head", spec.classifier}
     if name in classifier_names:
         return "head"
-    if name in ("avg_pool", "global_pool") and isinstance(model.global_pool, GlobalAvgPool):
+    if name in ("avg_pool", "global_pool") and model.pool != "none":
         return "global_pool"
     if name.startswith("head.") and name in dict(model.named_modules()):
         return name
     if spec.constructor is not None and spec.aliases.get(name, "").startswith("classifier."):
         return "head." + spec.aliases[name].removeprefix("classifier.")  # a classic net's own dense layers
-    dropped = (spec.classifier, "global_pool", "pre_logits", "head", "fc", "classifier")
+    dropped = ((spec.classifier,) if model.pool == "model"  # timm's own head still pools and norms
+               else (spec.classifier, "global_pool", "pre_logits", "head", "fc", "classifier"))
     running = {path for path, _ in model.backbone.named_modules() if path
                and not any(path == d or path.startswith(d + ".") for d in dropped)}
     aliases = {alias: path for alias, path in spec.aliases.items() if module_of(path) in running}
     try:
         return "backbone." + resolve_layer(_View(spec, aliases), name, None, sorted(running))
     except UnknownNameError:
-        pooled = ["avg_pool"] if isinstance(model.global_pool, GlobalAvgPool) else []
+        pooled = ["avg_pool"] if model.pool != "none" else []
         valid = ["predictions", *pooled, *aliases, *sorted(running)]
         raise UnknownNameError(f"layer of this run ({spec.name})", name, valid) from None
 
@@ -101,12 +113,13 @@ def strip_classifier(spec: BackboneSpec, backbone: nn.Module) -> nn.Module:
     return backbone
 
 
-def feature_channels(backbone: nn.Module, input_size: int) -> int:
-    """Channels of `forward_features`, from a forward pass (so any registry backbone works)."""
+def feature_channels(backbone: nn.Module, input_size: int, pool: str = "avg") -> int:
+    """Channels of the pooled features, from a forward pass (so any backbone works)."""
     was_training = backbone.training
     backbone.eval()
+    forward = backbone if pool == "model" else backbone.forward_features
     with torch.no_grad():
-        channels = backbone.forward_features(torch.zeros(1, 3, input_size, input_size)).shape[1]
+        channels = forward(torch.zeros(1, 3, input_size, input_size)).shape[1]
     backbone.train(was_training)
     return int(channels)
 
@@ -118,9 +131,10 @@ def build_transfer_model(spec: BackboneSpec, backbone: nn.Module, num_classes: i
         classifier, last = backbone.classifier, spec.classifier.rsplit(".", 1)[-1]
         setattr(classifier, last, nn.Linear(getattr(classifier, last).in_features, num_classes))
         backbone.classifier = nn.Identity()
-        return TransferModel(backbone, classifier, pool=False)
+        return TransferModel(backbone, classifier, pool="none")
     backbone = strip_classifier(spec, backbone)
-    return TransferModel(backbone, make_head(feature_channels(backbone, input_size), num_classes, head, dropout))
+    channels = feature_channels(backbone, input_size, spec.pool)
+    return TransferModel(backbone, make_head(channels, num_classes, head, dropout), pool=spec.pool)
 
 
 def group_prefixes(spec: BackboneSpec, unfreeze: int | str) -> list[str]:

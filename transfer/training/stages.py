@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.registry import BackboneSpec
+from models.spec import BackboneSpec
 from transfer.training.config import FinetuneConfig
 from transfer.training.model import group_prefixes
 

@@ -1,0 +1,212 @@
+"""The zoo sweep: a seeded sample of timm architectures, each through every step a user takes.
+
+    python benchmarks/zoo.py                   # 100 architectures up to 30M parameters (about an hour on 2 cores)
+    python benchmarks/zoo.py --count 5         # a smoke run
+
+The draw: timm.list_models(), grouped into families by the name before its first digit or underscore, sizes read on
+the meta device (nothing downloaded); families are taken round-robin in a seeded order, a seeded pick from each, up
+to --count models under --max-params. Each model runs: build, layers, finetune 1+1 epochs on a tiny folder, extract
+at its default layer, export + verification, onnxruntime vs PyTorch images/s at batch 1. Offline, every model starts
+from random weights saved as a file (`--weights`), BatchNorm statistics set from the folder's images. A step that
+fails is recorded with its one-line reason (the later steps of that model are skipped); nothing ends in a traceback.
+Writes benchmarks/zoo.json and the "zoo" section of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import tempfile
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+STEPS = ("build", "layers", "finetune", "extract", "export", "bench")
+
+
+def family(name: str) -> str:
+    return re.split(r"[\d_]", name, maxsplit=1)[0] or name
+
+
+def draw(count: int, max_params: float, seed: int) -> list[tuple[str, int]]:
+    """A seeded sample across families: (name, parameters), sizes from the meta device."""
+    import timm
+    import torch
+
+    families: dict[str, list[str]] = {}
+    for name in timm.list_models():
+        families.setdefault(family(name), []).append(name)
+    rng = random.Random(seed)
+    order = sorted(families)
+    rng.shuffle(order)
+    for members in families.values():
+        rng.shuffle(members)
+    picked: list[tuple[str, int]] = []
+    while len(picked) < count and any(families.values()):
+        for fam in order:
+            while families[fam] and len(picked) < count:
+                name = families[fam].pop()
+                try:
+                    with torch.device("meta"):
+                        params = sum(p.numel() for p in timm.create_model(name).parameters())
+                except Exception:  # a model timm cannot build without options: not drawn
+                    continue
+                if params <= max_params:
+                    picked.append((name, params))
+                    break
+    return picked
+
+
+def tiny_folder(root: Path) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label, channel in (("red", 0), ("blue", 2)):
+        (root / label).mkdir(parents=True)
+        for index in range(6):
+            pixels = rng.integers(0, 120, (72, 72, 3), dtype=np.uint8)
+            pixels[..., channel] = 230
+            Image.fromarray(pixels).save(root / label / f"{index}.png")
+    return root
+
+
+def sweep_one(name: str, folder: Path, work: Path) -> dict:
+    """Every step for one architecture; the first failure ends it with its reason."""
+    import torch
+    from safetensors.torch import save_file
+
+    from exporters.export import export_onnx
+    from exporters.runtime import OnnxModel
+    from models.layers import check_input_size, min_input_size
+    from models.registry import get_backbone
+    from models.weights import build_architecture
+    from transfer.apps.bench import torch_benchmark
+    from transfer.apps.catalog import layer_summary
+    from transfer.apps.extract import extract
+    from transfer.core.images import open_image
+    from transfer.core.preprocess import eval_array
+    from transfer.training import FinetuneConfig, finetune, load_run
+
+    record: dict = {"name": name, "family": family(name), "steps": {}}
+
+    def step(label: str, action):
+        started = time.perf_counter()
+        try:
+            value = action()
+        except Exception as exc:  # recorded, never raised: one line per failure
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            record["steps"][label] = {"ok": False, "error": f"{type(exc).__name__}: {text[:300]}",
+                                      "where": traceback.extract_tb(exc.__traceback__)[-1].filename.split("/")[-1]}
+            return None
+        record["steps"][label] = {"ok": True, "seconds": round(time.perf_counter() - started, 2)}
+        return value
+
+    spec = step("build", lambda: get_backbone(name))
+    if spec is None:
+        return record
+    size = spec.input_size if spec.fixed_input_size else max(64, min_input_size(name))
+    try:
+        check_input_size(name, size)
+    except Exception:
+        size = spec.input_size
+    record.update(input_size=size, params=spec.params)
+
+    def weights_file() -> Path:
+        model = build_architecture(spec)
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.momentum = None
+        prep = replace(spec.preprocessing, input_size=size)
+        images = np.stack([eval_array(open_image(p), prep) for p in sorted(folder.rglob("*.png"))])
+        with torch.no_grad():
+            model.train()(torch.from_numpy(images))
+        path = work / "weights.safetensors"
+        save_file({k: v.contiguous() for k, v in model.eval().state_dict().items()}, str(path))
+        return path
+
+    weights = step("build", weights_file)
+    if weights is None or step("layers", lambda: layer_summary(name, size)) is None:
+        return record
+    config = FinetuneConfig(backbone=name, epochs_head=1, epochs_finetune=1, unfreeze="1", input_size=size,
+                            weights=str(weights), workers=0, batch_size=4, augment=False, val_split=0.34)
+    if step("finetune", lambda: finetune(folder, config, output=work / "run", device="cpu",
+                                         log=lambda _: None)) is None:
+        return record
+    if step("extract", lambda: extract(folder, backbone=name, weights=str(weights), layers=[spec.feature_layer],
+                                       pool="avg", input_size=size, device="cpu", workers=0)) is None:
+        return record
+    exported = step("export", lambda: export_onnx(work / "model.onnx", run=work / "run"))
+    if exported is None:
+        return record
+    record["max_rel_diff"] = max(exported.max_rel_diff.values())
+
+    def bench() -> dict:
+        onnx_row = OnnxModel(work / "model.onnx", device="cpu").benchmark(1, 1.0)
+        model, _ = load_run(work / "run")
+        torch_row = torch_benchmark(model, size, 1, "cpu", seconds=1.0)
+        return {"onnxruntime": onnx_row["images_per_s"], "pytorch": torch_row["images_per_s"]}
+
+    speeds = step("bench", bench)
+    if speeds is not None:
+        record["images_per_s"] = speeds
+    return record
+
+
+def summary(records: list[dict]) -> str:
+    lines = ["## zoo", "", f"{len(records)} sampled timm architectures (benchmarks/zoo.py; draw and machine in "
+             "zoo.json), random weights (offline), each through every step.", "",
+             "| step | passed |", "|---|---|"]
+    for label in STEPS:
+        done = sum(1 for r in records if r["steps"].get(label, {}).get("ok"))
+        lines.append(f"| {label} | {done}/{len(records)} |")
+    complete = sum(1 for r in records if all(r["steps"].get(s, {}).get("ok") for s in STEPS))
+    lines += ["", f"Every step: {complete}/{len(records)} ({100 * complete / max(1, len(records)):.0f}%).", "",
+              "Failures:", ""]
+    for r in records:
+        for label, outcome in r["steps"].items():
+            if not outcome["ok"]:
+                lines.append(f"- {r['name']} ({r['family']}), {label}: {outcome['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--max-params", type=float, default=30e6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=str(HERE / "zoo.json"))
+    args = parser.parse_args()
+    from transfer.serving.predict import machine_name
+
+    picked = draw(args.count, args.max_params, args.seed)
+    records = []
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = tiny_folder(Path(scratch) / "data")
+        for index, (name, _) in enumerate(picked):
+            work = Path(scratch) / f"m{index}"
+            work.mkdir()
+            started = time.perf_counter()
+            records.append(sweep_one(name, folder, work))
+            records[-1]["seconds"] = round(time.perf_counter() - started, 1)
+            print(f"[{index + 1}/{len(picked)}] {name}: "
+                  + ", ".join(f"{k} {'ok' if v['ok'] else 'FAILED'}" for k, v in records[-1]["steps"].items()),
+                  flush=True)
+    Path(args.output).write_text(json.dumps({"machine": machine_name(), "seed": args.seed, "count": args.count,
+                                             "max_params": args.max_params, "models": records}, indent=1))
+    text = summary(records)
+    results = HERE / "RESULTS.md"
+    existing = results.read_text() if results.exists() else ""
+    before, _, after = existing.partition("\n## zoo\n")
+    rest = after[after.index("\n## ") + 1:] if "\n## " in after else ""  # the sections after the old zoo one
+    results.write_text("\n\n".join(part.strip() for part in (before, text, rest) if part.strip()) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
