@@ -29,7 +29,7 @@ FAMILIES = [  # (timm name, input side, ONNX opset: 18 is the dynamo exporter, 1
     ("tf_efficientnetv2_b0", 64, 17),
     ("regnetx_002", 32, 17),
     ("mobilenetv3_small_050", 64, 17),
-    ("deit_tiny_patch16_224", 32, 17),
+    ("deit_tiny_patch16_224", 32, 18),
 ]
 
 
@@ -128,3 +128,13 @@ def test_the_cli_takes_any_timm_name_and_lists_them(runner):
     assert unknown.exit_code == 2 and "unknown backbone" in unknown.output and "convnext_tiny" in unknown.output
     tagged = get_backbone("convnext_tiny.fb_in22k")
     assert tagged.hf_hub_id == "timm/convnext_tiny.fb_in22k" and tagged.preprocessing.input_size == 224
+
+
+def test_a_timm_model_offline_without_weights_names_the_flags(tmp_path, colour_folder, runner, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("models.weights._timm_cached_file", lambda _name: None)  # as on a machine without a cache
+    result = runner.invoke(cli.app, ["extract", str(colour_folder), "-b", "regnetx_002", "--input-size", "32",
+                                     "-o", str(tmp_path / "f.npz")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "regnetx_002" in result.output and "--weights" in result.output and "--no-pretrained" in result.output
+    assert not (tmp_path / "f.npz").exists()
