@@ -79,7 +79,6 @@ def tiny_folder(root: Path) -> Path:
 def sweep_one(name: str, folder: Path, work: Path) -> dict:
     """Every step for one architecture; the first failure ends it with its reason."""
     import torch
-    from safetensors.torch import save_file
 
     from exporters.export import export_onnx
     from exporters.runtime import OnnxModel
@@ -92,6 +91,7 @@ def sweep_one(name: str, folder: Path, work: Path) -> dict:
     from transfer.core.images import open_image
     from transfer.core.preprocess import eval_array
     from transfer.training import FinetuneConfig, finetune, load_run
+    from transfer.training.checkpoints import save_weights
 
     record: dict = {"name": name, "family": family(name), "steps": {}}
 
@@ -107,14 +107,19 @@ def sweep_one(name: str, folder: Path, work: Path) -> dict:
         record["steps"][label] = {"ok": True, "seconds": round(time.perf_counter() - started, 2)}
         return value
 
+    def choose_size(spec) -> int:
+        """64 pixels where the model runs at them (cheap), else its smallest, else its own size."""
+        for side in (max(64, min_input_size(name)), spec.input_size):
+            try:
+                return check_input_size(name, side)
+            except Exception:  # a size the model refuses: try its own
+                continue
+        return spec.input_size
+
     spec = step("build", lambda: get_backbone(name))
-    if spec is None:
+    size = step("build", lambda: spec.input_size if spec.fixed_input_size else choose_size(spec)) if spec else None
+    if spec is None or size is None:
         return record
-    size = spec.input_size if spec.fixed_input_size else max(64, min_input_size(name))
-    try:
-        check_input_size(name, size)
-    except Exception:
-        size = spec.input_size
     record.update(input_size=size, params=spec.params)
 
     def weights_file() -> Path:
@@ -127,7 +132,7 @@ def sweep_one(name: str, folder: Path, work: Path) -> dict:
         with torch.no_grad():
             model.train()(torch.from_numpy(images))
         path = work / "weights.safetensors"
-        save_file({k: v.contiguous() for k, v in model.eval().state_dict().items()}, str(path))
+        save_weights(model.eval(), path)
         return path
 
     weights = step("build", weights_file)
@@ -142,6 +147,11 @@ def sweep_one(name: str, folder: Path, work: Path) -> dict:
                                        pool="avg", input_size=size, device="cpu", workers=0)) is None:
         return record
     exported = step("export", lambda: export_onnx(work / "model.onnx", run=work / "run"))
+    if exported is None and "--opset 17" in record["steps"]["export"]["error"]:  # what the error tells a user to do
+        first_error = record["steps"]["export"]["error"]
+        exported = step("export", lambda: export_onnx(work / "model.onnx", run=work / "run", opset=17))
+        if exported is not None:
+            record["steps"]["export"]["note"] = f"--opset 17 (TorchScript); dynamo failed: {first_error[:200]}"
     if exported is None:
         return record
     record["max_rel_diff"] = max(exported.max_rel_diff.values())
@@ -158,10 +168,13 @@ def sweep_one(name: str, folder: Path, work: Path) -> dict:
     return record
 
 
-def summary(records: list[dict]) -> str:
+def summary(records: list[dict], first_pass: dict | None = None) -> str:
     lines = ["## zoo", "", f"{len(records)} sampled timm architectures (benchmarks/zoo.py; draw and machine in "
              "zoo.json), random weights (offline), each through every step.", "",
              "| step | passed |", "|---|---|"]
+    if first_pass:
+        lines[2] += (f" {len(first_pass)} failed a step in the first pass and were swept again after the fixes "
+                     f"they led to ({', '.join(sorted(first_pass))}); zoo.json keeps both records.")
     for label in STEPS:
         done = sum(1 for r in records if r["steps"].get(label, {}).get("ok"))
         lines.append(f"| {label} | {done}/{len(records)} |")
@@ -181,10 +194,14 @@ def main() -> None:
     parser.add_argument("--max-params", type=float, default=30e6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=str(HERE / "zoo.json"))
+    parser.add_argument("--rerun", nargs="+", metavar="NAME",
+                        help="sweep these again and replace their records in --output (after a fix)")
     args = parser.parse_args()
     from transfer.serving.predict import machine_name
 
-    picked = draw(args.count, args.max_params, args.seed)
+    output = Path(args.output)
+    previous = json.loads(output.read_text()) if args.rerun and output.exists() else None
+    picked = [(name, 0) for name in args.rerun] if args.rerun else draw(args.count, args.max_params, args.seed)
     records = []
     with tempfile.TemporaryDirectory() as scratch:
         folder = tiny_folder(Path(scratch) / "data")
@@ -194,12 +211,22 @@ def main() -> None:
             started = time.perf_counter()
             records.append(sweep_one(name, folder, work))
             records[-1]["seconds"] = round(time.perf_counter() - started, 1)
+            partial = output.with_suffix(".partial.json")  # what a crash or a kill leaves: every model done so far
+            partial.write_text(json.dumps({"machine": machine_name(), "models": records}, indent=1))
             print(f"[{index + 1}/{len(picked)}] {name}: "
                   + ", ".join(f"{k} {'ok' if v['ok'] else 'FAILED'}" for k, v in records[-1]["steps"].items()),
                   flush=True)
-    Path(args.output).write_text(json.dumps({"machine": machine_name(), "seed": args.seed, "count": args.count,
-                                             "max_params": args.max_params, "models": records}, indent=1))
-    text = summary(records)
+    if previous is not None:  # the rerun records replace the first pass's, which stay listed as `first_pass`
+        fresh = {r["name"]: {**r, "rerun": True} for r in records}
+        first = {r["name"]: r for r in previous["models"] if r["name"] in fresh}
+        records = [fresh.get(r["name"], r) for r in previous["models"]]
+        previous["first_pass"] = {**previous.get("first_pass", {}), **first}
+        previous["models"] = records
+    document = previous or {"machine": machine_name(), "seed": args.seed, "count": args.count,
+                            "max_params": args.max_params, "models": records}
+    output.write_text(json.dumps(document, indent=1))
+    output.with_suffix(".partial.json").unlink(missing_ok=True)
+    text = summary(records, document.get("first_pass", {}))
     results = HERE / "RESULTS.md"
     existing = results.read_text() if results.exists() else ""
     before, _, after = existing.partition("\n## zoo\n")

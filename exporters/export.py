@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -245,8 +246,10 @@ def export_graph(model: nn.Module, dummy: torch.Tensor, path: Path, output_names
                                   dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False,
                                   do_constant_folding=True)
     except Exception as exc:  # the exporters raise many types; any of them means this model cannot be written
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"torch.onnx ({exporter}) cannot export this model: {first[:300]}") from None
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the dynamo exporter colours its messages
+        first = text.splitlines()[0] if text else type(exc).__name__
+        hint = "; --opset 17 tries the TorchScript exporter" if exporter == "dynamo" else ""
+        raise ExportError(f"torch.onnx ({exporter}) cannot export this model: {first[:300]}{hint}") from None
 
 
 def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp16, int8, calibration,

@@ -61,7 +61,9 @@ def _forward_error(model: nn.Module, side: int) -> str | None:
             out = model.forward_features(torch.zeros(1, 3, side, side, device="meta"))
     except (RuntimeError, ValueError, IndexError, AssertionError) as exc:  # timm asserts on sizes (patch grids)
         return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return None if out.ndim < 4 or min(out.shape[2:]) >= 1 else "its feature map would be empty"
+    outputs = out if isinstance(out, (list, tuple)) else [out]  # CrossViT returns one map per branch
+    empty = any(o.ndim >= 4 and min(o.shape[2:]) < 1 for o in outputs if isinstance(o, torch.Tensor))
+    return "its feature map would be empty" if empty else None
 
 
 @lru_cache(maxsize=64)
@@ -249,6 +251,8 @@ class FeatureTap(nn.Module):
 
     def _hook_for(self, path: str):
         def hook(_module: nn.Module, _inputs, output: torch.Tensor) -> None:
+            if isinstance(output, (tuple, list)):  # a module returning several tensors (PiT's stages) gives its first
+                output = output[0]
             if path not in self._captured:
                 self._captured[path] = output.clone()
             if self.stop_early and len(self._captured) == len(self.modules_tapped):

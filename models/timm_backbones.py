@@ -15,6 +15,7 @@ The architecture is built once on the meta device to read these facts: no memory
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from functools import lru_cache
 
@@ -74,8 +75,11 @@ def timm_backbone(name: str) -> BackboneSpec:
         else:
             model = timm.create_model(name, pretrained=False)
     params = sum(p.numel() for p in model.parameters())
-    feature_layers = tuple(str(info["module"]) for info in getattr(model, "feature_info", None) or [])
-    classifier = str(getattr(cfg, "classifier", None) or "")
+    modules = dict(model.named_modules())
+    feature_layers = tuple(dict.fromkeys(
+        found for info in getattr(model, "feature_info", None) or []
+        if (found := _module_named(str(info["module"]), modules)) is not None))
+    classifier = _classifier_path(getattr(cfg, "classifier", None))
     model.reset_classifier(0)
     has_weights = bool(cfg is not None and (cfg.hf_hub_id or cfg.url or cfg.file))
     return BackboneSpec(
@@ -98,6 +102,38 @@ def timm_backbone(name: str) -> BackboneSpec:
     )
 
 
+def _module_named(name: str, modules: dict) -> str | None:
+    """A feature_info module name as a module that runs: itself, or the one path it misspells (Twins' feature_info
+    says `block.3` for `blocks.3`); a ModuleList, which never runs as a whole, by its last member. None when there
+    is no such module."""
+    paths = [path for path in modules if path]
+    if name not in modules:
+        close = difflib.get_close_matches(name, paths, n=2, cutoff=0.9)
+        if not close or (len(close) > 1 and close[0].count(".") != name.count(".")):
+            return None
+        name = close[0]
+    module = modules[name]
+    if type(module).__name__ == "ModuleList" and len(module):
+        return f"{name}.{len(module) - 1}"
+    return name
+
+
+def _classifier_path(classifier) -> str:
+    """timm's `classifier` as one module path: a model with several heads (CrossViT, distilled DeiT) names a tuple;
+    their common parent is the classifier that `reset_classifier(0)` empties."""
+    if not classifier:
+        return ""
+    if isinstance(classifier, str):
+        return classifier
+    parts = [name.split(".") for name in classifier]
+    common = []
+    for pieces in zip(*parts, strict=False):
+        if len(set(pieces)) > 1:
+            break
+        common.append(pieces[0])
+    return ".".join(common) or str(classifier[0])
+
+
 def unfreeze_groups(model) -> tuple[UnfreezeGroup, ...]:
     """timm's coarse parameter groups (stem, each stage or block, the final norm) as unfreeze groups, from the top
     down; each group is the smallest set of module paths that holds exactly its parameters (a parameter of the root,
@@ -105,13 +141,32 @@ def unfreeze_groups(model) -> tuple[UnfreezeGroup, ...]:
     `--unfreeze 1` always trains a block."""
     from timm.models import group_parameters
 
-    groups = group_parameters(model, model.group_matcher(coarse=True))
+    if hasattr(model, "group_matcher"):
+        groups = list(group_parameters(model, model.group_matcher(coarse=True)).values())
+    else:
+        groups = _groups_by_feature_layers(model)
     owners = _parameters_by_module(model)
     modules = dict(model.named_modules())
-    covers = [_smallest_cover(set(names), owners) for names in groups.values()]
+    covers = [_smallest_cover(set(names), owners) for names in groups if names]
     if len(covers) > 1 and all("Norm" in type(modules[p]).__name__ for p in covers[-1] if p in modules):
         covers[-2:] = [covers[-1] + covers[-2]]  # a final norm alone (ConvNeXt's head.norm) joins the top block
     return tuple(UnfreezeGroup(_group_name(paths), tuple(paths)) for paths in reversed(covers))
+
+
+def _groups_by_feature_layers(model) -> list[list[str]]:
+    """For a model without `group_matcher` (MetaFormer): one group per feature_info module, in order; parameters
+    of top-level modules before the first of them form the stem, the rest (a head norm) join the top group."""
+    names = [name for name, _ in model.named_parameters()]
+    layers = [str(info["module"]) for info in getattr(model, "feature_info", None) or []]
+    if not layers:
+        return [names]
+    grouped = [[n for n in names if n.startswith(layer + ".")] for layer in layers]
+    placed = {n for group in grouped for n in group}
+    order = [name for name, _ in model.named_children()]
+    first = order.index(layers[0].split(".")[0]) if layers[0].split(".")[0] in order else 0
+    stem = [n for n in names if n not in placed and n.split(".")[0] in order[:first]]
+    grouped[-1] += [n for n in names if n not in placed and n not in stem]
+    return [stem, *grouped]
 
 
 def _parameters_by_module(model) -> dict[str, set[str]]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from timm.models import group_parameters
 
 import cli
@@ -138,3 +138,36 @@ def test_a_timm_model_offline_without_weights_names_the_flags(tmp_path, colour_f
     assert result.exit_code == 2 and result.output.count("\n") == 1
     assert "regnetx_002" in result.output and "--weights" in result.output and "--no-pretrained" in result.output
     assert not (tmp_path / "f.npz").exists()
+
+
+def test_what_the_zoo_found_is_handled(tmp_path):
+    """Shapes of timm models the sweep met: several heads, misspelled or container feature layers, stages that return
+    tuples, tied weights."""
+    from torch import nn
+
+    from models.layers import FeatureTap
+    from models.timm_backbones import _classifier_path, _module_named
+    from transfer.training.checkpoints import load_weights, save_weights
+
+    assert _classifier_path(("head.0", "head.1")) == "head" and _classifier_path("head.fc") == "head.fc"
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.Sequential(nn.Linear(2, 2)), nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])])
+    modules = dict(model.named_modules())
+    assert _module_named("block.0", modules) == "blocks.0"  # Twins' feature_info spelling
+    assert _module_named("blocks.1", modules) == "blocks.1.1"  # a ModuleList never runs whole: its last member
+    assert _module_named("nowhere", modules) is None
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x * 2, x * 3
+
+    tapped = FeatureTap(nn.Sequential(Pair()), ["0"], stop_early=False)
+    assert torch.equal(tapped(torch.ones(1, 2))[0], torch.full((1, 2), 2.0))
+
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    tied[1].weight = tied[0].weight
+    save_weights(tied, tmp_path / "tied.safetensors")
+    fresh = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    load_weights(fresh, tmp_path / "tied.safetensors")
+    assert torch.equal(fresh[0].weight, tied[0].weight) and torch.equal(fresh[1].weight, tied[0].weight)
+    assert set(load_file(str(tmp_path / "tied.safetensors"))) == {"0.weight", "0.bias", "1.weight", "1.bias"}

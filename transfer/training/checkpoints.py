@@ -18,9 +18,20 @@ from transfer.core.io import atomic_path, display
 def save_weights(model: nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = _unshared({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     with atomic_path(path) as temp:
         save_file(tensors, str(temp))
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tied weights (CoaT shares one convolution between stages) copied apart: safetensors refuses shared memory."""
+    seen: set[int] = set()
+    result = {}
+    for name, tensor in tensors.items():
+        pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
+        result[name] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return result
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

@@ -105,6 +105,8 @@ def strip_classifier(spec: BackboneSpec, backbone: nn.Module) -> nn.Module:
     """Drop the ImageNet classifier (and VGG's fc1/fc2, which Keras' include_top=False drops too)."""
     if hasattr(backbone, "reset_classifier"):
         backbone.reset_classifier(0)
+    if spec.pool == "model":  # timm's reset_classifier is the whole job (CrossViT's heads are a ModuleList)
+        return backbone
     for path in (spec.classifier, *(("pre_logits",) if spec.name == "vgg16" else ())):
         parent_path, _, name = path.rpartition(".")
         parent = backbone.get_submodule(parent_path) if parent_path else backbone
