@@ -76,8 +76,9 @@ def tiny_folder(root: Path) -> Path:
     return root
 
 
-def sweep_one(name: str, folder: Path, work: Path) -> dict:
-    """Every step for one architecture; the first failure ends it with its reason."""
+def sweep_one(name: str, folder: Path, work: Path, seed: int) -> dict:
+    """Every step for one architecture; the first failure ends it with its reason. `seed` fixes the random weights,
+    so a rerun sees the same numbers."""
     import torch
 
     from exporters.export import export_onnx
@@ -88,6 +89,7 @@ def sweep_one(name: str, folder: Path, work: Path) -> dict:
     from transfer.apps.bench import torch_benchmark
     from transfer.apps.catalog import layer_summary
     from transfer.apps.extract import extract
+    from transfer.core.errors import first_line
     from transfer.core.images import open_image
     from transfer.core.preprocess import eval_array
     from transfer.training import FinetuneConfig, finetune, load_run
@@ -100,8 +102,7 @@ def sweep_one(name: str, folder: Path, work: Path) -> dict:
         try:
             value = action()
         except Exception as exc:  # recorded, never raised: one line per failure
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            record["steps"][label] = {"ok": False, "error": f"{type(exc).__name__}: {text[:300]}",
+            record["steps"][label] = {"ok": False, "error": f"{type(exc).__name__}: {first_line(exc)[:300]}",
                                       "where": traceback.extract_tb(exc.__traceback__)[-1].filename.split("/")[-1]}
             return None
         record["steps"][label] = {"ok": True, "seconds": round(time.perf_counter() - started, 2)}
@@ -116,15 +117,13 @@ def sweep_one(name: str, folder: Path, work: Path) -> dict:
                 continue
         return spec.input_size
 
-    spec = step("build", lambda: get_backbone(name))
-    size = step("build", lambda: spec.input_size if spec.fixed_input_size else choose_size(spec)) if spec else None
-    if spec is None or size is None:
-        return record
-    record.update(input_size=size, params=spec.params)
-
-    def weights_file() -> Path:
+    def build() -> tuple:
+        """The spec, the input side the sweep uses, and seeded random weights saved as a file."""
+        spec = get_backbone(name)
+        size = spec.input_size if spec.fixed_input_size else choose_size(spec)
+        torch.manual_seed(seed)
         model = build_architecture(spec)
-        for module in model.modules():
+        for module in model.modules():  # BatchNorm statistics from the folder's images (a cumulative average)
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.momentum = None
         prep = replace(spec.preprocessing, input_size=size)
@@ -133,10 +132,14 @@ def sweep_one(name: str, folder: Path, work: Path) -> dict:
             model.train()(torch.from_numpy(images))
         path = work / "weights.safetensors"
         save_weights(model.eval(), path)
-        return path
+        return spec, size, path
 
-    weights = step("build", weights_file)
-    if weights is None or step("layers", lambda: layer_summary(name, size)) is None:
+    built = step("build", build)
+    if built is None:
+        return record
+    spec, size, weights = built
+    record.update(input_size=size, params=spec.params)
+    if step("layers", lambda: layer_summary(name, size)) is None:
         return record
     config = FinetuneConfig(backbone=name, epochs_head=1, epochs_finetune=1, unfreeze="1", input_size=size,
                             weights=str(weights), workers=0, batch_size=4, augment=False, val_split=0.34)
@@ -168,23 +171,49 @@ def sweep_one(name: str, folder: Path, work: Path) -> dict:
     return record
 
 
-def summary(records: list[dict], first_pass: dict | None = None) -> str:
-    lines = ["## zoo", "", f"{len(records)} sampled timm architectures (benchmarks/zoo.py; draw and machine in "
-             "zoo.json), random weights (offline), each through every step.", "",
-             "| step | passed |", "|---|---|"]
+def summary(document: dict) -> str:
+    """The "zoo" section of RESULTS.md: the draw, pass rate per step and per family, every failure with its reason,
+    the export margins and onnxruntime's speed against PyTorch."""
+    records, first_pass = document["models"], document.get("first_pass", {})
+    lines = ["## zoo", "", f"{len(records)} timm architectures drawn by `benchmarks/zoo.py` "
+             f"(seed {document.get('seed')}, up to {document.get('max_params', 0) / 1e6:.0f}M parameters, "
+             "families round-robin), on "
+             f"{document.get('machine')}. Offline, so random weights (seeded, BatchNorm statistics from the folder's "
+             "images) saved as a `--weights` file; each model through every step: build, layers, finetune 1+1 epochs "
+             "on 12 images, extract at its default layer, export + verification (fp32 tolerance 1e-4 relative), "
+             "onnxruntime vs PyTorch images/s at batch 1.", "", "| step | passed |", "|---|---|"]
     if first_pass:
-        lines[2] += (f" {len(first_pass)} failed a step in the first pass and were swept again after the fixes "
+        lines[2] += (f" {len(first_pass)} failed a step in a first pass and were swept again after the fixes "
                      f"they led to ({', '.join(sorted(first_pass))}); zoo.json keeps both records.")
     for label in STEPS:
         done = sum(1 for r in records if r["steps"].get(label, {}).get("ok"))
         lines.append(f"| {label} | {done}/{len(records)} |")
-    complete = sum(1 for r in records if all(r["steps"].get(s, {}).get("ok") for s in STEPS))
-    lines += ["", f"Every step: {complete}/{len(records)} ({100 * complete / max(1, len(records)):.0f}%).", "",
-              "Failures:", ""]
+    passed = [r for r in records if all(r["steps"].get(s, {}).get("ok") for s in STEPS)]
+    families: dict[str, list[bool]] = {}
+    for r in records:
+        families.setdefault(r["family"], []).append(r in passed)
+    failing = sorted(f"{name} {sum(flags)}/{len(flags)}" for name, flags in families.items() if not all(flags))
+    lines += ["", f"Every step: {len(passed)}/{len(records)} ({100 * len(passed) / max(1, len(records)):.0f}%). "
+              f"Families: {len(families)}, every model passed in {len(families) - len(failing)}"
+              + (f"; not in {', '.join(failing)}." if failing else "."), ""]
+    diffs = sorted(r["max_rel_diff"] for r in records if r.get("max_rel_diff") is not None)
+    retried = sum(1 for r in records if "note" in r["steps"].get("export", {}))
+    ratios = sorted(r["images_per_s"]["onnxruntime"] / r["images_per_s"]["pytorch"]
+                    for r in records if r.get("images_per_s"))
+    if diffs:
+        lines.append(f"Export: worst onnxruntime-vs-PyTorch difference {diffs[-1]:.2g} (relative), median "
+                     f"{diffs[len(diffs) // 2]:.2g}; {retried} exported with `--opset 17` (TorchScript) after the "
+                     "dynamo exporter failed, as its error message says to.")
+    if ratios:
+        lines.append(f"Speed at batch 1: onnxruntime / PyTorch eager median {ratios[len(ratios) // 2]:.2f}x "
+                     f"(from {ratios[0]:.2f}x to {ratios[-1]:.2f}x).")
+    lines += ["", "Failures:", ""]
     for r in records:
         for label, outcome in r["steps"].items():
             if not outcome["ok"]:
                 lines.append(f"- {r['name']} ({r['family']}), {label}: {outcome['error']}")
+    if not any(not o["ok"] for r in records for o in r["steps"].values()):
+        lines.append("- none")
     return "\n".join(lines) + "\n"
 
 
@@ -194,6 +223,8 @@ def main() -> None:
     parser.add_argument("--max-params", type=float, default=30e6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=str(HERE / "zoo.json"))
+    parser.add_argument("--results", default=str(HERE / "RESULTS.md"), help="the Markdown file whose zoo section "
+                        "is rewritten")
     parser.add_argument("--rerun", nargs="+", metavar="NAME",
                         help="sweep these again and replace their records in --output (after a fix)")
     args = parser.parse_args()
@@ -209,7 +240,7 @@ def main() -> None:
             work = Path(scratch) / f"m{index}"
             work.mkdir()
             started = time.perf_counter()
-            records.append(sweep_one(name, folder, work))
+            records.append(sweep_one(name, folder, work, args.seed))
             records[-1]["seconds"] = round(time.perf_counter() - started, 1)
             partial = output.with_suffix(".partial.json")  # what a crash or a kill leaves: every model done so far
             partial.write_text(json.dumps({"machine": machine_name(), "models": records}, indent=1))
@@ -226,8 +257,8 @@ def main() -> None:
                             "max_params": args.max_params, "models": records}
     output.write_text(json.dumps(document, indent=1))
     output.with_suffix(".partial.json").unlink(missing_ok=True)
-    text = summary(records, document.get("first_pass", {}))
-    results = HERE / "RESULTS.md"
+    text = summary(document)
+    results = Path(args.results)
     existing = results.read_text() if results.exists() else ""
     before, _, after = existing.partition("\n## zoo\n")
     rest = after[after.index("\n## ") + 1:] if "\n## " in after else ""  # the sections after the old zoo one

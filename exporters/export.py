@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,7 +35,7 @@ from exporters.verify import (
 from models.layers import FeatureTap, check_input_size, resolve_layer
 from models.registry import get_backbone
 from models.weights import create_backbone
-from transfer.core.errors import ExportError, TransferError
+from transfer.core.errors import ExportError, TransferError, first_line
 from transfer.core.io import output_lock, temp_dir_beside
 from transfer.core.preprocess import Preprocessing, decode_size
 from transfer.core.progress import SILENT, Progress
@@ -110,6 +109,17 @@ class _Source:
     verify_paths: list[Path]
     validation_paths: list[Path] = field(default_factory=list)
     run_dir: str | None = None  # absolute path of the run the file came from (for `bench --against-torch`)
+
+
+def _refuse_unexportable(run: str | os.PathLike | None, backbone: str | None) -> None:
+    """Say in one line, before any work, that an architecture no exporter can trace will not become a file."""
+    from transfer.training.runs import load_run_config
+
+    name = backbone if run is None else load_run_config(run).get("backbone")
+    spec = get_backbone(name) if name else None
+    if spec is not None and spec.not_exportable:
+        raise ExportError(f"{spec.name} cannot be exported to ONNX: {spec.not_exportable}. finetune, extract and "
+                          "index work with it in PyTorch; pick another backbone for an ONNX file")
 
 
 def _source(run: str | os.PathLike | None, backbone: str | None, weights, layers: Sequence[str], pretrained,
@@ -215,6 +225,7 @@ def export_onnx(
     if not 11 <= opset <= 20:
         raise ExportError(f"--opset {opset}: use 11..20 (18+ with the dynamo exporter, 11..17 with TorchScript)")
     layers = list(dict.fromkeys(layers))
+    _refuse_unexportable(run, backbone)
     with output_lock(output):
         return _export(output, run, backbone, weights, layers, pretrained, opset, fp16, int8, calibration,
                        embed_preprocessing, input_size, verify_images, progress)
@@ -246,10 +257,8 @@ def export_graph(model: nn.Module, dummy: torch.Tensor, path: Path, output_names
                                   dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False,
                                   do_constant_folding=True)
     except Exception as exc:  # the exporters raise many types; any of them means this model cannot be written
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the dynamo exporter colours its messages
-        first = text.splitlines()[0] if text else type(exc).__name__
         hint = "; --opset 17 tries the TorchScript exporter" if exporter == "dynamo" else ""
-        raise ExportError(f"torch.onnx ({exporter}) cannot export this model: {first[:300]}{hint}") from None
+        raise ExportError(f"torch.onnx ({exporter}) cannot export this model: {first_line(exc)[:300]}{hint}") from None
 
 
 def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp16, int8, calibration,

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from transfer.core.errors import DataError, DeviceError
+from transfer.core.errors import DataError, DeviceError, first_line
 from transfer.core.images import BadImageError, as_rgb_image
 from transfer.core.interpret import softmax
 from transfer.core.preprocess import (
@@ -127,7 +127,7 @@ class OnnxModel:
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
-            raise DataError(f"cannot load {self.path} with onnxruntime: {str(exc).splitlines()[0]}") from None
+            raise DataError(f"cannot load {self.path} with onnxruntime: {first_line(exc)}") from None
         wants_cuda = isinstance(providers[0], tuple)
         self.provider = self.session.get_providers()[0]
         if wants_cuda and self.provider != "CUDAExecutionProvider":

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from models.spec import FLATTEN, BackboneSpec, module_of
-from transfer.core.errors import OptionError, TransferError, UnknownNameError
+from transfer.core.errors import OptionError, TransferError, UnknownNameError, first_line
 from transfer.core.options import check_int
 from transfer.core.preprocess import MAX_INPUT_SIZE
 
@@ -60,7 +60,7 @@ def _forward_error(model: nn.Module, side: int) -> str | None:
         with torch.no_grad():
             out = model.forward_features(torch.zeros(1, 3, side, side, device="meta"))
     except (RuntimeError, ValueError, IndexError, AssertionError) as exc:  # timm asserts on sizes (patch grids)
-        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return first_line(exc)
     outputs = out if isinstance(out, (list, tuple)) else [out]  # CrossViT returns one map per branch
     empty = any(o.ndim >= 4 and min(o.shape[2:]) < 1 for o in outputs if isinstance(o, torch.Tensor))
     return "its feature map would be empty" if empty else None

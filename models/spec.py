@@ -41,6 +41,7 @@ class BackboneSpec:
     timm_kwargs: tuple[tuple[str, object], ...] = ()  # passed to timm.create_model (dynamic_img_size=True)
     fixed_input_size: bool = False  # runs at input_size only
     feature_layers: tuple[str, ...] = ()  # timm's feature_info modules, shallow to deep
+    not_exportable: str = ""  # why no ONNX exporter can trace it (said before any export work), or ""
 
     @property
     def has_pretrained(self) -> bool:

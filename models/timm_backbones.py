@@ -99,7 +99,24 @@ def timm_backbone(name: str) -> BackboneSpec:
         timm_kwargs=tuple(kwargs.items()),
         fixed_input_size=fixed,
         feature_layers=feature_layers,
+        not_exportable=_not_exportable(model),
     )
+
+
+# Modules neither ONNX exporter can trace (found by benchmarks/zoo.py), with the reason a user reads.
+UNEXPORTABLE_MODULES = {
+    "CondConv2d": "its CondConv layers build a different kernel for every image, which neither ONNX exporter can "
+                  "trace (a convolution with a kernel of unknown shape)",
+}
+
+
+def _not_exportable(model) -> str:
+    """The reason this architecture cannot become an ONNX file, or "" when nothing known stops it."""
+    for module in model.modules():
+        reason = UNEXPORTABLE_MODULES.get(type(module).__name__)
+        if reason:
+            return reason
+    return ""
 
 
 def _module_named(name: str, modules: dict) -> str | None:

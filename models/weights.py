@@ -16,7 +16,7 @@ from torch import nn
 
 from models.availability import hf_cached_file, hub_reachable, package_weights_path
 from models.spec import BackboneSpec
-from transfer.core.errors import WeightsError
+from transfer.core.errors import WeightsError, first_line
 
 NO_WEIGHTS_HINT = ("give weights with --weights FILE (safetensors or a state dict; weights= in Python), or start from "
                    "random weights with --no-pretrained (pretrained=False)")
@@ -81,10 +81,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise WeightsError(
             f"refused to load {path}: it holds Python objects besides tensors, and loading it could run code "
-            f"(weights_only=True: {first_line}); save a plain state dict or safetensors instead"
+            f"(weights_only=True: {first_line(exc)}); save a plain state dict or safetensors instead"
         ) from None
     except (RuntimeError, OSError, EOFError) as exc:
         raise WeightsError(f"cannot read weights file {path}: {exc}") from None

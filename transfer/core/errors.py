@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -12,8 +13,9 @@ class TransferError(Exception):
 
 
 def first_line(exc: BaseException) -> str:
-    """An exception's message cut to its first line (or its type's name when it has none): one-line errors."""
-    text = str(exc).strip()
+    """An exception's message cut to its first line (or its type's name when it has none), terminal colour codes
+    removed (the dynamo exporter colours its messages): one-line errors."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transfer.core.errors import DataError
+from transfer.core.errors import DataError, first_line
 from transfer.core.io import (
     Lock,
     OutputError,
@@ -193,7 +193,7 @@ class SearchIndex:
             record = json.loads((source / INDEX_FILE).read_text())
             vectors = np.load(source / VECTORS_FILE, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise DataError(f"--index {display(folder)}: unreadable ({str(exc).splitlines()[0]})") from None
+            raise DataError(f"--index {display(folder)}: unreadable ({first_line(exc)})") from None
         where = f"--index {display(folder)}: {INDEX_FILE}"
         check_record(record, where)
         check_vectors(vectors, record, f"--index {display(folder)}: {VECTORS_FILE}")

@@ -37,7 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from exporters.runtime import OnnxModel
-from transfer.core.errors import TransferError
+from transfer.core.errors import TransferError, first_line
 from transfer.core.images import BadImageError, open_image
 from transfer.core.preprocess import decode_size
 from transfer.serving.limits import ReadTimeout, RejectedImage, ServeLimits, decode_upload
@@ -195,9 +195,8 @@ def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16,
         results = await asyncio.gather(*(batcher.outputs(row) for _, row in rows), return_exceptions=True)
         for (name, _), result in zip(rows, results, strict=True):
             if isinstance(result, BaseException):
-                reason = str(result).strip().splitlines()[0][:200] if str(result).strip() else ""
-                raise HTTPException(500, f"{name}: the model failed on this image ({type(result).__name__}"
-                                         f"{': ' + reason if reason else ''})")
+                raise HTTPException(500, f"{name}: the model failed on this image ({type(result).__name__}: "
+                                         f"{first_line(result)[:200]})")
         return results
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

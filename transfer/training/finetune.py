@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from models.registry import get_backbone
 from transfer.core.errors import DataError, OptionError, PeerLostError, TransferError
 from transfer.core.io import display
 from transfer.core.progress import SILENT, Progress
@@ -75,6 +76,9 @@ def finetune(
     joined = collectives.join(world, target.type, dist_timeout)
     if not world.main:  # rank 0 alone writes and reports; the others train their share and stay quiet
         log, progress = (lambda _: None), SILENT
+    if resume is None and (unexportable := get_backbone(config.backbone).not_exportable):
+        log(f"note: {config.backbone} cannot be exported to ONNX ({unexportable}); the run trains, evaluates and "
+            "extracts in PyTorch")
     try:
         with RunDirectory(run_dir, fresh=resume is None) if world.main else contextlib.nullcontext():
             resume_state, saved = None, None
