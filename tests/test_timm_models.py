@@ -6,6 +6,7 @@ a downloaded timm/HF file takes), with BatchNorm statistics set from a few batch
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import replace
 
 import numpy as np
@@ -171,3 +172,33 @@ def test_what_the_zoo_found_is_handled(tmp_path):
     load_weights(fresh, tmp_path / "tied.safetensors")
     assert torch.equal(fresh[0].weight, tied[0].weight) and torch.equal(fresh[1].weight, tied[0].weight)
     assert set(load_file(str(tmp_path / "tied.safetensors"))) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+
+
+def test_a_model_no_exporter_can_trace_is_refused_before_any_work(tmp_path, runner, monkeypatch):
+    """CondConv builds a kernel per image (the sweep: both exporters fail deep inside): one line, exit 2, no model
+    built, no file; a fine-tune of it says so up front."""
+    def never(*_args, **_kwargs):
+        raise AssertionError("the refusal must come before the model is built")
+
+    monkeypatch.setattr("exporters.export.create_backbone", never)
+    output = tmp_path / "cc.onnx"
+    result = runner.invoke(cli.app, ["export", "-b", "efficientnet_cc_b0_8e", "--no-pretrained", "-o", str(output)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "efficientnet_cc_b0_8e cannot be exported to ONNX" in result.output and "CondConv" in result.output
+    assert not output.exists() and list(tmp_path.iterdir()) == []
+    assert get_backbone("efficientnet_cc_b0_8e").not_exportable and not get_backbone("convnext_atto").not_exportable
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_args, **_kwargs):
+        raise Stop
+
+    monkeypatch.setattr(importlib.import_module("transfer.training.finetune"), "Trainer", stop)
+    said: list[str] = []
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with pytest.raises(Stop):
+        finetune(folder, FinetuneConfig(backbone="efficientnet_cc_b0_8e", input_size=64, pretrained=False),
+                 output=tmp_path / "run", device="cpu", log=said.append)
+    assert len(said) == 1 and said[0].startswith("note: efficientnet_cc_b0_8e cannot be exported to ONNX")
