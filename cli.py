@@ -156,6 +156,16 @@ class Schedule(str, Enum):
     one_cycle = "one-cycle"
 
 
+class ClassWeights(str, Enum):
+    none = "none"
+    balanced = "balanced"
+
+
+class Sampler(str, Enum):
+    shuffle = "shuffle"
+    balanced = "balanced"
+
+
 class HeadOptimizer(str, Enum):
     adamw = "adamw"
     rmsprop = "rmsprop"
@@ -174,6 +184,42 @@ WorkersOpt = Annotated[int | None, typer.Option(min=0, help="decoding processes 
 WeightsOpt = Annotated[Path | None, typer.Option(help="backbone weights (.safetensors or a state dict)")]
 PretrainedOpt = Annotated[bool | None, typer.Option("--pretrained/--no-pretrained",
                                                     help="default: pretrained where weights exist")]
+
+
+LabelsOpt = Annotated[Path | None, typer.Option(
+    "--labels", help="a CSV or TSV of image paths (relative to DATA) and labels, instead of class folders",
+    rich_help_panel="Labels in a file")]
+PathColumnOpt = Annotated[str | None, typer.Option(
+    help="the labels file's path column (default: image, path, file, filename, ... or the first column)",
+    rich_help_panel="Labels in a file")]
+LabelColumnOpt = Annotated[str | None, typer.Option(
+    help="its label column (default: label, labels, tags, class, ... or the second column)",
+    rich_help_panel="Labels in a file")]
+SplitColumnOpt = Annotated[str | None, typer.Option(
+    help="its split column: train/val/test, or true/false as fastai's is_valid (default: split or is_valid if "
+         "present)", rich_help_panel="Labels in a file")]
+LabelSepOpt = Annotated[str | None, typer.Option(
+    help="several labels per cell, separated by this (default: detected when a cell holds ';' or '|')",
+    rich_help_panel="Labels in a file")]
+MultiLabelOpt = Annotated[bool | None, typer.Option(
+    "--multi-label/--single-label", help="several labels per image (a sigmoid per label) or one (default: "
+                                         "multi-label when a separator is given or detected)",
+    rich_help_panel="Labels in a file")]
+
+
+def labels_file(labels: Path | None, path_column: str | None = None, label_column: str | None = None,
+                split_column: str | None = None, label_sep: str | None = None, multi_label: bool | None = None):
+    """The labels-file options as one `LabelsFile` (None without --labels, where the other options mean nothing)."""
+    from transfer.data.labels import LabelsFile
+
+    if labels is None:
+        given = [flag for flag, value in (("--path-column", path_column), ("--label-column", label_column),
+                                          ("--split-column", split_column), ("--label-sep", label_sep),
+                                          ("--multi-label/--single-label", multi_label)) if value is not None]
+        if given:
+            raise OptionError(f"{given[0]} reads a labels file: add --labels FILE.csv")
+        return None
+    return LabelsFile(str(labels.resolve()), path_column, label_column, split_column, label_sep, multi_label)
 
 
 def examples(*lines: str) -> str:
@@ -283,21 +329,32 @@ def layers(
                              "params": r.params, "unfreeze_group": r.group} for r in rows])
 
 
-@app.command(epilog=examples("transfer scan ./mydata", "transfer scan ./mydata --strict --json scan.json"))
+@app.command(epilog=examples("transfer scan ./mydata", "transfer scan ./mydata --strict --json scan.json",
+                             "transfer scan ./images --labels labels.csv"))
 @cli_errors
 def scan(
     data_dir: Annotated[Path, typer.Argument(help="folder of class sub-folders, train/val/test splits, or images")],
     strict: Annotated[bool, typer.Option(help="treat any unusable file as an error")] = False,
+    labels: LabelsOpt = None,
+    path_column: PathColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    split_column: SplitColumnOpt = None,
+    label_sep: LabelSepOpt = None,
+    multi_label: MultiLabelOpt = None,
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Check a data folder before a long run: classes, counts per split, every skipped file and why."""
-    from transfer.data.scan import scan_folder
+    """Check a data folder (or a labels file) before a long run: classes, counts per split, every skipped file and
+    why."""
+    from transfer.data.labels import scan_data
 
     check_json_path(json_out)
-    report = scan_folder(data_dir, strict=strict, progress=progress_for(quiet))
+    source = labels_file(labels, path_column, label_column, split_column, label_sep, multi_label)
+    report = scan_data(data_dir, source, strict=strict, progress=progress_for(quiet))
     counts = report.counts()
-    say(f"{data_dir}: {report.layout} layout, {len(report.samples)} usable images")
+    task = "; several labels per image" if report.task == "multilabel" else ""
+    say(f"{data_dir}: {report.layout} layout{f' from {labels}' if labels else ''}, {len(report.samples)} usable "
+        f"images{task}")
     table = Table()
     table.add_column("class")
     for split in counts:
@@ -307,7 +364,7 @@ def scan(
     console.print(table)
     for item in report.skipped:
         say(f"skipped {item.path}: {item.reason}")
-    say(f"{len(report.skipped)} file(s) skipped")
+    say(f"{len(report.skipped)} {'row(s)' if labels else 'file(s)'} skipped")
     write_record(json_out, report.to_dict())
     if report.empty_classes:
         from transfer.core.errors import DataError
@@ -379,6 +436,17 @@ def finetune(
                         ] = Schedule.cosine,
     resume: Annotated[Path | None, typer.Option(
         help="continue RUN_DIR from its last.ckpt; raise --epochs-head/--epochs-finetune to train more")] = None,
+    labels: LabelsOpt = None,
+    path_column: PathColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    split_column: SplitColumnOpt = None,
+    label_sep: LabelSepOpt = None,
+    multi_label: MultiLabelOpt = None,
+    class_weights: Annotated[ClassWeights, typer.Option(
+        help="balanced: weight the training loss by inverse class frequency (scikit-learn's rule)")
+                             ] = ClassWeights.none,
+    sampler: Annotated[Sampler, typer.Option(
+        help="balanced: draw training images in inverse proportion to their class's size")] = Sampler.shuffle,
     dist_timeout: DistTimeoutOpt = 600.0,
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
@@ -402,7 +470,10 @@ def finetune(
         head=head.value, val_split=val_split, augment=augment, cache_features=cache_features, pretrained=pretrained,
         weights=str(weights) if weights else None, input_size=input_size, crop_pct=crop_pct, seed=seed,
         patience=patience, workers=workers, strict=strict, bn_stats=bn_stats, label_smoothing=label_smoothing,
-        mixup=mixup, cutmix=cutmix, lr_decay=lr_decay, ema=ema, schedule=schedule.value)
+        mixup=mixup, cutmix=cutmix, lr_decay=lr_decay, ema=ema, schedule=schedule.value,
+        labels=source.to_dict() if (source := labels_file(labels, path_column, label_column, split_column, label_sep,
+                                                          multi_label)) else None,
+        class_weights=class_weights.value, sampler=sampler.value)
     changes = None
     if resume is not None:
         if output is not None:
@@ -420,7 +491,17 @@ def finetune(
 
     if not World.from_env().main:  # under torchrun rank 0 reports for all
         return
-    say(f"validation accuracy {result.best_val_acc:.4f} ({result.epochs_run} epochs) -> {result.run_dir}")
+    report = result.report
+    if report.get("task") == "multilabel":
+        say(f"validation macro F1 {report['macro_f1']:.4f}, exact match {result.best_val_acc:.4f} "
+            f"({result.epochs_run} epochs) -> {result.run_dir}")
+    else:
+        say(f"validation accuracy {result.best_val_acc:.4f} ({result.epochs_run} epochs) -> {result.run_dir}")
+    per_class = {name: row for name, row in report.get("per_class", {}).items() if row["support"]}
+    if per_class:
+        worst = min(per_class, key=lambda name: per_class[name]["recall"])
+        say(f"lowest recall: {display(worst)} {per_class[worst]['recall']:.3f} of {per_class[worst]['support']} "
+            f"validation images (every class in report.json)")
     write_record(json_out, {"run_dir": str(result.run_dir), "best_val_loss": result.best_val_loss,
                             "best_val_accuracy": result.best_val_acc, "epochs": result.epochs_run,
                             "stopped": result.stopped})
@@ -468,6 +549,12 @@ def lr_find_command(
     seed: Annotated[int, typer.Option(min=0, help="the test draws random batches; each stage starts from this seed")
                     ] = 0,
     output: Annotated[Path, typer.Option("--output", "-o", help="the plot (PNG)")] = Path("lr_find.png"),
+    labels: LabelsOpt = None,
+    path_column: PathColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    split_column: SplitColumnOpt = None,
+    label_sep: LabelSepOpt = None,
+    multi_label: MultiLabelOpt = None,
     device: DeviceOpt = Device.auto,
     workers: WorkersOpt = None,
     quiet: QuietOpt = False,
@@ -480,10 +567,12 @@ def lr_find_command(
 
     check_writable(output, "--output")
     check_json_path(json_out)
+    source = labels_file(labels, path_column, label_column, split_column, label_sep, multi_label)
     config = FinetuneConfig(backbone=backbone, epochs_head=epochs_head, epochs_finetune=1, unfreeze=unfreeze,
                             batch_size=batch_size, lr_head=parse_lr(lr_head, "--lr-head"), input_size=input_size,
                             crop_pct=crop_pct, weights=str(weights) if weights else None, pretrained=pretrained,
-                            augment=False, workers=workers, seed=seed)
+                            augment=False, workers=workers, seed=seed,
+                            labels=source.to_dict() if source else None)
     progress = progress_for(quiet)
     results = lr_find(data_dir, config, tuple(stage) if stage else None, output=output, device=device.value,
                       log=progress.log, progress=progress)
@@ -533,13 +622,19 @@ def evaluate(
                                                                        "to this .png")] = None,
     split: Annotated[Split, typer.Option(help="all: every labelled image; val: only the run's validation images "
                                                "(never trained on)")] = Split.all,
+    labels: LabelsOpt = None,
+    path_column: PathColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    split_column: SplitColumnOpt = None,
+    label_sep: LabelSepOpt = None,
+    multi_label: MultiLabelOpt = None,
     device: DeviceOpt = Device.auto,
     workers: WorkersOpt = None,
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Accuracy, per-class precision/recall/F1, the confusion matrix and the worst mistakes of a run or an ONNX
-    classifier."""
+    classifier (several labels per image: F1, mean average precision and exact match at its thresholds)."""
     from transfer.apps.evaluate import evaluate as run_evaluate
     from transfer.core.io import check_writable
 
@@ -549,10 +644,17 @@ def evaluate(
         if output.suffix.lower() != ".png":
             raise TransferError(f"--output {output}: the plot of the worst mistakes is a .png file")
         check_writable(output, "--output")
+    source = labels_file(labels, path_column, label_column, split_column, label_sep, multi_label)
     report = run_evaluate(model, data_dir, batch_size=batch_size, device=device.value, progress=progress_for(quiet),
-                          tta=tta, top_losses_plot=output, tta_crops=tta_crops, split=split.value, workers=workers)
+                          tta=tta, top_losses_plot=output, tta_crops=tta_crops, split=split.value, workers=workers,
+                          labels=source)
     which = " of the run's validation split" if split == Split.val else ""
-    say(f"{model} on {data_dir}: accuracy {report['accuracy']:.4f} ({report['count']} images{which})")
+    if report.get("task") == "multilabel":
+        say(f"{model} on {data_dir}: macro F1 {report['macro_f1']:.4f}, micro F1 {report['micro_f1']:.4f}, mean "
+            f"average precision {report['mean_average_precision']:.4f}, exact match {report['exact_match']:.4f} "
+            f"({report['count']} images{which}, several labels each, at the model's thresholds)")
+    else:
+        say(f"{model} on {data_dir}: accuracy {report['accuracy']:.4f} ({report['count']} images{which})")
     if report["training_images"]:
         say(f"warning: {report['training_images']} of these {report['count']} images trained the run, so this "
             "accuracy is optimistic; --split val evaluates only its validation images", err=True)
@@ -566,6 +668,11 @@ def evaluate(
         table.add_row(display(name), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
                       str(row["support"]))
     console.print(table)
+    if report.get("task") == "multilabel":
+        for item in report["skipped"]:
+            say(f"skipped {item['path']}: {item['reason']}")
+        write_record(json_out, report)
+        return
     say("confusion matrix (rows true, columns predicted):")
     width = max(len(name) for name in report["per_class"])
     for name, counts in zip(report["per_class"], report["confusion_matrix"], strict=True):
@@ -605,6 +712,12 @@ def extract(
     workers: WorkersOpt = None,
     seed: Annotated[int, typer.Option(min=0, help="seeds the random init of a backbone without pretrained weights "
                                                   "(recorded in the sidecar)")] = 0,
+    labels: LabelsOpt = None,
+    path_column: PathColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    split_column: SplitColumnOpt = None,
+    label_sep: LabelSepOpt = None,
+    multi_label: MultiLabelOpt = None,
     dist_timeout: DistTimeoutOpt = 600.0,
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
@@ -618,11 +731,12 @@ def extract(
     check_json_path(json_out)
     layers = layer or default_layers(backbone, run, onnx)
     output = output or Path("features.npy" if len(layers) == 1 else "features.npz")
+    source = labels_file(labels, path_column, label_column, split_column, label_sep, multi_label)
     result = run_extract(images if len(images) > 1 else images[0], backbone=backbone, layers=layers,
                          pool=pool.value, layout=layout.value, weights=weights, run=run, onnx=onnx,
                          pretrained=pretrained, input_size=input_size, output=output, batch_size=batch_size,
                          device=device.value, workers=workers, progress=progress_for(quiet), seed=seed,
-                         dist_timeout=dist_timeout)
+                         dist_timeout=dist_timeout, labels=source)
     if not World.from_env().main:  # under torchrun rank 0 reports for all
         return
     for name, shape in result.metadata["shapes"].items():
@@ -766,11 +880,16 @@ def predict(
                 f"settings) and are not merged, e.g. {display(others[0].name)}")
         return
     table = Table()
-    for column in ("image", "label", "probability", f"top-{top_k}"):
+    columns = (("image", "labels (at the model's thresholds)", "probabilities") if onnx_model.multilabel
+               else ("image", "label", "probability", f"top-{top_k}"))
+    for column in columns:
         table.add_column(column, overflow="fold")
     for item in results:
         if item.error:
             table.add_row(display(item.path), "unreadable", "-", item.error)
+        elif onnx_model.multilabel:
+            table.add_row(display(item.path), ", ".join(item.labels) or "(none)",
+                          " | ".join(f"{p:.3f}" for p in item.probabilities))
         else:
             others = " | ".join(f"{label} {p:.3f}" for label, p in zip(item.labels, item.probabilities, strict=True))
             table.add_row(display(item.path), item.labels[0], f"{item.probabilities[0]:.4f}", others)
@@ -847,6 +966,12 @@ def index_command(
                                               "none), a run's avg_pool, an extractor's output")] = None,
     input_size: Annotated[int | None, typer.Option(help="input side (default: the model's)")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    labels: LabelsOpt = None,
+    path_column: PathColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    split_column: SplitColumnOpt = None,
+    label_sep: LabelSepOpt = None,
+    multi_label: MultiLabelOpt = None,
     device: DeviceOpt = Device.auto,
     workers: WorkersOpt = None,
     quiet: QuietOpt = False,
@@ -857,9 +982,10 @@ def index_command(
 
     one_model(run, onnx)
     check_json_path(json_out)
+    source = labels_file(labels, path_column, label_column, split_column, label_sep, multi_label)
     record = build_index(images if len(images) > 1 else images[0], output, backbone=backbone, run=run, onnx=onnx,
                          layer=layer, input_size=input_size, batch_size=batch_size, device=device.value,
-                         workers=workers, progress=progress_for(quiet))
+                         workers=workers, progress=progress_for(quiet), labels=source)
     for item in record["skipped"]:
         say(f"skipped {item['path']}: {item['reason']}")
     model = record["model"]

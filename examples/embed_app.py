@@ -3,7 +3,8 @@
     python examples/embed_app.py model.onnx cat.jpg cup.png
 
 Everything the model needs is in the file's metadata: classes, input size, resize/crop, interpolation,
-mean/std and input layout. This is the whole integration an app needs (no torch, no `transfer`), and it decodes
+mean/std and input layout (and, for several labels per image, each label's threshold: the app prints label sets).
+This is the whole integration an app needs (no torch, no `transfer`), and it decodes
 exactly as `transfer predict` does (tests/test_surfaces.py compares the two on 16-bit, transparent, palette, CMYK,
 EXIF-rotated and animated images).
 """
@@ -77,6 +78,13 @@ def main(model_path: str, image_paths: list[str]) -> None:
         logits = session.run(["logits"], {name: np.stack(rows)})[0]
     else:  # decoded images of several sizes: one at a time
         logits = np.concatenate([session.run(["logits"], {name: row[None]})[0] for row in rows])
+    if meta.get("transfer.task") == "multilabel":  # several labels per image: each label at its own threshold
+        probabilities = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        thresholds = np.array(json.loads(meta["transfer.thresholds"]))
+        for path, row in zip(image_paths, probabilities, strict=True):
+            chosen = [i for i in np.argsort(-row, kind="stable") if row[i] >= thresholds[i]]
+            print(f"{path}\t{','.join(classes[i] for i in chosen)}\t{' '.join(f'{row[i]:.4f}' for i in chosen)}")
+        return
     probabilities = np.exp(logits - logits.max(1, keepdims=True))
     probabilities /= probabilities.sum(1, keepdims=True)
     for path, row in zip(image_paths, probabilities, strict=True):

@@ -36,7 +36,7 @@ from models.layers import FeatureTap, check_input_size, resolve_layer
 from models.registry import get_backbone
 from models.weights import create_backbone
 from transfer.core.errors import ExportError, TransferError, first_line
-from transfer.core.io import output_lock, temp_dir_beside
+from transfer.core.io import display, output_lock, temp_dir_beside
 from transfer.core.preprocess import Preprocessing, decode_size
 from transfer.core.progress import SILENT, Progress
 from transfer.training.model import resolve_run_layer
@@ -109,6 +109,7 @@ class _Source:
     verify_paths: list[Path]
     validation_paths: list[Path] = field(default_factory=list)
     run_dir: str | None = None  # absolute path of the run the file came from (for `bench --against-torch`)
+    thresholds: list[float] | None = None  # several labels per image: each label's decision threshold
 
 
 def _refuse_unexportable(run: str | os.PathLike | None, backbone: str | None) -> None:
@@ -133,6 +134,7 @@ def _source(run: str | os.PathLike | None, backbone: str | None, weights, layers
         spec = get_backbone(config["backbone"])
         prep = Preprocessing.from_dict(config["preprocessing"])
         network, classes, description = model, list(config["classes"]), f"fine-tuned run {run}"
+        thresholds = run_thresholds(config, run)
         validation = run_validation_images(config)
         verify = validation[:8]
     else:
@@ -142,7 +144,7 @@ def _source(run: str | os.PathLike | None, backbone: str | None, weights, layers
         network, description = create_backbone(spec, pretrained, weights)
         prep = spec.preprocessing
         classes = _imagenet_or_index_labels(spec, network)
-        verify, validation = [], []
+        verify, validation, thresholds = [], [], None
     if input_size is not None:
         prep = replace(prep, input_size=check_input_size(spec.name, input_size))
     if layers:
@@ -153,7 +155,8 @@ def _source(run: str | os.PathLike | None, backbone: str | None, weights, layers
         tap = FeatureTap(network, paths, stop_early=False)
         return _Source(tap, prep, [], spec.name, dict(zip(layers, paths, strict=True)), "features", description,
                        verify, validation, run_dir)
-    return _Source(network, prep, classes, spec.name, {}, "logits", description, verify, validation, run_dir)
+    return _Source(network, prep, classes, spec.name, {}, "logits", description, verify, validation, run_dir,
+                   thresholds)
 
 
 def _imagenet_or_index_labels(spec, network: nn.Module) -> list[str]:
@@ -165,16 +168,28 @@ def _imagenet_or_index_labels(spec, network: nn.Module) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
+def run_thresholds(config: dict, run) -> list[float] | None:
+    """A multi-label run's per-label thresholds (chosen on its validation images when it finished), else None."""
+    if config.get("task") != "multilabel":
+        return None
+    thresholds = config.get("thresholds")
+    if not isinstance(thresholds, list) or len(thresholds) != len(config["classes"]):
+        raise ExportError(f"{display(run)} has several labels per image but no decision thresholds yet (they are "
+                          "chosen when the run finishes); finish or resume it first")
+    return [float(t) for t in thresholds]
+
+
 def run_validation_images(config: dict) -> list[Path]:
     """The run's own validation images, when its data folder is still there."""
-    from transfer.data.scan import scan_folder
+    from transfer.data.labels import LabelsFile, scan_data
     from transfer.data.splits import train_val_samples
 
     data_dir = config.get("data_dir")
-    if not data_dir or not Path(data_dir).is_dir():
-        return []
     settings = config["settings"]
-    _, val = train_val_samples(scan_folder(data_dir), settings["val_split"], settings["seed"])
+    labels = LabelsFile.from_dict(settings.get("labels"))
+    if not data_dir or not Path(data_dir).is_dir() or (labels is not None and not Path(labels.path).is_file()):
+        return []
+    _, val = train_val_samples(scan_data(data_dir, labels), settings["val_split"], settings["seed"])
     return [s.path for s in val]
 
 
@@ -191,6 +206,8 @@ def _metadata(source: _Source, record_layout: str, precision: str) -> dict[str, 
         "transfer.precision": precision,
         "transfer.source": source.description,
         **({"transfer.run": source.run_dir} if source.run_dir else {}),
+        **({"transfer.task": "multilabel", "transfer.thresholds": json.dumps(source.thresholds)}
+           if source.thresholds is not None else {}),
         "transfer.version": __version__,
     }
     return meta
@@ -266,6 +283,9 @@ def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp1
     if embed_preprocessing and opset < MIN_DYNAMO_OPSET:
         raise ExportError(f"--embed-preprocessing needs --opset {MIN_DYNAMO_OPSET} or higher (Resize with antialias)")
     source = _source(run, backbone, weights, layers, pretrained, input_size)
+    if int8 and source.thresholds is not None and source.output_kind == "logits":
+        raise ExportError("--int8 is judged by top-1 agreement, which several labels per image do not have; export "
+                          "this run in fp32 (or --fp16 for a GPU)")
     precision = "fp16" if fp16 else "int8" if int8 else "fp32"
     model = source.model.eval()
     export_model: nn.Module = (_Half(model) if fp16 else model).eval()

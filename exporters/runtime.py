@@ -24,7 +24,7 @@ import onnxruntime as ort
 
 from transfer.core.errors import DataError, DeviceError, first_line
 from transfer.core.images import BadImageError, as_rgb_image
-from transfer.core.interpret import softmax
+from transfer.core.interpret import sigmoid, softmax
 from transfer.core.preprocess import (
     LAYOUTS,
     OUTPUT_KINDS,
@@ -111,6 +111,22 @@ def read_metadata(session: ort.InferenceSession) -> tuple[Preprocessing, list[st
     return prep, classes, layout, output_kind
 
 
+def read_thresholds(meta: dict, classes: list[str]) -> np.ndarray | None:
+    """Several labels per image (`transfer.task` multilabel): each label's decision threshold, checked (one per
+    class, each strictly between 0 and 1); None for one label per image."""
+    task = meta.get("transfer.task", "single")
+    if task not in ("single", "multilabel"):
+        raise DataError(f"metadata transfer.task {task!r}: use single or multilabel")
+    if task == "single":
+        return None
+    thresholds = metadata_json(meta, "transfer.thresholds", list, default=None)
+    if (thresholds is None or len(thresholds) != len(classes)
+            or not all(isinstance(t, (int, float)) and 0 < t < 1 for t in thresholds)):
+        raise DataError(f"metadata transfer.thresholds: a multi-label file needs one threshold in (0, 1) per class "
+                        f"({len(classes)})")
+    return np.asarray(thresholds, dtype=np.float64)
+
+
 class OnnxModel:
     """A `transfer`-exported ONNX file with its preprocessing, ready to run batched on CPU or CUDA."""
 
@@ -141,6 +157,7 @@ class OnnxModel:
         self.output_names = [o.name for o in self.session.get_outputs()]
         try:
             self.prep, self.classes, self.layout, self.output_kind = read_metadata(self.session)
+            self.thresholds = read_thresholds(meta, self.classes)
         except DataError as exc:
             raise DataError(f"{self.path}: {exc}") from None
         self.decode_workers = decode_workers or min(8, os.cpu_count() or 1)  # more only fight onnxruntime
@@ -250,9 +267,19 @@ class OnnxModel:
                 progress(len(batch))
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
+    @property
+    def multilabel(self) -> bool:
+        return self.thresholds is not None
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Class probabilities of a batch of logits: softmax, or a sigmoid per label with several labels."""
+        logits = logits.astype(np.float64)
+        return sigmoid(logits) if self.multilabel else softmax(logits)
+
     def predict(self, images: Iterable, top_k: int = 5, batch_size: int = 32, progress=None,
                 views: Sequence[tuple[str, str | None, bool]] = tta_views()) -> list[Prediction]:
-        """Top-k labels and softmax probabilities per image; unreadable images come back with `error` set.
+        """Top-k labels and softmax probabilities per image (several labels per image: every label at or above its
+        threshold, most probable first); unreadable images come back with `error` set.
 
         `views` (`tta_views`): with more than one, the probabilities are the average over the views (test-time
         augmentation; each view decodes the images again). `progress` advances once per image and view."""
@@ -265,7 +292,7 @@ class OnnxModel:
                 errors_by_row.update(errors)
                 if batch is not None:
                     logits = self._class_logits(self.mirrored(batch) if mirror else batch)
-                    probabilities[rows] += softmax(logits.astype(np.float64))
+                    probabilities[rows] += self.probabilities(logits)
                 if progress is not None:
                     progress(len(rows) + len(errors))
         probabilities /= len(views)
@@ -274,12 +301,15 @@ class OnnxModel:
                 for row, image in enumerate(images)]
 
     def top_k(self, name: str, logits: np.ndarray, top_k: int) -> Prediction:
-        """One image's top-k labels and softmax probabilities from its logits."""
-        return self.ranked(name, softmax(logits[None])[0], top_k)
+        """One image's top-k labels and probabilities from its logits (its label set, with several labels)."""
+        return self.ranked(name, self.probabilities(logits[None])[0], top_k)
 
     def ranked(self, name: str, probabilities: np.ndarray, top_k: int) -> Prediction:
-        """One image's top-k labels from its class probabilities."""
-        order = np.argsort(-probabilities)[:max(1, top_k)]
+        """One image's top-k labels from its class probabilities; with several labels per image, every label at or
+        above its threshold (perhaps none), most probable first."""
+        order = np.argsort(-probabilities, kind="stable")[:max(1, top_k)]
+        if self.multilabel:
+            order = [i for i in np.argsort(-probabilities, kind="stable") if probabilities[i] >= self.thresholds[i]]
         labels = [self.classes[i] for i in order]
         return Prediction(name, [int(i) for i in order], labels, [float(probabilities[i]) for i in order])
 

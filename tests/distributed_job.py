@@ -4,7 +4,8 @@
 fine-tunes efficientnet_lite0 at 32 px with augmentation and dropout off (the settings under which any number of
 processes gives the same weights); with STOP_AFTER it is interrupted after that epoch, as Ctrl-C would.
 `... DATA RUN STOP_AFTER stall TIMEOUT`: instead, rank 1 stops itself (SIGSTOP, as a hung or suspended process)
-after that epoch, and the others wait at most TIMEOUT seconds for it.
+after that epoch, and the others wait at most TIMEOUT seconds for it. With TRANSFER_TEST_LABELS=FILE in the
+environment the labels come from that file (several labels per image when it has them).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dataclasses import replace  # noqa: E402
 
 from tests.distributed_settings import CONFIG  # noqa: E402
 from transfer.core.errors import PeerLostError  # noqa: E402
@@ -35,8 +38,10 @@ def main() -> int:
         if os.environ.get("RANK") == "1":
             os.kill(os.getpid(), signal.SIGSTOP)
 
+    labels = os.environ.get("TRANSFER_TEST_LABELS")
+    config = replace(CONFIG, labels={"path": labels}) if labels else CONFIG
     try:
-        finetune(data, CONFIG, output=run, device="cpu", log=lambda _: None, on_epoch_end=stop, dist_timeout=timeout)
+        finetune(data, config, output=run, device="cpu", log=lambda _: None, on_epoch_end=stop, dist_timeout=timeout)
     except KeyboardInterrupt:
         return 130
     except PeerLostError as exc:

@@ -122,6 +122,27 @@ def test_two_process_finetune_equals_one_and_resumes_at_another_size(tmp_path, d
     _same_rows(tmp_path / "one", tmp_path / "resumed")
 
 
+@pytest.mark.slow
+def test_two_process_multilabel_finetune_equals_one(tmp_path):
+    """Several labels per image under torchrun: multi-hot targets gathered and an empty share of a tiny batch."""
+    from transfer.data.samples import write_digit_pairs
+
+    pairs = write_digit_pairs(tmp_path / "pairs", count=24, classes=4)
+    config = replace(CONFIG, labels={"path": str(pairs / "labels.csv")})
+    single = finetune(pairs / "images", config, output=tmp_path / "one", device="cpu", log=lambda _: None)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "tests/distributed_job.py", str(pairs / "images"), str(tmp_path / "two")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**ONE_THREAD, "TRANSFER_TEST_LABELS": str(pairs / "labels.csv")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    _same_weights(tmp_path / "one" / "best.safetensors", tmp_path / "two" / "best.safetensors")
+    _same_rows(tmp_path / "one", tmp_path / "two")
+    one, two = (json.loads((tmp_path / run / "config.json").read_text()) for run in ("one", "two"))
+    assert one["task"] == two["task"] == "multilabel" and one["thresholds"] == two["thresholds"]
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["macro_f1"] == pytest.approx(
+        single.report["macro_f1"])
+
+
 def test_two_process_extract_is_byte_identical(tmp_path, digits):
     args = [str(digits), "-b", "efficientnet_lite0", "--input-size", "32", "--layer", "block3a_expand_activation",
             "--layer", "avg_pool", "--batch-size", "4", "--workers", "0", "-q"]

@@ -147,7 +147,7 @@ def test_non_finite_loss_exits_1_and_keeps_last_good_checkpoint(tmp_path, runner
         loss = real_cross_entropy(logits, targets, *args, **kwargs)
         return loss * float("nan") if calls["n"] > 3 else loss
 
-    monkeypatch.setattr("transfer.training.loop.F.cross_entropy", poisoned)
+    monkeypatch.setattr("transfer.training.targets.F.cross_entropy", poisoned)
     result = runner.invoke(cli.app, ["finetune", str(data), "--backbone", "lenet5", "--epochs-head", "3",
                                      "--epochs-finetune", "0", "--batch-size", "4", "--output", str(run_dir),
                                      "--workers", "0", "--device", "cpu"])

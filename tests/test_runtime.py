@@ -52,7 +52,7 @@ def test_runtime_without_torch_matches_evaluate(lenet_onnx):
     # evaluate's confusion matrix rows follow the sorted sample order per class: rebuild its predictions
     from transfer.apps.evaluate import _run_model
 
-    run_logits, _ = _run_model(run_dir, 32, "cpu")
+    run_logits, _, _ = _run_model(run_dir, 32, "cpu")
     torch_logits = run_logits([Path(p) for p in images], None, False)
     assert runtime_top1 == torch_logits.argmax(1).tolist()
     agree = np.mean([int(Path(p).parent.name) == t for p, t in zip(images, runtime_top1, strict=True)])

@@ -8,19 +8,20 @@ from pathlib import Path
 import numpy as np
 
 from transfer.core.errors import DataError
-from transfer.core.interpret import most_confused, plot_top_losses, softmax, top_losses
-from transfer.core.metrics import classification_report
+from transfer.core.interpret import most_confused, plot_top_losses, sigmoid, softmax, top_losses
+from transfer.core.metrics import classification_report, multilabel_report
 from transfer.core.options import check_int
 from transfer.core.preprocess import tta_views
 from transfer.core.progress import SILENT, Progress
-from transfer.data.scan import ScanReport, scan_folder
+from transfer.data.labels import LabelsFile, scan_data
+from transfer.data.scan import ScanReport
 
 
 def evaluation_samples(report: ScanReport):
-    """The test split of a pre-split folder, else every labelled image."""
+    """The test split of pre-split data (a test/ folder, or rows whose split is test), else every labelled image."""
     if report.layout == "flat":
-        raise DataError(f"{report.root}: evaluation needs labelled class sub-folders")
-    if report.layout == "splits" and report.split("test"):
+        raise DataError(f"{report.root}: evaluation needs labelled class sub-folders (or --labels FILE.csv)")
+    if report.split("test"):
         return report.split("test")
     return report.samples
 
@@ -46,7 +47,7 @@ def run_split(model_path: Path, metadata: dict | None = None) -> dict[str, set[P
 def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_size: int = 32,
              device: str = "auto", progress: Progress = SILENT, tta: bool = False,
              top_losses_plot: str | os.PathLike | None = None, tta_crops: bool = False, split: str = "all",
-             workers: int | None = None) -> dict:
+             workers: int | None = None, labels: LabelsFile | None = None) -> dict:
     """Evaluate a run directory (PyTorch, best weights) or a .onnx classifier (onnxruntime) on a labelled folder.
 
     The folder's classes are matched to the model's by name; a class the model does not know is an error. The
@@ -55,7 +56,9 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_s
     views of `tta_views`, and each view's own accuracy, next to the plain accuracy, which stays `accuracy`.
 
     When the model's run recorded its split, `training_images` counts the images the run trained on (their accuracy
-    says little about new images), and `split="val"` keeps only the run's validation images.
+    says little about new images), and `split="val"` keeps only the run's validation images. `labels` reads the
+    labels from a file instead of class folders. A model with several labels per image is judged at its stored
+    thresholds with the multi-label metrics (`multilabel_report`).
     """
     model_path = Path(model_path)
     check_int(batch_size, "--batch-size", 1)
@@ -66,7 +69,7 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_s
 
         onnx_model = OnnxModel(model_path, device=device, decode_workers=workers or None)
         onnx_model.require_classifier()
-        classes = onnx_model.classes
+        classes, thresholds = onnx_model.classes, onnx_model.thresholds
         known_split = run_split(model_path, onnx_model.metadata)
 
         def view_logits(paths, corner, mirror, advance):
@@ -75,9 +78,15 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_s
         from transfer.training.runs import load_run_config
 
         load_run_config(model_path)  # a damaged or missing run fails before the folder is scanned
-        view_logits, classes = _run_model(model_path, batch_size, device, workers)
+        view_logits, classes, thresholds = _run_model(model_path, batch_size, device, workers)
         known_split = run_split(model_path)
-    report = scan_folder(data_dir, progress=progress)
+    if thresholds is not None and top_losses_plot is not None:
+        raise DataError("--output: the plot of the worst mistakes is for one label per image; this model predicts "
+                        "several")
+    report = scan_data(data_dir, labels, progress=progress)
+    if report.task == "multilabel" and thresholds is None:
+        raise DataError(f"{labels.path if labels else data_dir} has several labels per image; {model_path} predicts "
+                        "one (train a run with them: `transfer finetune DATA --labels FILE.csv`)")
     unknown = [c for c in report.classes if c not in classes]
     if unknown:
         raise DataError(f"{data_dir}: class(es) {', '.join(unknown)} unknown to the model (it knows {classes})")
@@ -102,6 +111,10 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_s
             outputs.append(np.asarray(view_logits(paths, corner, mirror, advance)))
     logits = outputs[0]
     mapping = np.array([classes.index(c) for c in report.classes])
+    if thresholds is not None:
+        return _multilabel_result(outputs, samples, mapping, np.asarray(thresholds), classes, report) | {
+            "model": str(model_path), "data": str(data_dir), "split": split, "training_images": overlap,
+            "views": [name for name, _, _ in views]}
     y_true = mapping[[s.label for s in samples]]
     result = classification_report(y_true.tolist(), logits.argmax(1).tolist(), classes)
     worst = top_losses(logits, y_true, classes, paths)
@@ -121,8 +134,22 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_s
     return result
 
 
+def _multilabel_result(outputs: list[np.ndarray], samples, mapping: np.ndarray, thresholds: np.ndarray,
+                       classes: list[str], report: ScanReport) -> dict:
+    """Several labels per image: the multi-label metrics at the model's thresholds, on the probabilities averaged
+    over the views."""
+    truth = np.zeros((len(samples), len(classes)))
+    for row, sample in enumerate(samples):
+        truth[row, mapping[list(sample.label_set)]] = 1.0
+    probabilities = np.mean([sigmoid(o.astype(np.float64)) for o in outputs], axis=0)
+    result = multilabel_report(truth, probabilities, thresholds.tolist(), classes)
+    result["skipped"] = [{"path": s.path, "reason": s.reason} for s in report.skipped]
+    return result
+
+
 def _run_model(run_dir: Path, batch_size: int, device: str, workers: int | None = None):
-    """(logits of paths for a view, class names) of a run's best weights on `device`, loaded once."""
+    """(logits of paths for a view, class names, thresholds or None) of a run's best weights on `device`, loaded
+    once."""
     import torch
 
     from transfer.core.preprocess import Preprocessing
@@ -148,4 +175,10 @@ def _run_model(run_dir: Path, batch_size: int, device: str, workers: int | None 
                     advance(len(images))
         return np.concatenate(outputs) if outputs else np.zeros((0, len(config["classes"])), np.float32)
 
-    return run_logits, list(config["classes"])
+    thresholds = None
+    if config.get("task") == "multilabel":
+        thresholds = config.get("thresholds")
+        if not thresholds:
+            raise DataError(f"{run_dir} has several labels per image but no thresholds yet (chosen when the run "
+                            "finishes); finish or resume it first")
+    return run_logits, list(config["classes"]), thresholds

@@ -28,7 +28,8 @@ from transfer.core.preprocess import Preprocessing
 from transfer.core.progress import SILENT, Progress
 from transfer.core.world import DEFAULT_TIMEOUT_S, World
 from transfer.data.datasets import eval_dataset, make_loader
-from transfer.data.scan import Sample, Skipped, check_image, expand_inputs, scan_folder
+from transfer.data.labels import LabelsFile, scan_data
+from transfer.data.scan import Sample, Skipped, check_image, expand_inputs
 from transfer.training import collectives
 from transfer.training.model import resolve_run_layer
 
@@ -42,22 +43,24 @@ class ExtractResult:
 
     features: dict[str, np.ndarray | None]
     paths: list[str]
-    labels: list[int] | None
+    labels: list[int] | list[list[int]] | None  # class indices, or each image's label set (several per image)
     classes: list[str]
     metadata: dict
     skipped: list[Skipped] = field(default_factory=list)
     output: Path | None = None
 
 
-def collect_samples(images: str | os.PathLike | Sequence[str | os.PathLike],
-                    progress: Progress = SILENT) -> tuple[list[Sample], list[str], list[Skipped]]:
-    """One folder (flat, or class sub-folders giving labels), or files, folders and glob patterns (unlabelled)
-    -> usable samples, classes, skipped files with reasons."""
+def collect_samples(images: str | os.PathLike | Sequence[str | os.PathLike], progress: Progress = SILENT,
+                    labels: LabelsFile | None = None) -> tuple[list[Sample], list[str], list[Skipped]]:
+    """One folder (flat, or class sub-folders giving labels; or with `labels`, the images a labels file names in
+    it), or files, folders and glob patterns (unlabelled) -> usable samples, classes, skipped files with reasons."""
     items = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     if not items:
         raise DataError("no images given")
+    if labels is not None and (len(items) != 1 or not Path(items[0]).is_dir()):
+        raise DataError("--labels reads the images of one folder: give that folder as the only input")
     if len(items) == 1 and Path(items[0]).is_dir():
-        report = scan_folder(items[0], progress=progress)
+        report = scan_data(items[0], labels, progress=progress)
         if not report.samples:
             raise DataError(f"{items[0]}: no usable images found")
         return report.samples, report.classes, report.skipped
@@ -140,13 +143,14 @@ def extract(
     progress: Progress = SILENT,
     seed: int = 0,
     dist_timeout: float = DEFAULT_TIMEOUT_S,
+    labels: LabelsFile | None = None,
 ) -> ExtractResult:
     """Features of `layers` for every usable image; in memory, or streamed to `output` (.npy one layer, .npz more).
 
     `run` uses a fine-tuned run's weights and preprocessing instead of the pretrained backbone's; `onnx` runs an
     exported feature extractor with onnxruntime (its outputs are the layers). A backbone without pretrained weights
     (`pretrained=False`, or a net that has none) is initialised from `seed`: the same features every time and on
-    every torchrun rank.
+    every torchrun rank. `labels` takes the images and their labels from a labels file instead of class folders.
     """
 
     if run is not None and onnx is not None:
@@ -173,7 +177,8 @@ def extract(
     try:
         with output_lock(output) if output is not None and world.main else contextlib.nullcontext():
             return _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size,
-                            output, batch_size, device, workers, progress if world.main else SILENT, world, seed)
+                            output, batch_size, device, workers, progress if world.main else SILENT, world, seed,
+                            labels)
     except RuntimeError as exc:
         lost = collectives.lost_peer(world, exc, dist_timeout)
         if lost is None:
@@ -185,13 +190,14 @@ def extract(
 
 
 def _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size, output,
-             batch_size, device, workers, progress, world: World, seed: int) -> ExtractResult:
+             batch_size, device, workers, progress, world: World, seed: int,
+             labels_file: LabelsFile | None = None) -> ExtractResult:
     if onnx is not None:
         make_batches, metadata = _onnx_batches(onnx, layers, batch_size, device, input_size)
     else:
         make_batches, metadata = _torch_batches(backbone, layers, weights, run, pretrained, input_size,
                                                 batch_size, device, workers, seed)
-    samples, classes, skipped = collect_samples(images, progress)
+    samples, classes, skipped = collect_samples(images, progress, labels_file)
     mine = world.batch_block(len(samples), batch_size)
     metadata.update(pool=pool, layout=layout)
     with contextlib.ExitStack() as stack:
@@ -216,7 +222,7 @@ def _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrai
                     _join_parts(temp_dir, name, world.size, metadata["shapes"][name])
                 _finalize(output, temp_dir, layers)
             features = {name: None for name in layers}
-    labels = [s.label for s in samples] if classes else None
+    labels = [list(s.labels) if s.labels else s.label for s in samples] if classes else None  # label sets: multi
     result = ExtractResult(features, [str(s.path) for s in samples], labels, classes, metadata, skipped, output)
     if output is not None and world.main:
         write_json(sidecar_path(output), {

@@ -17,6 +17,7 @@ from transfer.core.errors import DataError, TransferError
 from transfer.core.io import display, file_sha256
 from transfer.core.progress import SILENT, Progress
 from transfer.core.rundir import run_fingerprint
+from transfer.data.labels import LabelsFile
 from transfer.serving.search import (
     INDEX_FORMAT,
     SearchIndex,
@@ -64,22 +65,24 @@ def _run_layer(run) -> str:
 
 
 def embed(images, spec: dict, batch_size: int = 32, device: str = "auto", workers: int | None = None,
-          progress: Progress = SILENT):
+          progress: Progress = SILENT, labels: LabelsFile | None = None):
     """(unit vectors, ExtractResult) of `images` with the index's model: avg-pooled `spec['layer']`."""
     result = extract(images, backbone=spec["backbone"] or "vgg16", layers=[spec["layer"]], pool="avg",
                      run=spec["run"], onnx=spec["onnx"], input_size=spec["input_size"], batch_size=batch_size,
-                     device=device, workers=workers, progress=progress)
+                     device=device, workers=workers, progress=progress, labels=labels)
     return normalise(result.features[spec["layer"]]), result
 
 
 def build_index(images, output: str | os.PathLike, backbone: str | None = None, run=None, onnx=None,
                 layer: str | None = None, input_size: int | None = None, batch_size: int = 32,
-                device: str = "auto", workers: int | None = None, progress: Progress = SILENT) -> dict:
+                device: str = "auto", workers: int | None = None, progress: Progress = SILENT,
+                labels: LabelsFile | None = None) -> dict:
     """Embed `images` and write the index folder `output` in one step (a new or empty folder, or an index to
-    replace whole); returns its index.json record. Whatever is refused is refused before any image is embedded."""
+    replace whole); returns its index.json record. Whatever is refused is refused before any image is embedded.
+    `labels`: the images and labels a labels file names in the folder, instead of its class sub-folders."""
     with index_folder(output) as folder:
         spec = _model_spec(backbone, run, onnx, layer, input_size)
-        vectors, result = embed(images, spec, batch_size, device, workers, progress)
+        vectors, result = embed(images, spec, batch_size, device, workers, progress, labels)
         record = index_record(spec, vectors, result)
         write_index(folder, record, vectors)
     return record

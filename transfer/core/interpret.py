@@ -18,6 +18,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Each logit's probability on its own (several labels per image), without overflow for large magnitudes."""
+    return np.exp(-np.logaddexp(0.0, -logits))
+
+
 def most_confused(matrix: Sequence[Sequence[int]], classes: Sequence[str], limit: int = 10) -> list[dict]:
     """(true, predicted, count) for every confusion with count >= 1, most frequent first (ties by name)."""
     matrix = np.asarray(matrix)

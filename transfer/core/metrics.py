@@ -36,6 +36,59 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int], classes:
     }
 
 
+THRESHOLD_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 .. 0.95
+
+
+def choose_thresholds(y_true: np.ndarray, probabilities: np.ndarray) -> list[float]:
+    """Per label, the decision threshold in THRESHOLD_GRID with the best F1 on these (validation) images; ties go
+    to the threshold nearest 0.5, and a label without a positive image keeps 0.5."""
+    y_true = np.asarray(y_true) > 0.5
+    chosen = []
+    for column in range(y_true.shape[1]):
+        truth, scores = y_true[:, column], probabilities[:, column]
+        if not truth.any():
+            chosen.append(0.5)
+            continue
+        best = max(THRESHOLD_GRID, key=lambda t: (_f1(truth, scores >= t), -abs(t - 0.5)))
+        chosen.append(float(best))
+    return chosen
+
+
+def _f1(truth: np.ndarray, predicted: np.ndarray) -> float:
+    hits = float(np.sum(truth & predicted))
+    return 2 * hits / max(1.0, float(truth.sum() + predicted.sum()))
+
+
+def multilabel_report(y_true: np.ndarray, probabilities: np.ndarray, thresholds: Sequence[float],
+                      classes: Sequence[str]) -> dict:
+    """Several labels per image: per-label precision, recall, F1 and support at the chosen thresholds, micro and
+    macro F1, mean average precision (threshold-free, over labels with a positive image) and the exact-match ratio
+    (every label of an image right): scikit-learn's metrics, packed as JSON-ready values."""
+    from sklearn.metrics import accuracy_score, average_precision_score, f1_score, precision_recall_fscore_support
+
+    truth = (np.asarray(y_true) > 0.5).astype(int)
+    predicted = (probabilities >= np.asarray(thresholds)[None, :]).astype(int)
+    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, zero_division=0)
+    present = truth.sum(axis=0) > 0
+    average_precision = (average_precision_score(truth[:, present], probabilities[:, present], average=None)
+                         if present.any() else np.zeros(0))
+    return {
+        "task": "multilabel",
+        "count": int(len(truth)),
+        "exact_match": float(accuracy_score(truth, predicted)) if len(truth) else 0.0,
+        "accuracy": float(accuracy_score(truth, predicted)) if len(truth) else 0.0,  # the exact-match ratio
+        "micro_f1": float(f1_score(truth, predicted, average="micro", zero_division=0)),
+        "macro_f1": float(np.asarray(f1)[present].mean()) if present.any() else 0.0,
+        "mean_average_precision": float(np.mean(average_precision)) if len(average_precision) else 0.0,
+        "thresholds": {name: float(t) for name, t in zip(classes, thresholds, strict=True)},
+        "per_class": {
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                   "support": int(support[i])}
+            for i, name in enumerate(classes)
+        },
+    }
+
+
 METRIC_FIELDS = ("stage", "epoch", "stage_epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
 
 

@@ -57,21 +57,34 @@ def train_transform(prep: Preprocessing, augment: Augment | None) -> Transform:
 
 
 class ImageDataset(Dataset):
-    """Samples -> (tensor, label); label is -1 for unlabelled images."""
+    """Samples -> (tensor, target): the class index (-1 for unlabelled images), or with `multilabel_classes` a
+    multi-hot float row of that width (several labels per image)."""
 
-    def __init__(self, samples: Sequence[Sample], transform: Transform, draft_size: tuple[int, int] | None = None):
+    def __init__(self, samples: Sequence[Sample], transform: Transform, draft_size: tuple[int, int] | None = None,
+                 multilabel_classes: int | None = None):
         self.samples, self.transform, self.draft_size = list(samples), transform, draft_size
+        self.multilabel_classes = multilabel_classes
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         sample = self.samples[index]
         image = open_image(sample.path, draft_size=self.draft_size)
+        if self.multilabel_classes is not None:
+            return self.transform(image), multi_hot(sample.label_set, self.multilabel_classes)
         return self.transform(image), -1 if sample.label is None else sample.label
 
 
-def eval_dataset(samples: Sequence[Sample], prep: Preprocessing, corner: str | None = None) -> ImageDataset:
+def multi_hot(labels: Sequence[int], classes: int) -> torch.Tensor:
+    """A float row of `classes` zeros with ones at `labels`."""
+    row = torch.zeros(classes)
+    row[list(labels)] = 1.0
+    return row
+
+
+def eval_dataset(samples: Sequence[Sample], prep: Preprocessing, corner: str | None = None,
+                 multilabel_classes: int | None = None) -> ImageDataset:
     """THE evaluation input pipeline (reduced-scale JPEG decode, resize, centre crop, normalize): training's
     validation, `evaluate` and `extract` use it, and the ONNX runtime decodes the same way. `corner`: a
     test-time-augmentation view, that corner of the decoded image (`corner_crop`) before the rest."""
@@ -80,7 +93,8 @@ def eval_dataset(samples: Sequence[Sample], prep: Preprocessing, corner: str | N
     def cornered(image: Image.Image) -> torch.Tensor:
         return plain(corner_crop(image, corner))
 
-    return ImageDataset(samples, plain if corner is None else cornered, draft_size=decode_size(prep))
+    return ImageDataset(samples, plain if corner is None else cornered, draft_size=decode_size(prep),
+                        multilabel_classes=multilabel_classes)
 
 
 def default_workers() -> int:
@@ -92,25 +106,37 @@ class GlobalBatchSampler(Sampler[list[int]]):
     contiguous blocks; yields this rank's block. Every rank sees the same number of steps, and together the ranks
     see exactly the batches one process would: `--batch-size` is the global batch."""
 
-    def __init__(self, count: int, batch_size: int, shuffle: bool, seed: int, world: World):
+    def __init__(self, count: int, batch_size: int, shuffle: bool, seed: int, world: World,
+                 weights: torch.Tensor | None = None):
         self.count, self.batch_size, self.shuffle, self.seed, self.world = count, batch_size, shuffle, seed, world
+        self.weights = weights  # per-image sampling weights (`--sampler balanced`); None: a plain permutation
 
     def __len__(self) -> int:
         return -(-self.count // self.batch_size)
 
     def __iter__(self):
-        order = (torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed)) if self.shuffle
-                 else torch.arange(self.count))
+        order = epoch_order(self.count, self.seed, self.weights) if self.shuffle else torch.arange(self.count)
         for batch in order.split(self.batch_size):
             span = self.world.block(len(batch))
             yield batch[span.start:span.stop].tolist()
 
 
-def _collate_allowing_empty(shape: tuple[int, ...]):
+def epoch_order(count: int, seed: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The epoch's image order: a seeded permutation, or with `weights` `count` seeded draws with replacement in
+    proportion to them (torch's WeightedRandomSampler rule, drawn once so every rank sees the same order)."""
+    generator = torch.Generator().manual_seed(seed)
+    if weights is None:
+        return torch.randperm(count, generator=generator)
+    return torch.multinomial(weights, count, replacement=True, generator=generator)
+
+
+def _collate_allowing_empty(shape: tuple[int, ...], target_width: int | None = None):
     """default_collate, except that a rank's empty share of a tiny last batch becomes empty tensors."""
     def collate(batch):
         if not batch:
-            return torch.empty((0, *shape)), torch.empty(0, dtype=torch.long)
+            targets = (torch.empty(0, dtype=torch.long) if target_width is None
+                       else torch.empty((0, target_width)))
+            return torch.empty((0, *shape)), targets
         return default_collate(batch)
     return collate
 
@@ -124,16 +150,20 @@ def make_loader(
     seed: int = 0,
     world: World | None = None,
     image_shape: tuple[int, ...] = (),
+    weights: torch.Tensor | None = None,
 ) -> DataLoader:
     """A DataLoader that decodes in worker processes, pins memory on CUDA and shuffles reproducibly by `seed`.
 
-    With `world` (training), batches come from `GlobalBatchSampler`: this rank's share of each global batch."""
+    With `world` (training), batches come from `GlobalBatchSampler`: this rank's share of each global batch, drawn
+    in proportion to `weights` when given."""
     workers = default_workers() if workers is None else workers
     workers = min(workers, max(0, len(dataset) // max(1, batch_size)))  # tiny sets: no process start-up cost
     common = {"num_workers": workers, "pin_memory": device.startswith("cuda"), "persistent_workers": workers > 0,
               "prefetch_factor": 2 if workers > 0 else None}
     if world is not None:
-        return DataLoader(dataset, batch_sampler=GlobalBatchSampler(len(dataset), batch_size, shuffle, seed, world),
-                          collate_fn=_collate_allowing_empty(image_shape), **common)
+        sampler = GlobalBatchSampler(len(dataset), batch_size, shuffle, seed, world, weights)
+        width = getattr(dataset, "multilabel_classes", None)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate_allowing_empty(image_shape, width),
+                          **common)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
                       generator=torch.Generator().manual_seed(seed), **common)

@@ -24,11 +24,18 @@ IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini", "__pycache__"}
 
 @dataclass(frozen=True)
 class Sample:
-    """One usable image: its path, class index (None when unlabelled) and split (None when not pre-split)."""
+    """One usable image: its path, class index (None when unlabelled, or with several labels), split (None when not
+    pre-split) and, for several labels per image, their class indices."""
 
     path: Path
     label: int | None
     split: str | None = None
+    labels: tuple[int, ...] = ()
+
+    @property
+    def label_set(self) -> tuple[int, ...]:
+        """Every class this image belongs to: its labels, or its one label."""
+        return self.labels or (() if self.label is None else (self.label,))
 
 
 @dataclass(frozen=True)
@@ -42,20 +49,24 @@ class ScanReport:
     """What a folder holds: ordered classes, usable samples, skipped files with reasons, empty classes."""
 
     root: Path
-    layout: str  # "classes" | "splits" | "flat"
+    layout: str  # "classes" | "splits" | "flat" | "csv" (a labels file, `transfer.data.labels`)
     classes: list[str]
     samples: list[Sample]
     skipped: list[Skipped] = field(default_factory=list)
     empty_classes: list[str] = field(default_factory=list)
+    task: str = "single"  # "single": one label per image; "multilabel": several (from a labels file)
+    labels_file: str | None = None
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """{split: {class: count}}; the split is 'all' when the folder is not pre-split."""
+        """{split: {class: images}}; the split is 'all' when the data is not pre-split. With several labels per
+        image, an image counts once under each of its labels."""
         table: dict[str, dict[str, int]] = {}
         for sample in self.samples:
             split = sample.split or "all"
-            name = self.classes[sample.label] if sample.label is not None else "(unlabelled)"
-            table.setdefault(split, {}).setdefault(name, 0)
-            table[split][name] += 1
+            names = [self.classes[i] for i in sample.label_set] or ["(unlabelled)"]
+            for name in names:
+                table.setdefault(split, {}).setdefault(name, 0)
+                table[split][name] += 1
         return table
 
     def split(self, name: str) -> list[Sample]:
@@ -64,7 +75,8 @@ class ScanReport:
     def check_trainable(self) -> None:
         """Raise `DataError` unless the folder can train a classifier: labelled, >= 2 classes, none empty."""
         if self.layout == "flat":
-            raise DataError(f"{self.root}: no class sub-folders; training needs one folder per class")
+            raise DataError(f"{self.root}: no class sub-folders; training needs one folder per class (or --labels "
+                            "FILE.csv)")
         if self.empty_classes:
             raise DataError(f"{self.root}: empty class(es) with no usable image: {', '.join(self.empty_classes)}")
         if len(self.classes) < 2:
@@ -79,6 +91,8 @@ class ScanReport:
             "counts": self.counts(),
             "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped],
             "empty_classes": self.empty_classes,
+            "task": self.task,
+            "labels_file": self.labels_file,
         }
 
 

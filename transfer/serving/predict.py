@@ -38,7 +38,7 @@ def write_predictions(path: str | os.PathLike, results: list[Prediction]) -> Non
     if path.suffix == ".json":
         write_text(path, json.dumps([r.__dict__ for r in results], indent=2) + "\n")
     elif path.suffix == ".csv":  # one column pair per rank, so labels with commas stay intact
-        k = max((len(r.labels) for r in results), default=1)
+        k = max([1, *(len(r.labels) for r in results)])
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["path", *(f"{kind}_{rank}" for rank in range(1, k + 1) for kind in ("label", "probability")),

@@ -240,7 +240,7 @@ class SearchIndex:
         labels, classes = self.record.get("labels"), self.record.get("classes") or []
         stamps = self.record.get("stamps")
         return [{"row": row, "path": self.record["paths"][row], "score": float(score),
-                 "label": classes[labels[row]] if labels and labels[row] is not None and classes else None,
+                 "label": label_text(labels[row], classes) if labels and classes else None,
                  "status": image_status(self.record["paths"][row], stamps[row] if stamps else None)}
                 for row, score in zip(best_rows.tolist(), best_scores.tolist(), strict=True)]
 
@@ -304,9 +304,9 @@ def check_record(record, where: str) -> None:
         if not isinstance(labels, list) or len(labels) != count:
             fail("labels", f"must be null or list {count} labels (count)")
         for row, label in enumerate(labels):
-            if label is not None and (not isinstance(label, int) or isinstance(label, bool)
-                                      or not 0 <= label < len(classes)):
-                fail(f"labels[{row}]", f"{label!r} is not a class index 0..{len(classes) - 1}")
+            if label is not None and not all(_class_index(i, len(classes)) for i in
+                                             (label if isinstance(label, list) else [label])):
+                fail(f"labels[{row}]", f"{label!r} is not a class index 0..{len(classes) - 1} (or a list of them)")
     stamps = record.get("stamps")
     if stamps is not None and (not isinstance(stamps, list) or len(stamps) != count or not all(
             isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s) for s in stamps)):
@@ -370,3 +370,16 @@ def contact_sheet(results: Sequence[dict], output: str | os.PathLike, thumb: int
     with output_lock(output), atomic_path(output) as temp:
         sheet.save(temp, format="PNG")
     return output
+
+
+def _class_index(value, classes: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < classes
+
+
+def label_text(label: int | list[int] | None, classes: list[str]) -> str | None:
+    """A row's label as shown: its class name, or with several labels per image their names joined by ', '."""
+    if label is None:
+        return None
+    if isinstance(label, list):
+        return ", ".join(classes[i] for i in label)
+    return classes[label]

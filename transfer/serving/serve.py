@@ -249,7 +249,7 @@ def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16,
         for (name, _), outputs in zip(rows, await outputs_of(rows), strict=True):
             top = model.top_k(name, outputs[0], top_k)
             results.append({"filename": name, "labels": top.labels, "probabilities": top.probabilities})
-        return {"predictions": results}
+        return {"predictions": results, "task": "multilabel" if model.multilabel else "single"}
 
     @app.post("/embed")
     async def embed(files: Files) -> dict:

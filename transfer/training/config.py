@@ -51,6 +51,9 @@ class FinetuneConfig:
     lr_decay: float = 1.0  # stage 2: the k-th unfrozen group from the top trains at lr_finetune * lr_decay**k
     ema: float = 0.0  # decay of timm's model EMA, updated every step; 0 is off
     schedule: str = "cosine"  # or "one-cycle": fastai's warm-up then anneal, per batch, in every stage
+    labels: dict | None = None  # a labels file (`transfer.data.labels.LabelsFile` as a dict); None: class folders
+    class_weights: str = "none"  # or "balanced": scikit-learn's inverse-frequency weights in the training loss
+    sampler: str = "shuffle"  # or "balanced": draw training images in inverse proportion to their class's size
 
     def check(self) -> FinetuneConfig:
         """Every value in range before any work; an `OptionError` names the flag (exit code 2)."""
@@ -83,6 +86,8 @@ class FinetuneConfig:
         check_float(self.lr_decay, "--lr-decay", 0.0, 1.0, low_open=True)
         check_float(self.ema, "--ema", 0.0, 0.99999)
         check_choice(self.schedule, "--schedule", SCHEDULES)
+        check_choice(self.class_weights, "--class-weights", CLASS_WEIGHTS)
+        check_choice(self.sampler, "--sampler", SAMPLERS)
         if self.workers is not None:
             check_int(self.workers, "--workers", 0, 64)
         if self.weights is not None and not Path(self.weights).is_file():
@@ -94,6 +99,8 @@ class FinetuneConfig:
 
 HEAD_OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 SCHEDULES = ("cosine", "one-cycle")
+CLASS_WEIGHTS = ("none", "balanced")
+SAMPLERS = ("shuffle", "balanced")
 
 
 def split_epochs(total: int) -> tuple[int, int]:

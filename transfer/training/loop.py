@@ -16,7 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.registry import get_backbone
@@ -28,8 +27,9 @@ from transfer.core.preprocess import decode_size
 from transfer.core.progress import SILENT, Progress
 from transfer.core.world import World
 from transfer.data.augment import Augment
-from transfer.data.datasets import ImageDataset, eval_dataset, make_loader, train_transform
-from transfer.data.scan import ScanReport, scan_folder
+from transfer.data.datasets import ImageDataset, epoch_order, eval_dataset, make_loader, train_transform
+from transfer.data.labels import LabelsFile, scan_data
+from transfer.data.scan import ScanReport
 from transfer.data.splits import train_val_samples
 from transfer.training import collectives
 from transfer.training.batch_size import resolve_auto_batch_size
@@ -37,11 +37,12 @@ from transfer.training.checkpoints import STATE_KEYS, save_checkpoint, save_weig
 from transfer.training.config import FinetuneConfig
 from transfer.training.device import autocast, to_device
 from transfer.training.model import TransferModel, build_transfer_model, set_trainable, train_mode
-from transfer.training.regularize import discriminative_groups, mix_batch, soft_cross_entropy
+from transfer.training.regularize import discriminative_groups, make_ema, mix_batch
 from transfer.training.report import FinetuneResult, write_report
 from transfer.training.runs import read_run_metrics, write_config, write_split
 from transfer.training.schedules import fresh_tail, make_optimizer, make_scheduler
 from transfer.training.stages import Stage, epoch_seed, plan_stages
+from transfer.training.targets import Objective, balanced_weights, sampling_weights
 
 ChooseLr = Callable[["Trainer", TransferModel, Stage], Stage]
 
@@ -66,11 +67,17 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.choose_lr = choose_lr  # a stage whose rate is "auto" gets it from here (the range test)
         self.spec = get_backbone(config.backbone)
-        self.scan: ScanReport = scan_folder(data_dir, strict=config.strict, progress=progress)
+        self.scan: ScanReport = scan_data(data_dir, LabelsFile.from_dict(config.labels), strict=config.strict,
+                                          progress=progress)
         self.scan.check_trainable()
         self.train_samples, self.val_samples = train_val_samples(self.scan, config.val_split, config.seed)
         if not self.val_samples:
-            raise DataError(f"{data_dir}: no validation images; use --val-split > 0 or a val/ folder")
+            raise DataError(f"{data_dir}: no validation images; use --val-split > 0, a val/ folder or a split column")
+        self.multilabel = self.scan.task == "multilabel"
+        classes = len(self.scan.classes)
+        self.objective = Objective(self.multilabel, balanced_weights(self.train_samples, classes, self.multilabel)
+                                   if config.class_weights == "balanced" else None)
+        self.sample_weights = sampling_weights(self.train_samples, classes) if config.sampler == "balanced" else None
         base = self.spec.preprocessing
         self.prep = replace(base, input_size=base.input_size if config.input_size is None else config.input_size,
                             crop_pct=base.crop_pct if config.crop_pct is None else config.crop_pct)
@@ -122,12 +129,15 @@ class Trainer:
     def image_loader(self, samples, augment: bool, shuffle: bool, epoch: int = 0):
         """Training (`shuffle`): this rank's share of each global batch. Evaluation: the samples given, in order."""
         augmentation = Augment(**self.config.augmentation) if augment else None
-        dataset = ImageDataset(samples, train_transform(self.prep, augmentation),
-                               draft_size=decode_size(self.prep)) if augment else eval_dataset(samples, self.prep)
+        width = len(self.classes) if self.multilabel else None
+        dataset = (ImageDataset(samples, train_transform(self.prep, augmentation), draft_size=decode_size(self.prep),
+                                multilabel_classes=width) if augment
+                   else eval_dataset(samples, self.prep, multilabel_classes=width))
         size = self.prep.input_size
         return make_loader(dataset, self.config.batch_size, shuffle=shuffle, workers=self.config.workers,
                            device=self.device.type, seed=epoch_seed(self.config.seed, epoch),
-                           world=self.world if shuffle else None, image_shape=(3, size, size))
+                           world=self.world if shuffle else None, image_shape=(3, size, size),
+                           weights=self.sample_weights if shuffle else None)
 
     def sharded_forward(self, model: TransferModel, samples, pooled: bool,
                         description: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,8 +193,7 @@ class Trainer:
         train_mode(model, list(stage.prefixes), batchnorm_stats=stage.name == "scratch" or self.config.bn_stats)
         if stage.cached:
             features, labels = self.cached_features(model, "train")
-            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(
-                epoch_seed(self.config.seed, epoch)))
+            order = epoch_order(len(labels), epoch_seed(self.config.seed, epoch), self.sample_weights)
             shares = (idx[span.start:span.stop] for idx in order.split(self.config.batch_size)
                       for span in [self.world.block(len(idx))])
             batches = ((features[idx], labels[idx]) for idx in shares)
@@ -201,7 +210,7 @@ class Trainer:
                 if batch_scheduler is not None:
                     batch_scheduler.step()
                 total_loss += loss_sum
-                correct += int((logits.argmax(1) == targets).sum())
+                correct += self.objective.correct(logits, targets)
                 count += len(targets)
                 advance(1)
                 if self.on_batch is not None:
@@ -225,8 +234,7 @@ class Trainer:
                                      config.label_smoothing)
         with self.autocast():
             logits = forward(inputs)
-            loss_sum = (F.cross_entropy(logits.float(), targets, reduction="sum") if soft is None
-                        else soft_cross_entropy(logits.float(), soft))
+            loss_sum = self.objective.loss_sum(logits.float(), targets if soft is None else soft)
         global_sum, global_count = collectives.all_sum(self.world, [loss_sum.item(), len(targets)])
         if not math.isfinite(global_sum):
             if probe:
@@ -248,8 +256,8 @@ class Trainer:
                 logits = model.head(features.to(self.device)).float().cpu()
         else:
             logits, labels = self.sharded_forward(model, self.val_samples, pooled=False, description="validating")
-        loss = F.cross_entropy(logits, labels).item()
-        return loss, float((logits.argmax(1) == labels).float().mean()), logits, labels
+        loss = self.objective.mean_loss(logits, labels)
+        return loss, self.objective.correct(logits, labels) / max(1, len(labels)), logits, labels
 
     def lr_groups(self, model: TransferModel, stage: Stage) -> list[dict] | None:
         """Stage 2 with --lr-decay below 1: one parameter group per unfrozen group, lower rates further down."""
@@ -266,7 +274,7 @@ class Trainer:
         config.json). The last step writes the report of the best weights."""
         model, pretrained, source = self.build_model(resume_state)
         self.model = model
-        self.ema = self.make_ema(model, resume_state)
+        self.ema = make_ema(model, self.config.ema, resume_state)
         stages = plan_stages(self.config, self.spec, pretrained)
         if saved is not None:
             self.batch_choice = saved.get("batch_size_auto")
@@ -285,17 +293,6 @@ class Trainer:
                     break
                 self.run_epoch(model, stage, stage_index, stage_epoch, optimizer, scheduler, state)
         return write_report(self, model, state)
-
-    def make_ema(self, model: TransferModel, resume_state: dict | None):
-        """timm's ModelEmaV3 of the whole model with --ema (restored on resume), else None."""
-        if self.config.ema <= 0:
-            return None
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=self.config.ema)
-        if resume_state is not None and "ema" in resume_state:
-            ema.module.load_state_dict(resume_state["ema"])
-        return ema
 
     def start_state(self, stages: list[Stage], source: str, resume_state: dict | None, saved: dict | None) -> dict:
         """The schedule's position: a fresh run writes config.json and split.json; a resumed one continues from its

@@ -1,4 +1,5 @@
-"""Regularisers for small folders: label smoothing, mixup, cutmix (timm's definitions), and discriminative rates.
+"""Regularisers for small folders: label smoothing, mixup, cutmix (timm's definitions), discriminative rates and the
+weights' moving average (EMA).
 
 `mix_batch` follows timm's `Mixup` in "batch" mode: one lambda ~ Beta(alpha, alpha) per batch, each image mixed with
 the batch's mirror order (`x.flip(0)`), cutmix's lambda corrected to the pasted box's true area, smoothed one-hot
@@ -35,8 +36,10 @@ def _cutmix_box(height: int, width: int, lam: float) -> tuple[int, int, int, int
 
 def mix_batch(inputs: torch.Tensor, targets: torch.Tensor, classes: int, mixup: float = 0.0, cutmix: float = 0.0,
               smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mixed inputs, soft targets). Cutmix needs images (N, C, H, W); on feature rows only mixup applies."""
-    soft = smoothed_one_hot(targets, classes, smoothing)
+    """(mixed inputs, soft targets). Cutmix needs images (N, C, H, W); on feature rows only mixup applies. Targets
+    are class indices, or multi-hot rows (several labels per image: smoothing moves each label toward 0.5)."""
+    soft = (smoothed_one_hot(targets, classes, smoothing) if targets.ndim == 1
+            else targets.float() * (1.0 - smoothing) + smoothing / 2)
     use_cutmix = cutmix > 0 and inputs.ndim == 4 and (mixup <= 0 or torch.rand(()).item() < 0.5)
     alpha = cutmix if use_cutmix else mixup
     if alpha <= 0 or len(inputs) == 0:
@@ -74,3 +77,16 @@ def discriminative_groups(model: nn.Module, group_prefixes: list[list[str]], lr:
                       if name.startswith("backbone.") and _in_prefixes(path, prefixes)), 0)
         groups[index]["params"].append(param)
     return [group for group in groups if group["params"]]
+
+
+def make_ema(model: nn.Module, decay: float, resume_state: dict | None):
+    """timm's ModelEmaV3 of the whole model with `--ema` (restored on resume from the checkpoint's "ema"), else
+    None: an average of the weights over the steps, which often validates better than the last ones."""
+    if decay <= 0:
+        return None
+    from timm.utils import ModelEmaV3
+
+    ema = ModelEmaV3(model, decay=decay)
+    if resume_state is not None and "ema" in resume_state:
+        ema.module.load_state_dict(resume_state["ema"])
+    return ema

@@ -9,10 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from transfer.core.interpret import most_confused, plot_top_losses, top_losses
 from transfer.core.io import write_json
-from transfer.core.metrics import classification_report, plot_confusion, plot_curves
+from transfer.core.metrics import (
+    choose_thresholds,
+    classification_report,
+    multilabel_report,
+    plot_confusion,
+    plot_curves,
+)
 from transfer.training import collectives
 from transfer.training.checkpoints import load_weights
 from transfer.training.config import FinetuneConfig
@@ -31,20 +38,26 @@ class FinetuneResult:
 
 def write_report(trainer, model: TransferModel, state: dict, finished: bool = True) -> FinetuneResult:
     """Reload the best weights, then write report.json, confusion.png, curves.png and top_losses.png (rank 0). An
-    interrupted run (`finished=False`) writes them too, for the epochs it completed, and says so in report.json."""
+    interrupted run (`finished=False`) writes them too, for the epochs it completed, and says so in report.json.
+    With several labels per image: per-label thresholds chosen on the validation images (stored in config.json),
+    the multi-label metrics, and no confusion matrix or top losses (they are defined for one label)."""
     collectives.barrier(trainer.world)  # rank 0's best.safetensors is complete
     load_weights(model, trainer.run_dir / "best.safetensors")
     logits, labels = trainer.sharded_forward(model, trainer.val_samples, pooled=False,
                                              description="report: validating the best weights")
-    predictions = logits.argmax(1)
     classes = trainer.classes
-    report = classification_report(labels.tolist(), predictions.tolist(), classes)
-    paths = [s.path for s in trainer.val_samples]
-    worst = top_losses(logits.numpy(), labels.numpy(), classes, paths)
+    worst = None
+    if trainer.multilabel:  # thresholds chosen on the validation images, then stored with the run
+        probabilities = torch.sigmoid(logits).numpy()
+        thresholds = choose_thresholds(labels.numpy(), probabilities)
+        report = multilabel_report(labels.numpy(), probabilities, thresholds, classes)
+    else:
+        report = classification_report(labels.tolist(), logits.argmax(1).tolist(), classes)
+        worst = top_losses(logits.numpy(), labels.numpy(), classes, [s.path for s in trainer.val_samples])
+        report.update(most_confused=most_confused(report["confusion_matrix"], classes), top_losses=worst)
     report.update(split="validation", finished=finished, epochs=state["epoch"],
                   best_val_loss=state["best_val_loss"],
                   best_weights=state.get("best_source", "model"),
-                  most_confused=most_confused(report["confusion_matrix"], classes), top_losses=worst,
                   skipped=[{"path": s.path, "reason": s.reason} for s in trainer.scan.skipped])
     result = FinetuneResult(trainer.run_dir, state["best_val_loss"], report["accuracy"], state["epoch"], report)
     if not trainer.world.main:
@@ -52,11 +65,17 @@ def write_report(trainer, model: TransferModel, state: dict, finished: bool = Tr
     run_dir = trainer.run_dir
     write_json(run_dir / "report.json", report)
     name = f"{trainer.spec.name} on {trainer.data_dir.name} ({run_dir.name})"
+    plot_curves(trainer.rows, run_dir / "curves.png", title=f"{name}: loss and accuracy per epoch")
+    kept = " (kept the EMA weights: they validated better)" if report["best_weights"] == "ema" else ""
+    if trainer.multilabel:
+        config = json.loads((run_dir / "config.json").read_text())
+        write_json(run_dir / "config.json", config | {"thresholds": thresholds})
+        trainer.log(f"best val loss {state['best_val_loss']:.4f}{kept}, macro F1 {report['macro_f1']:.4f}, exact "
+                    f"match {report['exact_match']:.4f} at per-label thresholds; run saved in {run_dir}")
+        return result
     plot_confusion(np.asarray(report["confusion_matrix"]), classes, run_dir / "confusion.png",
                    title=f"{name}: validation confusion matrix")
-    plot_curves(trainer.rows, run_dir / "curves.png", title=f"{name}: loss and accuracy per epoch")
     plot_top_losses(worst, run_dir / "top_losses.png", title=f"{name}: most confidently wrong (validation)")
-    kept = " (kept the EMA weights: they validated better)" if report["best_weights"] == "ema" else ""
     trainer.log(f"best val loss {state['best_val_loss']:.4f}{kept}, val accuracy {report['accuracy']:.4f}; "
                 f"run saved in {run_dir}")
     return result

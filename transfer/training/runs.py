@@ -48,6 +48,7 @@ def write_config(trainer, stages: list, source: str, previous: dict | None = Non
         "backbone": trainer.spec.name,
         "timm_model": trainer.spec.timm_name,
         "classes": trainer.classes,
+        "task": trainer.scan.task,
         "data_dir": str(trainer.data_dir),
         "preprocessing": trainer.prep.to_dict(),
         "head": {"kind": trainer.config.head, "dropout": trainer.config.dropout},
@@ -59,6 +60,9 @@ def write_config(trainer, stages: list, source: str, previous: dict | None = Non
         **({"extensions": history} if history else {}),
         **({"lr_find": trainer.lr_found} if trainer.lr_found else {}),
         **({"batch_size_auto": trainer.batch_choice} if trainer.batch_choice else {}),
+        **({"class_weight_values": trainer.objective.weight.tolist()} if trainer.objective.weight is not None
+           else {}),
+        **({"thresholds": previous["thresholds"]} if previous and "thresholds" in previous else {}),
     })
 
 

@@ -1,0 +1,213 @@
+"""Labels from a CSV or TSV file (Kaggle-style `image,label`, fastai's `is_valid`, annotation-tool exports):
+images anywhere under a folder, one label per image or several in one cell, an optional split column.
+
+`scan_data` is what every command that takes a data folder calls: a class-folder scan, or `read_labels` when a
+labels file is given. Both return the same `ScanReport`, so splitting, training and reports do not care where the
+labels came from. Every unusable row is a `Skipped` entry naming its line and reason (missing file, unreadable
+image, duplicate row, empty label, unknown split); a file that cannot be read as a table at all is one `DataError`.
+Nothing here writes to the user's folder. Uses the standard library, PIL and numpy only.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from transfer.core.errors import DataError, OptionError
+from transfer.core.io import display
+from transfer.core.progress import SILENT, Progress
+from transfer.data.scan import SPLIT_NAMES, Sample, ScanReport, Skipped, check_image, scan_folder
+
+PATH_COLUMNS = ("image", "images", "path", "file", "filename", "fname", "image_id", "name", "id")
+LABEL_COLUMNS = ("label", "labels", "tags", "class", "category", "target")
+SPLIT_COLUMNS = ("split", "is_valid", "is_val", "subset", "set")
+DETECTED_SEPARATORS = (";", "|")  # a label cell holding one of these means several labels per image
+TRUE_WORDS, FALSE_WORDS = {"true", "1", "yes", "y", "t"}, {"false", "0", "no", "n", "f"}
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")  # tried for ids written without one
+
+
+@dataclass(frozen=True)
+class LabelsFile:
+    """Where the labels are and how to read them; saved in a run's config.json so every later command agrees."""
+
+    path: str
+    path_column: str | None = None  # default: the first of PATH_COLUMNS present, else the first column
+    label_column: str | None = None  # default: the first of LABEL_COLUMNS present, else the second column
+    split_column: str | None = None  # default: the first of SPLIT_COLUMNS present, else none
+    label_sep: str | None = None  # several labels per cell, split on this; default: detected (";" or "|")
+    multi_label: bool | None = None  # None: multi-label when a separator is given or detected
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> LabelsFile | None:
+        return cls(**data) if data else None
+
+
+def scan_data(root: str | os.PathLike, labels: LabelsFile | None = None, strict: bool = False,
+              progress: Progress = SILENT, workers: int = 4) -> ScanReport:
+    """The data a command trains or evaluates on: `root`'s class folders, or `labels` read against `root`."""
+    if labels is None:
+        return scan_folder(root, strict=strict, workers=workers, progress=progress)
+    return read_labels(root, labels, strict=strict, progress=progress, workers=workers)
+
+
+def read_labels(root: str | os.PathLike, labels: LabelsFile, strict: bool = False, progress: Progress = SILENT,
+                workers: int = 4) -> ScanReport:
+    """Rows of `labels` whose image exists under `root` and decodes; every other row skipped with its reason."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"folder not found: {root}")
+    header, rows = _read_table(Path(labels.path))
+    path_col = _column(header, labels.path_column, PATH_COLUMNS, 0, "--path-column", labels.path)
+    label_col = _column(header, labels.label_column, LABEL_COLUMNS, 1, "--label-column", labels.path)
+    if label_col == path_col:
+        raise DataError(f"--labels {display(labels.path)}: the path and label columns are the same column "
+                        f"({header[path_col]!r}); name them with --path-column and --label-column")
+    split_col = _column(header, labels.split_column, SPLIT_COLUMNS, None, "--split-column", labels.path)
+    separator = _separator(labels, [row[label_col] for _, row in rows if len(row) > label_col])
+    multi = separator is not None
+    skipped: list[Skipped] = []
+    entries: list[tuple[Path, tuple[str, ...], str | None]] = []
+    seen: dict[Path, tuple[int, tuple[str, ...]]] = {}
+    where = display(labels.path)
+    for line, row in rows:
+        if len(row) != len(header):
+            skipped.append(Skipped(f"{where}:{line}", f"{len(row)} fields, the header has {len(header)}"))
+            continue
+        cell, label_cell = row[path_col].strip(), row[label_col].strip()
+        names = tuple(dict.fromkeys(n.strip() for n in label_cell.split(separator) if n.strip())) if multi else \
+            ((label_cell,) if label_cell else ())
+        split, split_problem = _split_of(row[split_col].strip() if split_col is not None else None)
+        problem = ("empty path" if not cell else "empty label" if not names else split_problem)
+        path = _image_path(root, cell) if problem is None else None
+        if problem is None and path is None:
+            problem = f"file not found: {display(root / cell)}"
+        if problem is None and path in seen:
+            first_line, first_names = seen[path]
+            problem = (f"duplicate of line {first_line}" if set(first_names) == set(names)
+                       else f"{cell} is labelled again (line {first_line} says {', '.join(first_names)}); "
+                            "the first row is kept")
+        if problem is not None:
+            skipped.append(Skipped(f"{where}:{line}" + (f" ({cell})" if cell else ""), problem))
+            continue
+        seen[path] = (line, names)
+        entries.append((path, names, split))
+    classes = sorted({name for _, names, _ in entries for name in names})
+    index = {name: i for i, name in enumerate(classes)}
+    reasons: list[str | None] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+            progress.task(f"checking the images of {where}", total=len(entries), unit="files") as advance:
+        for reason in pool.map(lambda entry: check_image(entry[0]), entries):
+            reasons.append(reason)
+            advance(1)
+    samples = []
+    for (path, names, split), reason in zip(entries, reasons, strict=True):
+        if reason is not None:
+            skipped.append(Skipped(str(path), reason))
+        elif multi:
+            samples.append(Sample(path, None, split, tuple(sorted(index[n] for n in names))))
+        else:
+            samples.append(Sample(path, index[names[0]], split))
+    used = {i for s in samples for i in (s.labels if multi else (s.label,))}
+    report = ScanReport(root, "csv", classes, samples, skipped, [c for c in classes if index[c] not in used],
+                        task="multilabel" if multi else "single", labels_file=str(labels.path))
+    if strict and skipped:
+        raise DataError(f"{len(skipped)} unusable row(s) (--strict); first: {skipped[0].path}: {skipped[0].reason}")
+    return report
+
+
+def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the non-blank rows with their line numbers; tab-separated for .tsv/.tab or a tab-only header."""
+    if not path.is_file():
+        raise DataError(f"--labels {display(path)}: file not found")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"--labels {display(path)}: not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV") from None
+    except OSError as exc:
+        raise DataError(f"--labels {display(path)}: unreadable ({exc.strerror or exc})") from None
+    first = text.split("\n", 1)[0]
+    tabbed = path.suffix.lower() in (".tsv", ".tab") or ("\t" in first and "," not in first)
+    try:
+        table = list(csv.reader(text.splitlines(), delimiter="\t" if tabbed else ","))
+    except csv.Error as exc:
+        raise DataError(f"--labels {display(path)}: not a readable CSV ({exc})") from None
+    numbered = [(line, row) for line, row in enumerate(table, start=1) if any(cell.strip() for cell in row)]
+    if not numbered:
+        raise DataError(f"--labels {display(path)}: empty; it needs a header row (for example image,label) and rows")
+    header = [cell.strip() for cell in numbered[0][1]]
+    if len(header) < 2:
+        raise DataError(f"--labels {display(path)}: the header has {len(header)} column ({header[0]!r}); it needs a "
+                        "path column and a label column" + ("" if tabbed else " (comma-separated, or a .tsv file)"))
+    doubled = sorted({name for name in header if header.count(name) > 1})
+    if doubled:
+        raise DataError(f"--labels {display(path)}: column name(s) {', '.join(map(repr, doubled))} appear twice")
+    if len(numbered) == 1:
+        raise DataError(f"--labels {display(path)}: a header and no rows")
+    return header, numbered[1:]
+
+
+def _column(header: list[str], chosen: str | None, defaults: tuple[str, ...], fallback: int | None, flag: str,
+            source: str) -> int | None:
+    """The index of the chosen column, else of the first default name present (any case), else `fallback`."""
+    if chosen is not None:
+        if chosen not in header:
+            raise OptionError(f"{flag} {chosen!r}: {display(source)} has no such column (columns: "
+                              f"{', '.join(header)})")
+        return header.index(chosen)
+    lowered = [name.lower() for name in header]
+    for name in defaults:
+        if name in lowered:
+            return lowered.index(name)
+    return fallback
+
+
+def _separator(labels: LabelsFile, cells: list[str]) -> str | None:
+    """The separator of several labels per cell, or None for one label per image."""
+    if labels.multi_label is False:
+        if labels.label_sep is not None:
+            raise OptionError("--label-sep splits a cell into several labels; it contradicts --single-label")
+        return None
+    if labels.label_sep is not None:
+        if not labels.label_sep.strip() and labels.label_sep != " ":
+            raise OptionError(f"--label-sep {labels.label_sep!r}: use one character such as ';', '|' or ' '")
+        return labels.label_sep
+    for separator in DETECTED_SEPARATORS:
+        if any(separator in cell for cell in cells):
+            return separator
+    if labels.multi_label:
+        return " "  # fastai's and Kaggle's convention: space-separated tags
+    return None
+
+
+def _split_of(value: str | None) -> tuple[str | None, str | None]:
+    """(split, problem) of a split cell: train/val/test by name, or an is_valid-style truth value."""
+    if value is None:
+        return None, None
+    word = value.lower()
+    if word in SPLIT_NAMES:
+        return SPLIT_NAMES[word], None
+    if word in TRUE_WORDS:
+        return "val", None
+    if word in FALSE_WORDS:
+        return "train", None
+    shown = repr(value) if value else "empty"
+    return None, f"unknown split {shown} (use train, val or test, or true/false as in is_valid)"
+
+
+def _image_path(root: Path, cell: str) -> Path | None:
+    """The file a path cell names under `root` (an id without an extension finds `id.jpg`, `id.png`, ...)."""
+    path = root / cell
+    if path.is_file():
+        return path
+    if not path.suffix:
+        for extension in EXTENSIONS:
+            candidate = path.with_name(path.name + extension)
+            if candidate.is_file():
+                return candidate
+    return None
