@@ -2,6 +2,8 @@
 
     python benchmarks/zoo.py                   # 100 architectures up to 30M parameters (about an hour on 2 cores)
     python benchmarks/zoo.py --count 5         # a smoke run
+    python benchmarks/zoo.py --rerun NAME ...  # sweep some again after a fix (the first records are kept)
+    python benchmarks/zoo.py --summary-only    # rewrite the RESULTS.md section from zoo.json
 
 The draw: timm.list_models(), grouped into families by the name before its first digit or underscore, sizes read on
 the meta device (nothing downloaded); families are taken round-robin in a seeded order, a seeded pick from each, up
@@ -206,7 +208,11 @@ def summary(document: dict) -> str:
                      "dynamo exporter failed, as its error message says to.")
     if ratios:
         lines.append(f"Speed at batch 1: onnxruntime / PyTorch eager median {ratios[len(ratios) // 2]:.2f}x "
-                     f"(from {ratios[0]:.2f}x to {ratios[-1]:.2f}x).")
+                     f"(from {ratios[0]:.2f}x to {ratios[-1]:.2f}x). Indicative only: one second per engine on random "
+                     "weights, and part of a sweep may share the cores with other work; the speed claims are the CPU "
+                     "suite's.")
+    if document.get("note"):
+        lines.append(f"Note: {document['note']}")
     lines += ["", "Failures:", ""]
     for r in records:
         for label, outcome in r["steps"].items():
@@ -225,12 +231,17 @@ def main() -> None:
     parser.add_argument("--output", default=str(HERE / "zoo.json"))
     parser.add_argument("--results", default=str(HERE / "RESULTS.md"), help="the Markdown file whose zoo section "
                         "is rewritten")
+    parser.add_argument("--summary-only", action="store_true", help="rewrite the zoo section from --output, "
+                        "sweeping nothing")
     parser.add_argument("--rerun", nargs="+", metavar="NAME",
                         help="sweep these again and replace their records in --output (after a fix)")
     args = parser.parse_args()
     from transfer.serving.predict import machine_name
 
     output = Path(args.output)
+    if args.summary_only:
+        print(write_section(json.loads(output.read_text()), Path(args.results)))
+        return
     previous = json.loads(output.read_text()) if args.rerun and output.exists() else None
     picked = [(name, 0) for name in args.rerun] if args.rerun else draw(args.count, args.max_params, args.seed)
     records = []
@@ -257,13 +268,17 @@ def main() -> None:
                             "max_params": args.max_params, "models": records}
     output.write_text(json.dumps(document, indent=1))
     output.with_suffix(".partial.json").unlink(missing_ok=True)
+    print(write_section(document, Path(args.results)))
+
+
+def write_section(document: dict, results: Path) -> str:
+    """Rewrite the "## zoo" section of `results` (other sections kept in place) from a sweep's document."""
     text = summary(document)
-    results = Path(args.results)
     existing = results.read_text() if results.exists() else ""
     before, _, after = existing.partition("\n## zoo\n")
     rest = after[after.index("\n## ") + 1:] if "\n## " in after else ""  # the sections after the old zoo one
     results.write_text("\n\n".join(part.strip() for part in (before, text, rest) if part.strip()) + "\n")
-    print(text)
+    return text
 
 
 if __name__ == "__main__":
