@@ -34,11 +34,9 @@ def min_input_size(spec_name: str) -> int:
     efficientnet_lite0 give 32 and inception_v3 75, as Keras documents for its own versions.
     """
     from models.registry import get_backbone
-    from models.weights import build_architecture
 
     spec = get_backbone(spec_name)
-    with torch.device("meta"):
-        model = build_architecture(spec).eval()
+    model = meta_architecture(spec_name)
 
     def runs(side: int) -> bool:
         return _forward_error(model, side) is None
@@ -66,16 +64,21 @@ def _forward_error(model: nn.Module, side: int) -> str | None:
     return "its feature map would be empty" if empty else None
 
 
-@lru_cache(maxsize=64)
-def input_size_error(spec_name: str, side: int) -> str | None:
-    """Why the backbone cannot run at `side` pixels (a ViT's side must be a multiple of its patch, a Swin's of its
-    window), or None: tried on the meta device, so it costs no memory or compute."""
+@lru_cache(maxsize=8)
+def meta_architecture(spec_name: str) -> nn.Module:
+    """The backbone built on the meta device (shapes without memory), in eval mode: built once for the size checks."""
     from models.registry import get_backbone
     from models.weights import build_architecture
 
     with torch.device("meta"):
-        model = build_architecture(get_backbone(spec_name)).eval()
-    return _forward_error(model, side)
+        return build_architecture(get_backbone(spec_name)).eval()
+
+
+@lru_cache(maxsize=64)
+def input_size_error(spec_name: str, side: int) -> str | None:
+    """Why the backbone cannot run at `side` pixels (a ViT's side must be a multiple of its patch, a Swin's of its
+    window), or None: tried on the meta device, so it costs no memory or compute."""
+    return _forward_error(meta_architecture(spec_name), side)
 
 
 def check_input_size(backbone: str, size: int | None, flag: str = "--input-size") -> int | None:

@@ -346,3 +346,24 @@ def test_the_readme_label_examples_run_as_written(marker, tmp_path):
         assert "csv layout" in outputs[2] and "200 usable images" in outputs[2]
         config = json.loads((tmp_path / "runs" / "csv" / "config.json").read_text())
         assert config["settings"]["class_weights"] == "balanced" and len(config["class_weight_values"]) == 10
+
+
+def test_tsv_is_valid_separators_and_multi_label_flags(tmp_path):
+    data = digits_folder(tmp_path / "digits", per_class=2, classes=3)
+    files = sorted(str(p.relative_to(data)) for p in data.rglob("*.png"))
+    tsv = write_csv(tmp_path / "labels.tsv", ["Filename\tTags\tis_valid",
+                                              *(f"{f}\tcat dog\t{'True' if i % 2 else 'False'}"
+                                                for i, f in enumerate(files))])
+    single = read_labels(data, LabelsFile(str(tsv)))  # a space is no separator unless asked: one label, "cat dog"
+    assert single.task == "single" and single.classes == ["cat dog"]
+    assert [s.split for s in single.samples] == ["train", "val"] * 3  # fastai's is_valid
+    spaced = read_labels(data, LabelsFile(str(tsv), multi_label=True))  # --multi-label: space-separated tags
+    assert spaced.task == "multilabel" and spaced.classes == ["cat", "dog"]
+    assert all(s.labels == (0, 1) and s.label is None for s in spaced.samples)
+    piped = write_csv(tmp_path / "piped.csv", ["path,kind,where", *(f"{f},a|b,test" for f in files[:2]),
+                                               *(f"{f},a,train" for f in files[2:])])
+    chosen = read_labels(data, LabelsFile(str(piped), label_column="kind", split_column="where"))
+    assert chosen.task == "multilabel" and [s.labels for s in chosen.samples][:2] == [(0, 1), (0, 1)]
+    assert [s.split for s in chosen.samples] == ["test", "test", "train", "train", "train", "train"]
+    commas = write_csv(tmp_path / "commas.csv", ["image,label", *(f"{f},\"x, y\"" for f in files)])
+    assert read_labels(data, LabelsFile(str(commas), label_sep=",")).classes == ["x", "y"]

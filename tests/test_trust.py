@@ -41,6 +41,7 @@ def lenet_run(tmp_path_factory):
 
 
 # --- one run directory, one writer -------------------------------------------------------------------------------
+@pytest.mark.slow  # two real processes on all 1,797 digits; the lock itself is checked quickly below
 def test_two_processes_into_one_output_one_wins_other_exits_2(tmp_path):
     data = digits_folder(tmp_path / "digits", size=32, classes=10)
     before = tree_hashes(data)

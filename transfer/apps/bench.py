@@ -24,7 +24,6 @@ def bench(model_path: str | os.PathLike, batch_sizes: list[int], device: str = "
     (its run directory when it still exists, else its registry backbone: speed does not depend on the weights)."""
     onnx_model = OnnxModel(model_path, device=device)
     result = run_bench(onnx_model, batch_sizes, seconds=seconds, progress=progress)
-    result["model"] = str(model_path)
     if not against_torch:
         return result
     source = onnx_model.metadata.get("transfer.run") or onnx_model.metadata.get("transfer.backbone", "")

@@ -119,7 +119,7 @@ def run_bench(model_path: str | os.PathLike | OnnxModel, batch_sizes: list[int],
     """onnxruntime rows per batch size on synthetic input: images/s and latency p50/p95 (`transfer bench`; the
     PyTorch eager rows of --against-torch are added by `transfer.apps.bench`)."""
     onnx_model = model_path if isinstance(model_path, OnnxModel) else OnnxModel(model_path, device=device)
-    result = {"model": str(onnx_model.path if isinstance(model_path, OnnxModel) else model_path),
+    result = {"model": str(onnx_model.path),
               "machine": machine_name(), "device": onnx_model.device,
               "precision": onnx_model.metadata.get("transfer.precision", "fp32"), "rows": []}
     with progress.task("benchmarking onnxruntime", total=len(batch_sizes), unit="runs") as advance:
