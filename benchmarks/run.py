@@ -8,8 +8,10 @@ depend on them (int8 speed neither; its answers are judged elsewhere).
 `python benchmarks/run.py --suite gpu --out DIR` is the GPU suite (benchmarks/gpu_suite.py; on a lent card through
 benchmarks/gpu/run.sh, `--rehearse` on CPU). Its results_gpu.json, copied into benchmarks/, adds the GPU section.
 
-Also in the file: `predict` end to end on large JPEGs vs decode-only vs model-only (benchmarks/decode.py), and stage 1
-on cached features vs the frozen forward (benchmarks/stage1_cache.py), each rerun here.
+Also in the file: `predict` end to end on large JPEGs vs decode-only vs model-only (benchmarks/decode.py), stage 1
+on cached features vs the frozen forward (benchmarks/stage1_cache.py) and training throughput against a minimal
+PyTorch loop (benchmarks/train_speed.py), each rerun here; the timm zoo (benchmarks/zoo.py, an hour) is read from
+its zoo.json.
 """
 
 from __future__ import annotations
@@ -203,7 +205,8 @@ def markdown(record: dict) -> str:
               f"{record['stage1']['data']}: {record['stage1']['plain_seconds_per_epoch']} s per frozen-forward epoch "
               f"vs {record['stage1']['cached_seconds_per_later_epoch']} s per cached epoch "
               f"({record['stage1']['speedup_per_later_epoch']}x; over 3 epochs including the one feature pass "
-              f"{record['stage1']['speedup_over_3_epochs']}x).", "", *scaling_lines(), *serve_lines(), *gpu_lines()]
+              f"{record['stage1']['speedup_over_3_epochs']}x).", "", *train_lines(), *scaling_lines(), *serve_lines(),
+              *gpu_lines(), *zoo_lines()]
     return "\n".join(lines)
 
 
@@ -224,6 +227,37 @@ def gpu_lines() -> list[str]:
     return gpu_suite.markdown(record)
 
 
+def train_lines() -> list[str]:
+    """`transfer finetune` against a minimal PyTorch loop, from benchmarks/train_speed.json
+    (rerun: `python benchmarks/train_speed.py`)."""
+    record = saved_result("train_speed.json")
+    if record is None:
+        return []
+    def spread(values: list[float]) -> str:
+        return f"{min(values):.0f}-{max(values):.0f}"
+
+    rows = [f"| {side} | {rates['transfer']} ({spread(record['raw'][side]['transfer'])}) | {rates['hand loop']} "
+            f"({spread(record['raw'][side]['hand loop'])}) | {record['ratio_transfer_to_hand'][side]}x |"
+            for side, rates in record["images_per_s"].items()]
+    return ["## Training throughput: transfer finetune vs a minimal PyTorch loop", "",
+            f"{record['date']}, {record['machine']}: images/s of each epoch's training pass (median of epochs 2-3 of "
+            f"{record['rounds']} interleaved rounds; `python benchmarks/train_speed.py`, its docstring has the setup). "
+            f"The augmenting loader alone delivers {record['loading_alone_images_per_s']} images/s at 96 px, so the "
+            "loader is not what limits these stages. Target: every stage >= 0.9x the minimal loop.", "",
+            "| stage | transfer, median (range) | minimal loop, median (range) | ratio of medians |",
+            "|---|---|---|---|", *rows, ""]
+
+
+def zoo_lines() -> list[str]:
+    """The timm zoo sweep, from benchmarks/zoo.json (rerun: `python benchmarks/zoo.py`, about an hour)."""
+    record = saved_result("zoo.json")
+    if record is None:
+        return []
+    import zoo
+
+    return zoo.summary(record).splitlines() + [""]
+
+
 def serve_lines() -> list[str]:
     """`transfer serve` under load, from benchmarks/serve_load.json (rerun: `python benchmarks/serve_load.py`)."""
     record = saved_result("serve_load.json")
@@ -235,7 +269,8 @@ def serve_lines() -> list[str]:
             f"{record['date']}, {record['machine']}: {record['model']}; 2,000 requests, 16 concurrent, client on the "
             f"same machine (`python benchmarks/serve_load.py`). Dynamic batching / batch 1: "
             f"{record['dynamic_vs_batch1_throughput']}x.", "",
-            "| server | requests/s | p50 ms | p99 ms | errors | model runs |", "|---|---|---|---|---|---|", *rows, ""]
+            "| server | requests/s | p50 ms | p99 ms | errors | model runs |", "|---|---|---|---|---|---|", *rows, "",
+            *([record["note"], ""] if record.get("note") else [])]
 
 
 def scaling_lines() -> list[str]:
@@ -317,6 +352,7 @@ def main() -> int:
     record["decode"] = rerun("decode.py")
     record["stage1"] = rerun("stage1_cache.py")
     record["int8"] = rerun("int8.py")
+    rerun("train_speed.py")  # its own JSON, read by train_lines
     (ROOT / "benchmarks" / "results_cpu.json").write_text(json.dumps(record, indent=2) + "\n")
     (ROOT / "benchmarks" / "RESULTS.md").write_text(markdown(record))
     print(markdown(record))
