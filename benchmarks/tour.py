@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MARKER = "<!-- tour: every line below is run by tests/test_readme.py -->"
 
 
-def tour_commands(readme: Path = ROOT / "README.md") -> list[str]:
-    """The lines of the fenced bash block right after the tour marker."""
+def tour_commands(readme: Path = ROOT / "README.md", marker: str = MARKER) -> list[str]:
+    """The lines of the fenced bash block right after `marker` (the tour's, or another runnable README block)."""
     text = readme.read_text()
-    block = text[text.index(MARKER):].split("```bash\n", 1)[1].split("```", 1)[0]
+    block = text[text.index(marker):].split("```bash\n", 1)[1].split("```", 1)[0]
     return [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 

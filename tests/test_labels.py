@@ -317,12 +317,6 @@ def test_extract_index_and_lr_find_read_a_labels_file(tmp_path, runner):
     assert "--label-column 'kind': " in one_line_error(result) and not (tmp_path / "lr.png").exists()
 
 
-def readme_block(marker: str) -> list[str]:
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = text[text.index(marker):].split("```bash\n", 1)[1].split("```", 1)[0]
-    return [line for line in block.splitlines() if line.strip()]
-
-
 @pytest.mark.slow  # a process per command; the same paths run in-process above
 @pytest.mark.parametrize("marker", ["<!-- labels example -->", "<!-- multilabel example -->"])
 def test_the_readme_label_examples_run_as_written(marker, tmp_path):
@@ -332,7 +326,9 @@ def test_the_readme_label_examples_run_as_written(marker, tmp_path):
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     outputs = []
-    for command in readme_block(marker):
+    from tests.test_readme import load_tour_module
+
+    for command in load_tour_module().tour_commands(marker=marker):
         done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == 0, (command, done.stderr[-2000:])

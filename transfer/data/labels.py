@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import csv
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from transfer.core.errors import DataError, OptionError
 from transfer.core.io import display
 from transfer.core.progress import SILENT, Progress
-from transfer.data.scan import SPLIT_NAMES, Sample, ScanReport, Skipped, check_image, scan_folder
+from transfer.data.scan import SPLIT_NAMES, Sample, ScanReport, Skipped, check_images, scan_folder
 
 PATH_COLUMNS = ("image", "images", "path", "file", "filename", "fname", "image_id", "name", "id")
 LABEL_COLUMNS = ("label", "labels", "tags", "class", "category", "target")
@@ -99,12 +98,7 @@ def read_labels(root: str | os.PathLike, labels: LabelsFile, strict: bool = Fals
         entries.append((path, names, split))
     classes = sorted({name for _, names, _ in entries for name in names})
     index = {name: i for i, name in enumerate(classes)}
-    reasons: list[str | None] = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
-            progress.task(f"checking the images of {where}", total=len(entries), unit="files") as advance:
-        for reason in pool.map(lambda entry: check_image(entry[0]), entries):
-            reasons.append(reason)
-            advance(1)
+    reasons = check_images([entry[0] for entry in entries], f"checking the images of {where}", workers, progress)
     samples = []
     for (path, names, split), reason in zip(entries, reasons, strict=True):
         if reason is not None:

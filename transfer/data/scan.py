@@ -163,6 +163,18 @@ def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
     return None
 
 
+def check_images(paths: list[Path], description: str, workers: int = 4, progress: Progress = SILENT,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> list[str | None]:
+    """`check_image` of every path, decoded in `workers` threads with one progress task: the reasons, in order."""
+    reasons: list[str | None] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+            progress.task(description, total=len(paths), unit="files") as advance:
+        for reason in pool.map(lambda path: check_image(path, max_pixels), paths):
+            reasons.append(reason)
+            advance(1)
+    return reasons
+
+
 def scan_folder(
     root: str | os.PathLike,
     strict: bool = False,
@@ -206,12 +218,7 @@ def scan_folder(
         skipped += [Skipped(str(p), "outside any class folder") for p in _loose_files(root)]
         skipped += _bad_entries(root) if layout == "classes" else []
 
-    reasons: list[str | None] = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
-            progress.task(f"scanning {root}", total=len(candidates), unit="files") as advance:
-        for reason in pool.map(lambda c: check_image(c[0], max_pixels), candidates):
-            reasons.append(reason)
-            advance(1)
+    reasons = check_images([c[0] for c in candidates], f"scanning {root}", workers, progress, max_pixels)
     index = {name: i for i, name in enumerate(class_names)}
     samples = []
     for (path, class_name, split), reason in zip(candidates, reasons, strict=True):
