@@ -166,6 +166,16 @@ class Sampler(str, Enum):
     balanced = "balanced"
 
 
+class TrackerName(str, Enum):
+    tensorboard = "tensorboard"
+    mlflow = "mlflow"
+
+
+class Int8Method(str, Enum):
+    nncf = "nncf"
+    onnxruntime = "onnxruntime"
+
+
 class HeadOptimizer(str, Enum):
     adamw = "adamw"
     rmsprop = "rmsprop"
@@ -447,6 +457,9 @@ def finetune(
                              ] = ClassWeights.none,
     sampler: Annotated[Sampler, typer.Option(
         help="balanced: draw training images in inverse proportion to their class's size")] = Sampler.shuffle,
+    log: Annotated[list[TrackerName] | None, typer.Option(
+        "--log", help="experiment logs while it trains: tensorboard (event files in RUN/tensorboard) or mlflow "
+                      "(MLFLOW_TRACKING_URI, else ./mlruns); repeat for both")] = None,
     dist_timeout: DistTimeoutOpt = 600.0,
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
@@ -473,7 +486,7 @@ def finetune(
         mixup=mixup, cutmix=cutmix, lr_decay=lr_decay, ema=ema, schedule=schedule.value,
         labels=source.to_dict() if (source := labels_file(labels, path_column, label_column, split_column, label_sep,
                                                           multi_label)) else None,
-        class_weights=class_weights.value, sampler=sampler.value)
+        class_weights=class_weights.value, sampler=sampler.value, log=[tracker.value for tracker in log or []])
     changes = None
     if resume is not None:
         if output is not None:
@@ -502,9 +515,46 @@ def finetune(
         worst = min(per_class, key=lambda name: per_class[name]["recall"])
         say(f"lowest recall: {display(worst)} {per_class[worst]['recall']:.3f} of {per_class[worst]['support']} "
             f"validation images (every class in report.json)")
+    import json
+
+    tracked = json.loads((result.run_dir / "config.json").read_text())["settings"].get("log", [])
+    if "tensorboard" in tracked:
+        say(f"TensorBoard: tensorboard --logdir {display(result.run_dir / 'tensorboard')}")
+    if "mlflow" in tracked:
+        say("MLflow: mlflow ui (in the folder that holds mlruns/, or with --backend-store-uri $MLFLOW_TRACKING_URI)")
     write_record(json_out, {"run_dir": str(result.run_dir), "best_val_loss": result.best_val_loss,
                             "best_val_accuracy": result.best_val_acc, "epochs": result.epochs_run,
                             "stopped": result.stopped})
+
+
+@app.command(epilog=examples("transfer runs", "transfer runs experiments/ --json runs.json"))
+@cli_errors
+def runs(
+    folder: Annotated[Path, typer.Argument(help="where the run directories are (searched 4 levels deep)")] = Path(
+        "runs"),
+    json_out: JsonOpt = None,
+) -> None:
+    """The runs under a folder: backbone, data, epochs, best validation loss and accuracy, created, status (running,
+    finished, interrupted) and whether --resume can continue it. Reads the run directories only."""
+    from transfer.apps.run_list import list_runs
+
+    check_json_path(json_out)
+    rows = list_runs(folder)
+    table = Table()
+    for column in ("run", "backbone", "data", "epochs", "best val loss", "best val acc", "created", "status",
+                   "resumable"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        planned = "?" if row["planned_epochs"] is None else row["planned_epochs"]
+        table.add_row(row["run"], row["backbone"] or "?", display(row["data"] or "?"), f"{row['epochs']}/{planned}",
+                      "-" if row["best_val_loss"] is None else f"{row['best_val_loss']:.4f}",
+                      "-" if row["best_val_accuracy"] is None else f"{row['best_val_accuracy']:.4f}",
+                      row["created"] or "?", row["status"], "yes" if row["resumable"] else "no")
+    if rows:
+        console.print(table)
+    say(f"{len(rows)} run(s) under {display(folder)}" if rows else
+        f"no run directories under {display(folder)} (a run directory holds config.json)")
+    write_record(json_out, rows)
 
 
 def parse_batch_size(text: str) -> int | str:
@@ -765,6 +815,12 @@ def export(
     fp16: Annotated[bool, typer.Option(help="half-precision weights and compute (for GPU); float32 I/O")] = False,
     int8: Annotated[bool, typer.Option(help="static QDQ int8 (for CPU), calibrated on --calibration")] = False,
     calibration: Annotated[Path | None, typer.Option(help="folder of representative images for --int8")] = None,
+    int8_method: Annotated[Int8Method, typer.Option(
+        help="who quantizes: NNCF (measured best, benchmarks/RESULTS.md) or onnxruntime's own quantizer")
+    ] = Int8Method.nncf,
+    max_accuracy_loss: Annotated[float | None, typer.Option(
+        help="with --run: refuse the int8 file when its accuracy on the run's held-out validation images is more "
+             "than this many points below fp32's (default: refuse below 0.9 top-1 agreement)")] = None,
     embed_preprocessing: Annotated[bool, typer.Option(help="input uint8 NHWC RGB; normalization in the graph")] = False,
     input_size: Annotated[int | None, typer.Option(help="input side (default: the model's)")] = None,
     verify_images: Annotated[Path | None, typer.Option(help="folder of images to verify against PyTorch")] = None,
@@ -782,7 +838,8 @@ def export(
     record = export_onnx(output, run=run, backbone=backbone, weights=weights, layers=layer or [],
                          pretrained=pretrained, opset=opset, fp16=fp16, int8=int8, calibration=calibration,
                          embed_preprocessing=embed_preprocessing, input_size=input_size, verify_images=verify_images,
-                         progress=progress_for(quiet))
+                         progress=progress_for(quiet), int8_method=int8_method.value,
+                         max_accuracy_loss=max_accuracy_loss)
     size_mib = record.size_bytes / 2**20
     say(f"wrote {record.path} ({size_mib:.1f} MiB, {record.precision}, opset {record.opset}, {record.exporter})")
     say(f"input {record.input_name} {record.input_dtype} {record.input_shape}; outputs "
@@ -800,11 +857,20 @@ def export(
         same = f"; same top-1 on {check['same_top1']}" if check["same_top1"] else ""
         say(f"preprocessing in the graph vs the Python path ({check['images']}): abs {check['max_abs_diff']:.3g}, "
             f"relative {check['max_rel_diff']:.3g} (tolerance {check['tolerance']:g}){same}")
+    if record.mlflow_run_id is not None:
+        say(f"logged the file and this record to MLflow run {record.mlflow_run_id} (artifacts under onnx/)")
     if record.int8 is not None:
         report = record.int8
+        say(f"int8 made by {report.method}")
         if report.top1_agreement is not None:
-            say(f"int8 vs fp32 on {report.agreement_images}: top-1 agreement {report.top1_agreement:.4f}, "
+            confident = ("" if report.confident_agreement is None else f" ({report.confident_agreement:.4f} on the "
+                         f"{report.confident_images} fp32 is confident about)")
+            say(f"int8 vs fp32 on {report.agreement_images}: top-1 agreement {report.top1_agreement:.4f}{confident}, "
                 f"logit cosine {report.logit_cosine:.4f}")
+        if report.accuracy_loss is not None:
+            say(f"accuracy on {report.accuracy_images} held-out validation images: fp32 "
+                f"{100 * report.fp32_accuracy:.2f}%, int8 {100 * report.int8_accuracy:.2f}% "
+                f"(loss {report.accuracy_loss:.2f} points)")
         say(f"int8: {report.speedup:.2f}x the fp32 file's speed on this CPU, "
             f"{record.fp32_size_bytes / record.size_bytes:.2f}x smaller; {report.kernel}")
     write_record(json_out, record.to_dict())

@@ -10,6 +10,7 @@ EXIF-rotated and animated images).
 """
 
 import json
+import math
 import sys
 
 import numpy as np
@@ -39,11 +40,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode(path: str, resize: int) -> Image.Image:
-    """Upright RGB, a JPEG decoded at 1/2, 1/4 or 1/8 scale but never below `resize` on either side."""
+def decode(path: str, floor: int) -> Image.Image:
+    """Upright RGB, a JPEG decoded at 1/2, 1/4 or 1/8 scale but never below `floor` on either side."""
     with Image.open(path) as image:
         if image.format == "JPEG":
-            image.draft("RGB", (resize, resize))
+            image.draft("RGB", (floor, floor))
         image.load()  # the first frame of an animated image
         return to_rgb(ImageOps.exif_transpose(image))
 
@@ -52,7 +53,7 @@ def preprocess(path: str, meta: dict) -> np.ndarray:
     """Short side to `resize`, centre crop `crop`; float NCHW normalized, or uint8 NHWC. A file exported with
     --embed-preprocessing (layout NHWC_uint8_any) does all but the decoding itself."""
     resize, crop = int(meta["transfer.resize"]), int(meta["transfer.crop"])
-    image = decode(path, resize)
+    image = decode(path, math.ceil(resize * float(meta.get("transfer.draft_factor", "1.0"))))
     if meta["transfer.layout"] == "NHWC_uint8_any":
         return np.asarray(image, dtype=np.uint8)
     width, height = image.size

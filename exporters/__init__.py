@@ -2,7 +2,8 @@
 
 Holds: `export` (PyTorch -> ONNX) and `verify` (checker, declared shapes, onnxruntime against PyTorch within a stated
 tolerance), the two torch modules; and the torch-free `runtime` (OnnxModel, what embedders import), `int8` (static
-quantisation by CPU) and `graph_preprocessing` (the evaluation transform as ONNX nodes).
+quantisation by CPU, judged on held-out images), `int8_nncf` (NNCF, its default method) and `graph_preprocessing`
+(the evaluation transform as ONNX nodes).
 
 May import: the torch-free modules only `transfer.core` (plus onnx, onnxruntime, numpy, pillow); `export` and
 `verify` also `transfer.training`, `transfer.data` and `models`. Empty on purpose, so `exporters.runtime` stays light.

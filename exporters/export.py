@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from exporters.graph_preprocessing import IN_GRAPH_LAYOUT, with_preprocessing
-from exporters.int8 import Int8Report, quantize_int8, shape_arithmetic_nodes
+from exporters.int8 import Int8Report, check_int8_options, quantize_int8, shape_arithmetic_nodes
 from exporters.verify import (
     IN_GRAPH_TOLERANCE,
     TOLERANCE,
@@ -40,6 +40,7 @@ from transfer.core.io import display, output_lock, temp_dir_beside
 from transfer.core.preprocess import Preprocessing, decode_size
 from transfer.core.progress import SILENT, Progress
 from transfer.training.model import resolve_run_layer
+from transfer.training.tracking import log_export, mlflow_run_of
 
 DEFAULT_OPSET = 18  # well handled by torch's exporter and onnxruntime >= 1.16
 MIN_DYNAMO_OPSET = 18  # torch.export-based exporter; below it only the TorchScript exporter can write the file
@@ -70,6 +71,7 @@ class ExportRecord:
     exporter: str = "dynamo"
     int8: Int8Report | None = None  # agreement, logit cosine, held-out images, speed ratio, kernel choice
     preprocessing_in_graph: dict | None = None  # with --embed-preprocessing: the graph vs the Python path
+    mlflow_run_id: str | None = None  # a run tracked in MLflow got the file and this record as artifacts
 
     @property
     def top1_agreement(self) -> float | None:
@@ -110,6 +112,7 @@ class _Source:
     validation_paths: list[Path] = field(default_factory=list)
     run_dir: str | None = None  # absolute path of the run the file came from (for `bench --against-torch`)
     thresholds: list[float] | None = None  # several labels per image: each label's decision threshold
+    validation_labels: dict[Path, int] = field(default_factory=dict)  # class index of each labelled validation image
 
 
 def _refuse_unexportable(run: str | os.PathLike | None, backbone: str | None) -> None:
@@ -135,7 +138,9 @@ def _source(run: str | os.PathLike | None, backbone: str | None, weights, layers
         prep = Preprocessing.from_dict(config["preprocessing"])
         network, classes, description = model, list(config["classes"]), f"fine-tuned run {run}"
         thresholds = run_thresholds(config, run)
-        validation = run_validation_images(config)
+        samples = run_validation_samples(config)
+        validation = [sample.path for sample in samples]
+        validation_labels = {sample.path: sample.label for sample in samples if sample.label is not None}
         verify = validation[:8]
     else:
         if backbone is None:
@@ -144,7 +149,7 @@ def _source(run: str | os.PathLike | None, backbone: str | None, weights, layers
         network, description = create_backbone(spec, pretrained, weights)
         prep = spec.preprocessing
         classes = _imagenet_or_index_labels(spec, network)
-        verify, validation, thresholds = [], [], None
+        verify, validation, validation_labels, thresholds = [], [], {}, None
     if input_size is not None:
         prep = replace(prep, input_size=check_input_size(spec.name, input_size))
     if layers:
@@ -156,7 +161,7 @@ def _source(run: str | os.PathLike | None, backbone: str | None, weights, layers
         return _Source(tap, prep, [], spec.name, dict(zip(layers, paths, strict=True)), "features", description,
                        verify, validation, run_dir)
     return _Source(network, prep, classes, spec.name, {}, "logits", description, verify, validation, run_dir,
-                   thresholds)
+                   thresholds, validation_labels)
 
 
 def _imagenet_or_index_labels(spec, network: nn.Module) -> list[str]:
@@ -179,8 +184,8 @@ def run_thresholds(config: dict, run) -> list[float] | None:
     return [float(t) for t in thresholds]
 
 
-def run_validation_images(config: dict) -> list[Path]:
-    """The run's own validation images, when its data folder is still there."""
+def run_validation_samples(config: dict) -> list:
+    """The run's own validation images with their labels (`Sample`s), when its data is still there."""
     from transfer.data.labels import LabelsFile, scan_data
     from transfer.data.splits import train_val_samples
 
@@ -190,7 +195,12 @@ def run_validation_images(config: dict) -> list[Path]:
     if not data_dir or not Path(data_dir).is_dir() or (labels is not None and not Path(labels.path).is_file()):
         return []
     _, val = train_val_samples(scan_data(data_dir, labels), settings["val_split"], settings["seed"])
-    return [s.path for s in val]
+    return val
+
+
+def run_validation_images(config: dict) -> list[Path]:
+    """The run's own validation images, when its data folder is still there."""
+    return [sample.path for sample in run_validation_samples(config)]
 
 
 def _metadata(source: _Source, record_layout: str, precision: str) -> dict[str, str]:
@@ -228,8 +238,13 @@ def export_onnx(
     input_size: int | None = None,
     verify_images: str | os.PathLike | None = None,
     progress: Progress = SILENT,
+    int8_method: str = "nncf",
+    max_accuracy_loss: float | None = None,
 ) -> ExportRecord:
-    """Export, verify against PyTorch, and only then move the file to `output`."""
+    """Export, verify against PyTorch, and only then move the file to `output`.
+
+    int8 files are refused below MIN_INT8_AGREEMENT top-1 agreement with fp32, or, with `max_accuracy_loss`
+    (percentage points, for a run), when they answer its held-out validation images that much less accurately."""
     output = Path(output)
     if output.suffix != ".onnx":
         raise ExportError(f"--output {output}: the file name must end in .onnx")
@@ -239,13 +254,18 @@ def export_onnx(
         raise ExportError("--int8 needs --calibration DIR (a folder of representative images)")
     if calibration is not None and not Path(calibration).is_dir():
         raise ExportError(f"--calibration: folder not found: {calibration}")
+    check_int8_options(int8, int8_method, max_accuracy_loss, run is not None)
     if not 11 <= opset <= 20:
         raise ExportError(f"--opset {opset}: use 11..20 (18+ with the dynamo exporter, 11..17 with TorchScript)")
     layers = list(dict.fromkeys(layers))
     _refuse_unexportable(run, backbone)
+    tracked = mlflow_run_of(run) if run is not None else None
     with output_lock(output):
-        return _export(output, run, backbone, weights, layers, pretrained, opset, fp16, int8, calibration,
-                       embed_preprocessing, input_size, verify_images, progress)
+        record = _export(output, run, backbone, weights, layers, pretrained, opset, fp16, int8, calibration,
+                         embed_preprocessing, input_size, verify_images, progress, int8_method, max_accuracy_loss)
+    if tracked is not None:
+        record.mlflow_run_id = log_export(tracked, output, record.to_dict())
+    return record
 
 
 def export_graph(model: nn.Module, dummy: torch.Tensor, path: Path, output_names: list[str], opset: int,
@@ -279,13 +299,17 @@ def export_graph(model: nn.Module, dummy: torch.Tensor, path: Path, output_names
 
 
 def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp16, int8, calibration,
-            embed_preprocessing, input_size, verify_images, progress: Progress) -> ExportRecord:
+            embed_preprocessing, input_size, verify_images, progress: Progress, int8_method: str,
+            max_accuracy_loss: float | None) -> ExportRecord:
     if embed_preprocessing and opset < MIN_DYNAMO_OPSET:
         raise ExportError(f"--embed-preprocessing needs --opset {MIN_DYNAMO_OPSET} or higher (Resize with antialias)")
     source = _source(run, backbone, weights, layers, pretrained, input_size)
     if int8 and source.thresholds is not None and source.output_kind == "logits":
         raise ExportError("--int8 is judged by top-1 agreement, which several labels per image do not have; export "
                           "this run in fp32 (or --fp16 for a GPU)")
+    if max_accuracy_loss is not None and not source.validation_labels:
+        raise ExportError(f"--max-accuracy-loss: the run's labelled validation images are not there "
+                          f"({source.description}); without them only top-1 agreement can judge the int8 file")
     precision = "fp16" if fp16 else "int8" if int8 else "fp32"
     model = source.model.eval()
     export_model: nn.Module = (_Half(model) if fp16 else model).eval()
@@ -307,8 +331,8 @@ def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp1
         if int8:
             _write_metadata(fp32_path, nchw_meta | {"transfer.precision": "fp32"})
             final_path = Path(work) / "model.int8.onnx"
-            with progress.task("calibrating and quantizing to int8"):
-                int8_report = _quantize(fp32_path, final_path, source, calibration)
+            with progress.task(f"calibrating and quantizing to int8 ({int8_method})"):
+                int8_report = _quantize(fp32_path, final_path, source, calibration, int8_method)
             fp32_size = fp32_path.stat().st_size
         _write_metadata(final_path, nchw_meta)
         with progress.task("verifying: onnx.checker and onnxruntime vs PyTorch at batch 1 and 3"):
@@ -332,7 +356,7 @@ def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp1
             batch_sizes_checked=checked, max_abs_diff=abs_diff, max_rel_diff=rel_diff, tolerance=tolerance,
             verify_images=verify_note, size_bytes=final_path.stat().st_size, metadata=meta,
             fp32_size_bytes=fp32_size, exporter=exporter, int8=int8_report, preprocessing_in_graph=in_graph)
-        judge(record, source.output_kind, output)
+        judge(record, source.output_kind, output, max_accuracy_loss)
         os.replace(final_path, output)
     return record
 
@@ -354,7 +378,7 @@ def _write_metadata(path: Path, meta: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def _quantize(fp32_path: Path, int8_path: Path, source: _Source, calibration) -> Int8Report:
+def _quantize(fp32_path: Path, int8_path: Path, source: _Source, calibration, method: str) -> Int8Report:
     """Static QDQ int8 with weights suited to this CPU's kernels, judged on images not used to calibrate it."""
     from transfer.core.images import open_image
     from transfer.data.scan import scan_folder
@@ -368,4 +392,5 @@ def _quantize(fp32_path: Path, int8_path: Path, source: _Source, calibration) ->
 
     return quantize_int8(fp32_path, int8_path, paths, source.validation_paths, to_batch,
                          judge_logits=source.output_kind == "logits",
-                         exclude=shape_arithmetic_nodes(onnx.load(str(fp32_path))))
+                         exclude=shape_arithmetic_nodes(onnx.load(str(fp32_path))), method=method,
+                         labels=source.validation_labels)

@@ -8,14 +8,18 @@ such CPUs every convolution and Gemm that goes through the GEMM kernel gets them
 own int32 kernel and keep 8 bits. With VNNI (VPDPBUSD accumulates in int32) all weights keep 8 bits.
 benchmarks/int8.json has the measurements behind these choices.
 
+Two methods make the file: NNCF (the default, exporters/int8_nncf.py) and onnxruntime's own quantizer
+(`--int8-method onnxruntime`, MinMax), both following the kernel plan. benchmarks/int8.py measures them.
+
 Calibration and judgement never share an image, compared by content: a run's validation images (less any whose
-bytes are also in `--calibration`) judge it; otherwise every fourth distinct calibration image is held out.
+bytes are also in `--calibration`) judge it; otherwise every fourth distinct calibration image is held out. Where
+the judged images have labels (a run's validation images), the record has both files' accuracy on them.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +27,30 @@ import numpy as np
 import onnx
 
 from transfer.core.errors import TransferError
+from transfer.core.interpret import softmax
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 HOLD_OUT_EVERY = 4  # without a run's validation set, calibration image 3, 7, 11, ... judge the file instead
 MIN_AGREEMENT_IMAGES = 4
+METHODS = ("nncf", "onnxruntime")
+CONFIDENT = 0.5  # "images fp32 is confident about": its top-1 softmax probability is at least this
+
+
+def check_int8_options(int8: bool, method: str, max_accuracy_loss: float | None, from_run: bool) -> None:
+    """`--int8-method` and `--max-accuracy-loss` checked before any work (an `ExportError` naming the flag)."""
+    from transfer.core.errors import ExportError
+
+    if method not in METHODS:
+        raise ExportError(f"--int8-method {method}: use one of {', '.join(METHODS)}")
+    if max_accuracy_loss is None:
+        return
+    if not int8:
+        raise ExportError("--max-accuracy-loss judges an --int8 file")
+    if not from_run:
+        raise ExportError("--max-accuracy-loss needs a run (its labelled validation images judge the file); a "
+                          "--backbone export is judged by top-1 agreement")
+    if not 0 <= max_accuracy_loss <= 100:
+        raise ExportError(f"--max-accuracy-loss {max_accuracy_loss:g}: percentage points, 0..100")
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
@@ -119,7 +143,7 @@ def split_images(calibration: Sequence[Path], validation: Sequence[Path],
 
 @dataclass
 class Int8Report:
-    """What quantization measured: answers on held-out images and speed against the fp32 file."""
+    """What quantization measured: answers on held-out images and speed against the fp32 file, and what made it."""
 
     top1_agreement: float | None
     logit_cosine: float | None
@@ -127,6 +151,20 @@ class Int8Report:
     calibration_images: int
     speedup: float
     kernel: str
+    method: str = ""
+    confident_agreement: float | None = None  # on the judged images whose fp32 top-1 probability >= CONFIDENT
+    confident_images: int | None = None
+    fp32_accuracy: float | None = None  # on the judged images that have labels (a run's validation images)
+    int8_accuracy: float | None = None
+    accuracy_images: int | None = None
+
+    @property
+    def accuracy_loss(self) -> float | None:
+        """fp32 accuracy minus int8 accuracy, in percentage points (negative: int8 answered better)."""
+        if self.fp32_accuracy is None or self.int8_accuracy is None:
+            return None
+        # rounded: 0.9 - 0.895 is 0.5 points, not 0.5000000000000004, when judged against a threshold
+        return round(100 * (self.fp32_accuracy - self.int8_accuracy), 9)
 
 
 class _Batches:
@@ -149,13 +187,37 @@ class _Batches:
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Sequence[Path], validation: Sequence[Path],
                   to_batch: Callable[[Sequence[Path]], np.ndarray], judge_logits: bool,
                   exclude: Sequence[str] = (), flags: set[str] | None = None,
-                  validation_name: str = "validation images of the run") -> Int8Report:
-    """Static QDQ int8 (per-channel weights, u8 activations, MinMax) of `fp32_path`, then judged and timed."""
+                  validation_name: str = "validation images of the run", method: str = "nncf",
+                  labels: Mapping[Path, int] | None = None) -> Int8Report:
+    """Static QDQ int8 of `fp32_path` by `method` (per-channel weights, uint8 activations, weights by the kernel
+    plan), then judged on held-out images (with their accuracy where `labels` has them) and timed."""
+    if method not in METHODS:
+        raise TransferError(f"--int8-method {method}: use one of {', '.join(METHODS)}")
+    plan = kernel_plan(cpu_flags() if flags is None else flags)
+    calibrate, judge, judge_note = split_images(calibration, validation, validation_name)
+    if method == "nncf":
+        from exporters.int8_nncf import nncf_method, quantize_with_nncf
+
+        quantize_with_nncf(fp32_path, int8_path, calibrate, to_batch, plan.seven_bit_weights, exclude)
+        made_by = nncf_method(plan.seven_bit_weights)
+    else:
+        made_by = _quantize_with_onnxruntime(fp32_path, int8_path, calibrate, to_batch, plan, exclude)
+    fp32, quant = _session(fp32_path), _session(int8_path)
+    report = Int8Report(None, None, judge_note, len(calibrate), speedup(fp32, quant, to_batch(judge[:16])),
+                        plan.reason, made_by)
+    if judge_logits:
+        judge_answers(report, fp32, quant, judge, to_batch, labels or {})
+    return report
+
+
+def _quantize_with_onnxruntime(fp32_path: Path, int8_path: Path, calibrate: Sequence[Path],
+                               to_batch: Callable[[Sequence[Path]], np.ndarray], plan: KernelPlan,
+                               exclude: Sequence[str]) -> str:
+    """onnxruntime's quantize_static (MinMax), 7-bit GEMM weights where the kernel plan says; returns the method."""
+    import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    plan = kernel_plan(cpu_flags() if flags is None else flags)
-    calibrate, judge, judge_note = split_images(calibration, validation, validation_name)
     prepared = fp32_path.with_name("model.prep.onnx")
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
     model = onnx.load(str(prepared))
@@ -163,12 +225,8 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Sequence[Path],
     quantize_static(str(prepared), str(int8_path), _Batches(calibrate, to_batch), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(exclude), extra_options=extra)
-    fp32, quant = _session(fp32_path), _session(int8_path)
-    agreement = cosine = None
-    if judge_logits:
-        agreement, cosine = compare_logits(fp32, quant, _Batches(judge, to_batch, batch_size=32))
-    sample = to_batch(judge[:16])
-    return Int8Report(agreement, cosine, judge_note, len(calibrate), speedup(fp32, quant, sample), plan.reason)
+    weights = "7-bit GEMM weights, 8-bit depthwise" if plan.seven_bit_weights else "8-bit weights"
+    return f"onnxruntime {onnxruntime.__version__} quantize_static: MinMax, per-channel {weights}"
 
 
 def _session(path: Path):
@@ -177,17 +235,29 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def compare_logits(fp32, quant, batches: _Batches) -> tuple[float, float]:
-    """(top-1 agreement, mean cosine of the logit vectors) of two sessions over the same batches."""
-    agree = total = 0
-    cosines: list[np.ndarray] = []
-    while (batch := batches.get_next()) is not None:
-        reference, ours = fp32.run(None, batch)[0], quant.run(None, batch)[0]
-        agree += int((reference.argmax(1) == ours.argmax(1)).sum())
-        total += len(reference)
-        norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(ours, axis=1)
-        cosines.append((reference * ours).sum(1) / np.maximum(norms, 1e-12))
-    return agree / total, float(np.concatenate(cosines).mean())
+def judge_answers(report: Int8Report, fp32, quant, judge: Sequence[Path],
+                  to_batch: Callable[[Sequence[Path]], np.ndarray], labels: Mapping[Path, int]) -> None:
+    """Fill `report`'s answers: top-1 agreement and mean logit cosine over `judge`, agreement on the images fp32 is
+    confident about, and both files' accuracy on the judged images that have a label."""
+    reference, ours = [], []
+    for start in range(0, len(judge), 32):
+        batch = {"input": to_batch(judge[start:start + 32])}
+        reference.append(fp32.run(None, batch)[0])
+        ours.append(quant.run(None, batch)[0])
+    reference_logits, int8_logits = np.concatenate(reference), np.concatenate(ours)
+    agree = reference_logits.argmax(1) == int8_logits.argmax(1)
+    norms = np.linalg.norm(reference_logits, axis=1) * np.linalg.norm(int8_logits, axis=1)
+    report.top1_agreement = float(agree.mean())
+    report.logit_cosine = float(((reference_logits * int8_logits).sum(1) / np.maximum(norms, 1e-12)).mean())
+    confident = softmax(reference_logits).max(1) >= CONFIDENT
+    report.confident_images = int(confident.sum())
+    report.confident_agreement = float(agree[confident].mean()) if confident.any() else None
+    labelled = [index for index, path in enumerate(judge) if path in labels]
+    if labelled:
+        truth = np.array([labels[judge[index]] for index in labelled])
+        report.fp32_accuracy = float((reference_logits[labelled].argmax(1) == truth).mean())
+        report.int8_accuracy = float((int8_logits[labelled].argmax(1) == truth).mean())
+        report.accuracy_images = len(labelled)
 
 
 def speedup(fp32, quant, batch: np.ndarray, seconds: float = 1.0) -> float:

@@ -33,6 +33,7 @@ from transfer.core.preprocess import (
     decode_size,
     eval_array,
     eval_pixels,
+    metadata_float,
     metadata_json,
     tta_views,
 )
@@ -127,6 +128,17 @@ def read_thresholds(meta: dict, classes: list[str]) -> np.ndarray | None:
     return np.asarray(thresholds, dtype=np.float64)
 
 
+def read_draft_factor(meta: dict[str, str]) -> float:
+    """`transfer.draft_factor`: JPEGs decode to no less than this many times the resize length; files written
+    before the key existed decoded to the resize length itself (1.0)."""
+    if "transfer.draft_factor" not in meta:
+        return 1.0
+    factor = metadata_float(meta, "transfer.draft_factor")
+    if not 1.0 <= factor <= 8.0:
+        raise DataError(f"metadata transfer.draft_factor {factor:g}: must be between 1 and 8")
+    return factor
+
+
 class OnnxModel:
     """A `transfer`-exported ONNX file with its preprocessing, ready to run batched on CPU or CUDA."""
 
@@ -158,9 +170,15 @@ class OnnxModel:
         try:
             self.prep, self.classes, self.layout, self.output_kind = read_metadata(self.session)
             self.thresholds = read_thresholds(meta, self.classes)
+            self.draft_factor = read_draft_factor(meta)
         except DataError as exc:
             raise DataError(f"{self.path}: {exc}") from None
         self.decode_workers = decode_workers or min(8, os.cpu_count() or 1)  # more only fight onnxruntime
+
+    @property
+    def draft_size(self) -> tuple[int, int] | None:
+        """The JPEG draft request the file's metadata states (None: full-size decode, with exact_decode)."""
+        return None if self.exact_decode else decode_size(self.prep, self.draft_factor)
 
     @property
     def device(self) -> str:
@@ -171,7 +189,7 @@ class OnnxModel:
         """One image (path, PIL image or uint8 array) -> the model's input row, by the file's own metadata: the
         decoded RGB pixels themselves when the file does resize, crop and normalization in its graph. `corner`:
         that corner of the decoded image first (a test-time-augmentation view, `corner_crop`)."""
-        rgb = as_rgb_image(image, draft_size=None if self.exact_decode else decode_size(self.prep))
+        rgb = as_rgb_image(image, draft_size=self.draft_size)
         if corner is not None:
             rgb = corner_crop(rgb, corner)
         if self.layout == "NHWC_uint8_any":

@@ -123,17 +123,29 @@ def compare_in_graph(path: Path, nchw_path: Path, images, prep: Preprocessing, o
             "same_top1": f"{same_top1}/{len(images)}" if output_kind == "logits" else None}
 
 
-def judge(record, output_kind: str, output: Path) -> None:
+def judge(record, output_kind: str, output: Path, max_accuracy_loss: float | None = None) -> None:
     """Refuse the file (a `VerificationError`, nothing written to `output`) when onnxruntime differs from PyTorch
-    beyond the precision's tolerance, when an int8 classifier agrees with fp32 on fewer than MIN_INT8_AGREEMENT of
-    the held-out images, or when the preprocessing graph differs from the Python path beyond its tolerance."""
+    beyond the precision's tolerance; when an int8 classifier agrees with fp32 on fewer than MIN_INT8_AGREEMENT of
+    the held-out images, or, with `max_accuracy_loss` (percentage points), when its accuracy on the run's held-out
+    validation images is more than that below fp32's; or when the preprocessing graph differs from the Python path
+    beyond its tolerance."""
     worst = max(record.max_rel_diff.values())
     judged_by_agreement = record.precision == "int8" and output_kind == "logits"
     if worst > record.tolerance and not judged_by_agreement:
         raise VerificationError(
             f"export verification failed: onnxruntime differs from PyTorch by {worst:.3g} (relative) > "
             f"tolerance {record.tolerance:g} for {record.precision}; no file written to {output}")
-    if judged_by_agreement and record.top1_agreement < MIN_INT8_AGREEMENT:
+    if judged_by_agreement and max_accuracy_loss is not None:
+        report = record.int8
+        if report.accuracy_loss is None or report.accuracy_loss > max_accuracy_loss:
+            measured = ("no labelled held-out image to measure it on" if report.accuracy_loss is None else
+                        f"{report.accuracy_loss:.2f} points ({100 * report.fp32_accuracy:.2f}% fp32, "
+                        f"{100 * report.int8_accuracy:.2f}% int8 on {report.accuracy_images} held-out validation "
+                        "images)")
+            raise VerificationError(
+                f"int8 accuracy loss {measured} > --max-accuracy-loss {max_accuracy_loss:g}; no file written to "
+                f"{output}. Keep this model in fp32 (or --fp16 for a GPU)")
+    elif judged_by_agreement and record.top1_agreement < MIN_INT8_AGREEMENT:
         raise VerificationError(
             f"int8 top-1 agreement with fp32 is {record.top1_agreement:.3f} < {MIN_INT8_AGREEMENT} (logit cosine "
             f"{record.int8.logit_cosine:.3f}) on {record.int8.agreement_images}; no file written to {output}. "

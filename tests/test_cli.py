@@ -237,15 +237,25 @@ def test_export_prints_no_warnings_and_uses_the_dynamo_exporter(tmp_path):
 
 
 def test_export_int8_states_agreement_speed_and_kernel(tmp_path, runner):
+    import hashlib
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from transfer.core.images import open_image
+    from transfer.core.preprocess import Preprocessing, eval_array
     from transfer.data.samples import write_digits_folder
+    from transfer.data.scan import scan_folder
+    from transfer.data.splits import train_val_samples
     from transfer.training import FinetuneConfig, finetune
+    from transfer.training.runs import load_run
 
     data = write_digits_folder(tmp_path / "digits", per_class=40, size=32)
     finetune(data, FinetuneConfig(backbone="lenet5", epochs_head=8, epochs_finetune=0, augment=False, lr_head=3e-3,
                                   workers=0, batch_size=32), output=tmp_path / "run", device="cpu", log=lambda _: None)
     calibration = write_digits_folder(tmp_path / "calibration", per_class=3, size=32)
     result = runner.invoke(cli.app, ["export", "--run", str(tmp_path / "run"), "--int8", "--calibration",
-                                     str(calibration), "-o", str(tmp_path / "m.onnx"),
+                                     str(calibration), "--max-accuracy-loss", "0.5", "-o", str(tmp_path / "m.onnx"),
                                      "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "r.json").read_text())["int8"]
@@ -254,8 +264,33 @@ def test_export_int8_states_agreement_speed_and_kernel(tmp_path, runner):
     assert record["agreement_images"] == (f"{held_out} validation images of the run (none used for calibration, "
                                           "compared by content)")
     output = result.output
-    assert f"top-1 agreement {record['top1_agreement']:.4f}, logit cosine {record['logit_cosine']:.4f}" in output
+    assert f"top-1 agreement {record['top1_agreement']:.4f} (" in output
+    assert f"logit cosine {record['logit_cosine']:.4f}" in output
+    assert record["method"].startswith("nncf ") and f"int8 made by {record['method']}" in output
     assert f"int8: {record['speedup']:.2f}x the fp32 file's speed" in output and record["kernel"] in output
+    assert "━" not in output and "INFO:nncf" not in output  # NNCF's own progress bars and log lines stay out
+    # the accuracies, computed here without the exporter: PyTorch and the int8 file on the same held-out images
+    seen = {hashlib.sha256(p.read_bytes()).digest() for p in calibration.rglob("*.png")}
+    _, validation = train_val_samples(scan_folder(data), 0.2, 0)
+    judged = [s for s in validation if hashlib.sha256(s.path.read_bytes()).digest() not in seen]
+    model, config = load_run(tmp_path / "run")
+    prep = Preprocessing.from_dict(config["preprocessing"])
+    inputs = np.stack([eval_array(open_image(s.path), prep) for s in judged]).astype(np.float32)
+    truth = np.array([s.label for s in judged])
+    with torch.no_grad():
+        fp32_accuracy = float((model(torch.from_numpy(inputs)).argmax(1).numpy() == truth).mean())
+    int8_logits = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input": inputs})[0]
+    int8_accuracy = float((int8_logits.argmax(1) == truth).mean())
+    assert record["accuracy_images"] == len(judged) == held_out
+    assert record["fp32_accuracy"] == pytest.approx(fp32_accuracy) and fp32_accuracy >= 0.7
+    assert record["int8_accuracy"] == pytest.approx(int8_accuracy)
+    assert 100 * (fp32_accuracy - int8_accuracy) <= 0.5
+    assert (f"accuracy on {held_out} held-out validation images: fp32 {100 * fp32_accuracy:.2f}%, int8 "
+            f"{100 * int8_accuracy:.2f}%") in output
+    refused = runner.invoke(cli.app, ["export", "-b", "lenet5", "--no-pretrained", "--int8", "--calibration",
+                                      str(calibration), "--max-accuracy-loss", "1", "-o", str(tmp_path / "b.onnx")])
+    assert refused.exit_code == 2 and not (tmp_path / "b.onnx").exists()
+    assert "--max-accuracy-loss needs a run" in refused.output
     few = tmp_path / "few"
     few.mkdir()
     for path in sorted((calibration / "0").iterdir()) + sorted((calibration / "1").iterdir())[:2]:

@@ -65,14 +65,83 @@ def test_quantized_weights_follow_the_kernel_plan(tmp_path, photo_dir):
         return np.stack([eval_array(open_image(p), prep) for p in chunk]).astype(np.float32)
 
     spans = {}
-    for name, flags in (("avx2", {"avx2"}), ("vnni", {"avx2", "avx512_vnni"})):
-        quantize_int8(fp32, tmp_path / f"{name}.onnx", paths, [], to_batch, judge_logits=True, flags=flags)
-        weights = _int8_weights(tmp_path / f"{name}.onnx")
-        assert sum(gemm for _, gemm in weights.values()) > 10 and sum(not gemm for _, gemm in weights.values()) > 5
-        spans[name] = {kind: max(int(np.abs(w).max()) for w, gemm in weights.values() if gemm == kind)
-                       for kind in (True, False)}
-    assert spans["avx2"][True] <= 64 and spans["avx2"][False] == 127
-    assert spans["vnni"][True] == 127 and spans["vnni"][False] == 127
+    for method in ("onnxruntime", "nncf"):
+        for name, flags in (("avx2", {"avx2"}), ("vnni", {"avx2", "avx512_vnni"})):
+            path = tmp_path / f"{method}_{name}.onnx"
+            report = quantize_int8(fp32, path, paths, [], to_batch, judge_logits=True, flags=flags, method=method)
+            assert report.method.startswith(f"{method} ") and 0 <= report.top1_agreement <= 1
+            weights = _int8_weights(path)
+            assert sum(gemm for _, gemm in weights.values()) > 10 and sum(not gemm for _, gemm in weights.values()) > 5
+            spans[method, name] = {kind: max(int(np.abs(w).max()) for w, gemm in weights.values() if gemm == kind)
+                                   for kind in (True, False)}
+            assert _float_convolutions_after_fusion(path) == 0  # every convolution runs on int8 kernels
+    assert spans["onnxruntime", "avx2"][True] <= 64 and spans["onnxruntime", "avx2"][False] == 127
+    assert spans["onnxruntime", "vnni"][True] == 127 and spans["onnxruntime", "vnni"][False] == 127
+    # NNCF's overflow fix makes the same choice: 7 bits through the GEMM kernel without VNNI, depthwise keeps 8
+    assert spans["nncf", "avx2"][True] <= 64 and spans["nncf", "avx2"][False] == 127
+    assert spans["nncf", "vnni"][True] == 127 and spans["nncf", "vnni"][False] == 127
+
+
+def _float_convolutions_after_fusion(path) -> int:
+    """How many Conv nodes onnxruntime's CPU graph optimizer leaves in float (not fused into QLinearConv)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(path.with_suffix(".optimized.onnx"))
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    kinds = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    assert kinds.count("QLinearConv") > 40
+    return kinds.count("Conv") + kinds.count("FusedConv")
+
+
+def test_unsigned_activations_are_exact():
+    """int8 activation Q/DQ pairs moved to uint8 (zero point + 128) dequantize to the same values; weights keep
+    int8. Checked by running both graphs without fusion on random inputs."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from exporters.int8_nncf import unsigned_activations
+
+    weight = np.random.default_rng(0).integers(-64, 64, (4, 3, 1, 1)).astype(np.int8)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "scale", "zero"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "wscale", "wzero"], ["wd"]),
+             helper.make_node("Conv", ["xd", "wd"], ["y"])]
+    constants = [numpy_helper.from_array(np.array(0.05, np.float32), "scale"),
+                 numpy_helper.from_array(np.array(3, np.int8), "zero"),
+                 numpy_helper.from_array(weight, "w"),
+                 numpy_helper.from_array(np.array(0.01, np.float32), "wscale"),
+                 numpy_helper.from_array(np.array(0, np.int8), "wzero")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 5, 5])], constants)
+    signed = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    unsigned = unsigned_activations(onnx.ModelProto.FromString(signed.SerializeToString()))
+    zero_points = {item.name: numpy_helper.to_array(item) for item in unsigned.graph.initializer}
+    assert zero_points["zero"].dtype == np.uint8 and int(zero_points["zero"]) == 131
+    assert zero_points["wzero"].dtype == np.int8 and (zero_points["w"] == weight).all()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    x = {"x": np.random.default_rng(1).normal(0, 4, (2, 3, 5, 5)).astype(np.float32)}  # some values clip
+    before, after = (ort.InferenceSession(m.SerializeToString(), options).run(None, x)[0] for m in (signed, unsigned))
+    assert np.array_equal(before, after) and np.abs(before).max() > 0
+
+
+def test_nncf_is_imported_without_telemetry(tmp_path):
+    """NNCF would send usage events and write a client id under the home folder; imported through
+    import_nncf it does neither, and the environment is left as it was."""
+    import subprocess
+    import sys
+
+    code = ("import os; from exporters.int8_nncf import import_nncf; import_nncf(); "
+            "from nncf.telemetry import wrapper; print(isinstance(wrapper.telemetry, wrapper.NNCFTelemetryStub), "
+            "os.environ.get('NNCF_CI'), os.environ.get('CI'))")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("NNCF_CI", "CI", "PYTEST_CURRENT_TEST")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env | {
+        "HOME": str(tmp_path)}, cwd=__import__("pathlib").Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "None", "None"]  # the stub that sends nothing
+    assert list(tmp_path.iterdir()) == []  # no consent or client-id folder in the home folder
 
 
 def test_judgement_images_never_calibrate(tmp_path, monkeypatch):
@@ -124,3 +193,29 @@ def test_byte_identical_copies_of_calibration_images_never_judge(tmp_path):
     with pytest.raises(TransferError, match="6 usable images of distinct content"):
         split_images(sorted(calibration.glob("copy_of_*")) + sorted(validation.glob("[0-9].jpg")), [])
     assert all(p.read_bytes() == content for p, content in before.items())  # the user's files are untouched
+
+
+def test_accuracy_loss_threshold_refuses_and_passes(tmp_path):
+    """--max-accuracy-loss replaces the agreement rule for a run: 0.95 agreement can pass or fail by accuracy."""
+    from types import SimpleNamespace
+
+    from exporters.int8 import Int8Report
+    from exporters.verify import judge
+    from transfer.core.errors import VerificationError
+
+    def record(fp32_accuracy, int8_accuracy, agreement=0.95):
+        report = Int8Report(agreement, 0.99, "200 validation images", 100, 1.5, "plan", "nncf 3.4.0",
+                            fp32_accuracy=fp32_accuracy, int8_accuracy=int8_accuracy, accuracy_images=200)
+        return SimpleNamespace(precision="int8", max_rel_diff={"logits": 0.2}, tolerance=0.3, int8=report,
+                               top1_agreement=agreement, preprocessing_in_graph=None)
+
+    judge(record(0.900, 0.895), "logits", tmp_path / "m.onnx", max_accuracy_loss=0.5)  # 0.5 points: kept
+    with pytest.raises(VerificationError, match=r"int8 accuracy loss 1\.00 points \(90\.00% fp32, 89\.00% int8 on "
+                                                r"200 held-out validation images\) > --max-accuracy-loss 0\.5"):
+        judge(record(0.90, 0.89), "logits", tmp_path / "m.onnx", max_accuracy_loss=0.5)
+    judge(record(0.90, 0.60, agreement=0.91), "logits", tmp_path / "m.onnx")  # without it: today's agreement rule
+    with pytest.raises(VerificationError, match="top-1 agreement with fp32 is 0.850 < 0.9"):
+        judge(record(0.90, 0.90, agreement=0.85), "logits", tmp_path / "m.onnx")
+    no_labels = record(None, None)
+    with pytest.raises(VerificationError, match="no labelled held-out image"):
+        judge(no_labels, "logits", tmp_path / "m.onnx", max_accuracy_loss=0.5)

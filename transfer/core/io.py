@@ -136,6 +136,16 @@ def write_json(path: str | os.PathLike, data) -> Path:
     return write_atomic(path, lambda temp: temp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON object from `path`; {} when the file is missing, unreadable, not JSON or not an object (for
+    optional files such as a run's report.json, whose absence is an answer, not an error)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Text as UTF-8, atomically; undecodable bytes of file names are written back as the original bytes."""
     return write_atomic(path, lambda temp: temp.write_text(text, encoding="utf-8", errors="surrogateescape"))

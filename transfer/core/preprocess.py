@@ -27,9 +27,9 @@ INTERPOLATIONS = {
 MAX_INPUT_SIZE = 4096  # model input side; larger is a typo or a file meant to exhaust memory
 MAX_RESIZE = 8192  # short side before the centre crop
 LAYOUTS = ("NCHW_float32", "NHWC_uint8", "NHWC_uint8_any")  # _any: resize, crop, normalize in the graph
-DRAFT_FACTOR = 1.0  # JPEGs decode to no less than this many times the resize length (1: the fastest safe choice)
-DECODER = ("pillow; a JPEG is decoded at a reduced scale (1/2, 1/4 or 1/8, by its DCT) to no less than the resize "
-           "length on both sides, then resized with the stated interpolation")
+DRAFT_FACTOR = 3.0  # JPEGs decode to no less than this many times the resize length (benchmarks/decode.py)
+DECODER = ("pillow; a JPEG is decoded at a reduced scale (1/2, 1/4 or 1/8, by its DCT) to no less than "
+           "transfer.draft_factor x the resize length on both sides, then resized with the stated interpolation")
 OUTPUT_KINDS = ("logits", "features")
 
 
@@ -95,6 +95,7 @@ class Preprocessing:
             "transfer.mean": json.dumps(list(self.mean)),
             "transfer.std": json.dumps(list(self.std)),
             "transfer.decoder": DECODER,
+            "transfer.draft_factor": repr(DRAFT_FACTOR),
         }
 
     @classmethod

@@ -39,7 +39,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from exporters.runtime import OnnxModel
 from transfer.core.errors import TransferError, first_line
 from transfer.core.images import BadImageError, open_image
-from transfer.core.preprocess import decode_size
 from transfer.serving.limits import ReadTimeout, RejectedImage, ServeLimits, decode_upload
 
 Files = Annotated[list[UploadFile], File(description="one or more images")]
@@ -148,7 +147,7 @@ def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16,
         search = SearchIndex.load(index)
         search.check_model(model)
     stats = BatchStats()
-    draft = None if model.exact_decode else decode_size(model.prep)  # decode as `predict` does: same answers
+    draft = model.draft_size  # decode as `predict` does: same answers
     batcher = DynamicBatcher(model, max_batch, max_wait_ms, stats)
 
     @asynccontextmanager

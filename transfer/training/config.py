@@ -15,6 +15,7 @@ from transfer.core.io import display
 from transfer.core.options import check_choice, check_float, check_int, parse_unfreeze
 from transfer.data.augment import Augment
 from transfer.training.model import HEADS
+from transfer.training.tracking import check_trackers
 
 
 @dataclass
@@ -54,6 +55,7 @@ class FinetuneConfig:
     labels: dict | None = None  # a labels file (`transfer.data.labels.LabelsFile` as a dict); None: class folders
     class_weights: str = "none"  # or "balanced": scikit-learn's inverse-frequency weights in the training loss
     sampler: str = "shuffle"  # or "balanced": draw training images in inverse proportion to their class's size
+    log: list[str] = field(default_factory=list)  # experiment trackers: "tensorboard", "mlflow" (training.tracking)
 
     def check(self) -> FinetuneConfig:
         """Every value in range before any work; an `OptionError` names the flag (exit code 2)."""
@@ -94,6 +96,8 @@ class FinetuneConfig:
             raise OptionError(f"--weights {self.weights}: file not found")
         if self.pretrained and not spec.has_pretrained:
             raise OptionError(f"--pretrained: {spec.name} has no pretrained weights; it trains from scratch")
+        self.log = list(dict.fromkeys(self.log))
+        check_trackers(self.log)
         return self
 
 
@@ -112,7 +116,7 @@ def split_epochs(total: int) -> tuple[int, int]:
 
 
 
-RESUME_CHANGEABLE = ("epochs_head", "epochs_finetune", "workers", "patience")
+RESUME_CHANGEABLE = ("epochs_head", "epochs_finetune", "workers", "patience", "log")
 
 
 def flag_of(setting: str) -> str:

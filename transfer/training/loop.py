@@ -2,8 +2,8 @@
 
 `fit` is a ladder of short steps (stage -> epoch -> batch): `start_state`, `begin_stage`, `run_epoch`,
 `train_epoch`, `train_step`, `validate`. What the loop does not own it is handed: the learning-rate range test as
-`choose_lr` (from `transfer.training.lr_find`, wired by `transfer.training.finetune`), progress and epoch hooks.
-The schedule itself is `transfer.training.stages`; see there.
+`choose_lr` (from `transfer.training.lr_find`, wired by `transfer.training.finetune`), progress and epoch hooks,
+the --log trackers (`transfer.training.tracking`). The schedule itself is `transfer.training.stages`; see there.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from transfer.training.runs import read_run_metrics, write_config, write_split
 from transfer.training.schedules import fresh_tail, make_optimizer, make_scheduler
 from transfer.training.stages import Stage, epoch_seed, plan_stages
 from transfer.training.targets import Objective, balanced_weights, sampling_weights
+from transfer.training.tracking import Trackers, open_trackers
 
 ChooseLr = Callable[["Trainer", TransferModel, Stage], Stage]
 
@@ -88,17 +89,7 @@ class Trainer:
         self.cache_seconds = 0.0  # spent caching stage-1 features, reported apart from the epoch's own time
         self.state: dict | None = None  # the schedule's position, for the reports of an interrupted run
         self.model: TransferModel | None = None
-
-    def write_interrupted_reports(self) -> None:
-        """report.json, curves.png and confusion.png for the epochs an interrupted run completed (a second Ctrl-C
-        skips them); report.json says `finished: false`."""
-        if self.state is None or self.model is None:
-            return
-        try:
-            self.log("writing the report of the epochs done (Ctrl-C again to skip)")
-            write_report(self, self.model, self.state, finished=False)
-        except KeyboardInterrupt:
-            self.log("report skipped")
+        self.tracker = Trackers()  # --log: TensorBoard / MLflow (rank 0), opened when the schedule starts
 
     def kept_message(self) -> str:
         """What survives a failed or interrupted run, truthfully."""
@@ -213,6 +204,7 @@ class Trainer:
                 correct += self.objective.correct(logits, targets)
                 count += len(targets)
                 advance(1)
+                self.tracker.batch_done(epoch, step, total, loss_sum / max(1, len(targets)))
                 if self.on_batch is not None:
                     self.on_batch(f"{stage.name} epoch {epoch}", step + 1, total)
         total_loss, correct, count = collectives.all_sum(self.world, [total_loss, correct, count])
@@ -270,8 +262,8 @@ class Trainer:
 
     # --- the run -----------------------------------------------------------------------------------------------
     def fit(self, resume_state: dict | None = None, saved: dict | None = None) -> FinetuneResult:
-        """Walk the stages epoch by epoch; on resume, continue where the checkpoint stopped (`saved` is the run's
-        config.json). The last step writes the report of the best weights."""
+        """Walk the stages epoch by epoch (the --log trackers told of each); on resume, continue where the checkpoint
+        stopped (`saved` is the run's config.json). The last step writes the report of the best weights."""
         model, pretrained, source = self.build_model(resume_state)
         self.model = model
         self.ema = make_ema(model, self.config.ema, resume_state)
@@ -284,6 +276,7 @@ class Trainer:
                  f"{len(self.train_samples)} train / {len(self.val_samples)} val images, "
                  f"{len(self.scan.skipped)} skipped; device {self.device}")
         state = self.state = self.start_state(stages, source, resume_state, saved)
+        self.tracker = open_trackers(self, state["epoch"])
         for stage_index in range(state["stage_index"], len(stages)):
             stage, optimizer, scheduler, start = self.begin_stage(model, stages, stage_index, resume_state, saved)
             for stage_epoch in range(start + 1, stage.epochs + 1):
@@ -352,7 +345,8 @@ class Trainer:
         """One epoch: train, validate (the EMA too), step the schedule, keep the best weights and the checkpoint."""
         started, cached_before = time.perf_counter(), self.cache_seconds
         epoch = state["epoch"] + 1
-        lr = optimizer.param_groups[0]["lr"]
+        lrs = [group["lr"] for group in optimizer.param_groups]  # every group's, for the trackers
+        lr = lrs[0]
         per_batch = stage.schedule == "one-cycle"
         train_loss, train_acc = self.train_epoch(model, stage, optimizer, epoch,
                                                  f"{stage.name} {stage_epoch}/{stage.epochs} (epoch {epoch})",
@@ -384,6 +378,7 @@ class Trainer:
             save_checkpoint(self.run_dir / "last.ckpt", model, optimizer, scheduler, state,
                             ema=self.ema.module if self.ema is not None else None)
             write_metrics(self.run_dir / "metrics.csv", self.rows)
+            self.tracker.epoch(row, lrs, stage_index)
         self.last_good_epoch = epoch
         self.log(f"[{stage.name} {stage_epoch}/{stage.epochs}] epoch {epoch}: train loss {train_loss:.4f} "
                  f"acc {train_acc:.3f} | val loss {val_loss:.4f} acc {val_acc:.3f} | "

@@ -81,6 +81,18 @@ def write_report(trainer, model: TransferModel, state: dict, finished: bool = Tr
     return result
 
 
+def write_interrupted_reports(trainer) -> None:
+    """report.json, curves.png and confusion.png for the epochs an interrupted run completed (a second Ctrl-C
+    skips them); report.json says `finished: false`."""
+    if trainer.state is None or trainer.model is None:
+        return
+    try:
+        trainer.log("writing the report of the epochs done (Ctrl-C again to skip)")
+        write_report(trainer, trainer.model, trainer.state, finished=False)
+    except KeyboardInterrupt:
+        trainer.log("report skipped")
+
+
 def finished_result(run_dir: Path, saved: dict, config: FinetuneConfig) -> FinetuneResult | None:
     """The result of a run that completed its schedule, when resuming it adds no epoch; else None."""
     added = (config.epochs_head > saved["settings"]["epochs_head"]
