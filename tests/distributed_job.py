@@ -5,7 +5,8 @@ fine-tunes efficientnet_lite0 at 32 px with augmentation and dropout off (the se
 processes gives the same weights); with STOP_AFTER it is interrupted after that epoch, as Ctrl-C would.
 `... DATA RUN STOP_AFTER stall TIMEOUT`: instead, rank 1 stops itself (SIGSTOP, as a hung or suspended process)
 after that epoch, and the others wait at most TIMEOUT seconds for it. With TRANSFER_TEST_LABELS=FILE in the
-environment the labels come from that file (several labels per image when it has them).
+environment the labels come from that file (several labels per image when it has them); with TRANSFER_TEST_LOG=NAME
+the run logs to that tracker (`--log NAME`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main() -> int:
 
     labels = os.environ.get("TRANSFER_TEST_LABELS")
     config = replace(CONFIG, labels={"path": labels}) if labels else CONFIG
+    if os.environ.get("TRANSFER_TEST_LOG"):
+        config = replace(config, log=[os.environ["TRANSFER_TEST_LOG"]])
     try:
         finetune(data, config, output=run, device="cpu", log=lambda _: None, on_epoch_end=stop, dist_timeout=timeout)
     except KeyboardInterrupt:

@@ -133,10 +133,21 @@ def test_two_process_multilabel_finetune_equals_one(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "tests/distributed_job.py", str(pairs / "images"), str(tmp_path / "two")],
                           capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**ONE_THREAD, "TRANSFER_TEST_LABELS": str(pairs / "labels.csv")})
+                          env={**ONE_THREAD, "TRANSFER_TEST_LABELS": str(pairs / "labels.csv"),
+                               "TRANSFER_TEST_LOG": "tensorboard"})
     assert done.returncode == 0, done.stdout + done.stderr
     _same_weights(tmp_path / "one" / "best.safetensors", tmp_path / "two" / "best.safetensors")
     _same_rows(tmp_path / "one", tmp_path / "two")
+    # --log tensorboard under torchrun: rank 0 alone writes, one point per epoch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    epochs = tmp_path / "two" / "tensorboard" / "epochs"
+    writers = {p.name.split(".")[-2] for p in (tmp_path / "two" / "tensorboard").rglob("events.out.tfevents.*")}
+    assert len(writers) == 1  # event files are named ...HOST.PID.N: every one from one process
+    events = EventAccumulator(str(epochs))
+    events.Reload()
+    assert [e.step for e in events.Scalars("epoch/val_loss")] == [r["epoch"] for r in read_metrics(tmp_path / "two" /
+                                                                                                   "metrics.csv")]
     one, two = (json.loads((tmp_path / run / "config.json").read_text()) for run in ("one", "two"))
     assert one["task"] == two["task"] == "multilabel" and one["thresholds"] == two["thresholds"]
     assert json.loads((tmp_path / "two" / "report.json").read_text())["macro_f1"] == pytest.approx(
