@@ -332,7 +332,8 @@ def decode_lines() -> list[str]:
     if decode is None:
         return []
     rates = decode["images_per_s"]
-    floors = {k: v for k, v in decode["by_draft_factor"].items() if k != "exact"}
+    floors = {k: v for k, v in decode["by_draft_factor"].items() if k not in ("exact", "noise")}
+    noise = decode["by_draft_factor"].get("noise")
     exact_rate = decode["by_draft_factor"].get("exact", {}).get("decode_images_per_s")
     chosen = str(decode["draft_factor"])
     return [f"## predict on large JPEGs ({decode['images']} x {decode['size'][0]}x{decode['size'][1]}, "
@@ -345,7 +346,8 @@ def decode_lines() -> list[str]:
             f"Speed-up {decode['speedup_predict']}x; predict reaches {decode['predict_reduced_vs_model_only']} of "
             "the model alone (decoding and onnxruntime share the cores). The cost of the floor: a JPEG whose short "
             "side is under 2 x floor x resize (1,500 < 2 x 3 x 256 here) decodes at full size, so these photos gain "
-            "nothing from the reduced scale (at the 1x floor of 2026-11-26 predict was 2.08x faster on them).", "",
+            "nothing from the reduced scale: both predict rows decode them at full size and differ by run-to-run "
+            "noise (at the 1x floor of 2026-11-26 predict was 2.08x faster on them).", "",
             f"### The draft floor ({decode.get('floor_images', '')}; top-1 against the full decode)", "",
             "| floor (x resize) | top-1 agreement | flips | highest fp32 top-1 probability among flips | "
             "decode + preprocess, images/s |", "|---|---|---|---|---|",
@@ -355,7 +357,9 @@ def decode_lines() -> list[str]:
             f"| full decode | 1.0 | 0 | - | {exact_rate or '-'} |", "",
             f"The default is the fastest floor with top-1 agreement >= 0.99 ({chosen}x). Every flip at every floor "
             "is an image fp32 itself is unsure of; on the images it is confident about (top-1 >= 0.5) all floors "
-            "agree on every one.", ""]
+            "agree on every one."
+            + (f" For scale: an equally valid path, the {noise['what']}, agrees with the full decode on "
+               f"{noise['top1_agreement']} of these photos." if noise else ""), ""]
 
 
 def targets(record: dict) -> list[str]:
