@@ -100,6 +100,9 @@ def _same_rows(a: Path, b: Path) -> None:
             assert row_a[key] == pytest.approx(row_b[key], rel=1e-4, abs=1e-6), key
 
 
+# slow (49 s): the default suite keeps torchrun's extract, predict, stopped-rank and multi-process checks; the slow
+# multi-label test also trains two processes against one
+@pytest.mark.slow
 def test_two_process_finetune_equals_one_and_resumes_at_another_size(tmp_path, digits):
     """Global batch 7 over 18 training images (7, 7, 4: shares 4/3, 4/3, 2/2), both stages: same weights and metrics
     rows as one process. Then a 2-process run stopped after epoch 1 resumes in one process to the same end."""

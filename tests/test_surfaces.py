@@ -322,6 +322,7 @@ def test_layers_put_parameters_on_the_keras_named_rows(runner, tmp_path):
     assert rows["block1a_bn"] == 2 * 32 and rows["block2a_expand_bn"] == 2 * 96
 
 
+@pytest.mark.slow  # slow (20 s): --batch-size auto and its resume are tested in the default suite (test_recipe)
 def test_batch_size_auto_again_on_resume_and_a_stage_named_twice(tmp_path, digits, runner):
     run_dir = tmp_path / "run"
     result = runner.invoke(cli.app, ["finetune", str(digits), "-b", "lenet5", "--epochs-head", "1", "--batch-size",

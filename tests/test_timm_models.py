@@ -30,7 +30,7 @@ FAMILIES = [  # (timm name, input side, ONNX opset: 18 is the dynamo exporter, 1
     ("tf_efficientnetv2_b0", 64, 17),
     ("regnetx_002", 32, 17),
     ("mobilenetv3_small_050", 64, 17),
-    ("deit_tiny_patch16_224", 32, 18),
+    pytest.param("deit_tiny_patch16_224", 32, 18, marks=pytest.mark.slow),  # slow (18 s): the ViT; layers in default
 ]
 
 
