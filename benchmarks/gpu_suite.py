@@ -288,6 +288,10 @@ def train_speed(name: str, batch_size: int, device, autocast: bool, seconds: flo
     return round(batch_size / timed(step, sync, seconds, warmup=3, min_runs=steps), 1)
 
 
+GPU_MODELS = ("resnet50", "vgg16", "inception_v3", "efficientnet_lite0", "convnext_tiny", "vit_small_patch16_224")
+REHEARSAL_MODELS = ("efficientnet_lite0", "convnext_atto", "deit_tiny_patch16_224")  # small, for the CPU rehearsal
+
+
 def run_suite(out: Path, rehearse: bool, models: list[str], compile_models: set[str], seconds: float) -> dict:
     """The whole GPU suite (or its CPU rehearsal); returns the record also written to OUT/results_gpu.json."""
     import torch

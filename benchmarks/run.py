@@ -393,7 +393,9 @@ def main() -> int:
     if args.suite == "gpu":
         import gpu_suite
 
-        models = ["efficientnet_lite0"] if args.rehearse and args.models == list(MODELS) else args.models
+        models = args.models
+        if args.models == list(MODELS):  # the default: the four, then a ConvNeXt and a ViT (any timm name)
+            models = list(gpu_suite.REHEARSAL_MODELS if args.rehearse else gpu_suite.GPU_MODELS)
         record = gpu_suite.run_suite(args.out, args.rehearse, models, set(args.compile),
                                      0.2 if args.rehearse else min(args.seconds, 1.0))
         print("\n".join(gpu_suite.markdown(record)))

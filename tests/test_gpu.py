@@ -133,3 +133,53 @@ def test_batch_size_auto_probes_the_card_and_leaves_the_model_untouched(trained)
     after = model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)  # BatchNorm statistics restored
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "deit_tiny_patch16_224"])
+def test_any_timm_backbone_trains_and_runs_on_the_device(name, tmp_path):
+    """A ConvNeXt and a ViT (timm names outside the curated registry) train on the device, export, and their ONNX
+    file on the device's provider answers like the same file on the CPU."""
+    from exporters.export import export_onnx
+    from exporters.runtime import OnnxModel
+    from transfer.training import FinetuneConfig, finetune
+
+    data = digits_folder(tmp_path / "digits", per_class=8, size=32, classes=3)
+    lines: list[str] = []
+    config = FinetuneConfig(backbone=name, pretrained=False, input_size=32, epochs_head=2, epochs_finetune=0,
+                            batch_size=8, augment=False, workers=0)
+    result = finetune(data, config, output=tmp_path / "run", device=DEVICE, log=lines.append)
+    assert result.epochs_run == 2 and any(f"device {DEVICE}" in line for line in lines), lines[:2]
+    record = export_onnx(tmp_path / "m.onnx", run=tmp_path / "run")
+    assert max(record.max_rel_diff.values()) <= record.tolerance
+    paths = sorted(data.rglob("*.png"))[:12]
+    on_device = OnnxModel(tmp_path / "m.onnx", device=DEVICE)
+    assert on_device.provider == ("CPUExecutionProvider" if REHEARSAL else "CUDAExecutionProvider")
+    expected = OnnxModel(tmp_path / "m.onnx", device="cpu").logits(paths)
+    assert np.abs(on_device.logits(paths) - expected).max() <= 1e-2 * max(1.0, float(np.abs(expected).max()))
+
+
+def test_multilabel_run_and_serve_on_the_device_answer_like_the_cpu(tmp_path):
+    """Several labels per image: trained on the device, its ONNX file gives the same label sets on the device as on
+    the CPU, and `serve --device` answers /predict with them."""
+    from fastapi.testclient import TestClient
+
+    from exporters.export import export_onnx
+    from exporters.runtime import OnnxModel
+    from transfer.data.samples import write_digit_pairs
+    from transfer.serving.serve import create_app
+    from transfer.training import FinetuneConfig, finetune
+
+    pairs = write_digit_pairs(tmp_path / "pairs", count=48, classes=4)
+    config = FinetuneConfig(backbone="lenet5", epochs_head=3, epochs_finetune=0, batch_size=16, augment=False,
+                            workers=0, labels={"path": str(pairs / "labels.csv")})
+    finetune(pairs / "images", config, output=tmp_path / "run", device=DEVICE, log=lambda _: None)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["task"] == "multilabel"
+    export_onnx(tmp_path / "m.onnx", run=tmp_path / "run")
+    paths = sorted((pairs / "images").iterdir())[:12]
+    on_device = [p.labels for p in OnnxModel(tmp_path / "m.onnx", device=DEVICE).predict(paths)]
+    on_cpu = [p.labels for p in OnnxModel(tmp_path / "m.onnx", device="cpu").predict(paths)]
+    assert sum(a == b for a, b in zip(on_device, on_cpu, strict=True)) >= len(paths) - 1  # a label at its threshold
+    with TestClient(create_app(tmp_path / "m.onnx", device=DEVICE)) as client:
+        answer = client.post("/predict", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in paths[:4]])
+    assert answer.status_code == 200 and answer.json()["task"] == "multilabel", answer.text
+    assert [item["labels"] for item in answer.json()["predictions"]] == on_device[:4]

@@ -4,8 +4,11 @@
 # Here, once:   bash benchmarks/gpu/run.sh prepare      (onnxruntime-gpu split into .ortgpu0..4, git-ignored)
 # Device calls, back to back on one warm machine (the device tool's `run`; about 90 s of start-up, then):
 #   1-5. carry [".ortgpuN"], command: bash benchmarks/gpu/run.sh part N          (N = 0..4; seconds each)
-#   6.   command: bash benchmarks/gpu/run.sh tests, timeout_s 240    (gpu tests, torchrun nccl; about 2.5 min)
-#   7.   command: bash benchmarks/gpu/run.sh suite, timeout_s 450    (the GPU suite; about 6.5 min)
+#   6.   command: bash benchmarks/gpu/run.sh tests, timeout_s 300    (gpu tests: the staged run, evaluate/extract/
+#        predict/bench, fp16 on the CUDA provider, batch-size auto, a ConvNeXt and a ViT, a multi-label run and serve
+#        --device cuda; then torchrun with nccl at world size 1 (one card: two nccl processes need two); ~3.5 min)
+#   7.   command: bash benchmarks/gpu/run.sh suite, timeout_s 450    (the GPU suite: resnet50 first, then vgg16,
+#        inception_v3, efficientnet_lite0, convnext_tiny, vit_small_patch16_224 while time lasts; about 7 min)
 # Afterwards, here: copy the returned results_gpu.json, gpu_tests.txt and torchrun_nccl.txt into benchmarks/, then
 # `python benchmarks/run.py --markdown-only` adds the GPU table to RESULTS.md.
 # Rehearsal without a GPU:  bash benchmarks/gpu/run.sh rehearse   (steps 6 and 7 on CPU, small; about 8 minutes)
@@ -41,7 +44,7 @@ use_cpu() {  # the rehearsal: the same steps on this machine's CPU
 }
 
 tests() {
-  step gpu_tests 150 "$python" -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -rs
+  step gpu_tests 210 "$python" -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -rs
   local work
   work=$(mktemp -d)
   "$python" - "$work" <<'PY'
@@ -49,7 +52,7 @@ import sys
 from pathlib import Path
 
 from tests.test_finetune import random_weights_file
-from transfer.samples import write_digits_folder
+from transfer.data.samples import write_digits_folder
 
 work = Path(sys.argv[1])
 write_digits_folder(work / "digits", per_class=20, size=64, classes=4, margin=0.0)
