@@ -459,7 +459,7 @@ def finetune(
         help="balanced: draw training images in inverse proportion to their class's size")] = Sampler.shuffle,
     log: Annotated[list[TrackerName] | None, typer.Option(
         "--log", help="experiment logs while it trains: tensorboard (event files in RUN/tensorboard) or mlflow "
-                      "(MLFLOW_TRACKING_URI, else ./mlruns); repeat for both")] = None,
+                      "(MLFLOW_TRACKING_URI, else MLflow's default ./mlflow.db); repeat for both")] = None,
     dist_timeout: DistTimeoutOpt = 600.0,
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
@@ -521,7 +521,7 @@ def finetune(
     if "tensorboard" in tracked:
         say(f"TensorBoard: tensorboard --logdir {display(result.run_dir / 'tensorboard')}")
     if "mlflow" in tracked:
-        say("MLflow: mlflow ui (in the folder that holds mlruns/, or with --backend-store-uri $MLFLOW_TRACKING_URI)")
+        say("MLflow: mlflow ui (in the folder that holds mlflow.db, or with --backend-store-uri $MLFLOW_TRACKING_URI)")
     write_record(json_out, {"run_dir": str(result.run_dir), "best_val_loss": result.best_val_loss,
                             "best_val_accuracy": result.best_val_acc, "epochs": result.epochs_run,
                             "stopped": result.stopped})

@@ -40,8 +40,7 @@ def check_int8_options(int8: bool, method: str, max_accuracy_loss: float | None,
     """`--int8-method` and `--max-accuracy-loss` checked before any work (an `ExportError` naming the flag)."""
     from transfer.core.errors import ExportError
 
-    if method not in METHODS:
-        raise ExportError(f"--int8-method {method}: use one of {', '.join(METHODS)}")
+    check_method(method)
     if max_accuracy_loss is None:
         return
     if not int8:
@@ -51,6 +50,14 @@ def check_int8_options(int8: bool, method: str, max_accuracy_loss: float | None,
                           "--backbone export is judged by top-1 agreement")
     if not 0 <= max_accuracy_loss <= 100:
         raise ExportError(f"--max-accuracy-loss {max_accuracy_loss:g}: percentage points, 0..100")
+
+
+def check_method(method: str) -> None:
+    """`--int8-method`: one of METHODS, else an `ExportError` naming the flag."""
+    from transfer.core.errors import ExportError
+
+    if method not in METHODS:
+        raise ExportError(f"--int8-method {method}: use one of {', '.join(METHODS)}")
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
@@ -191,8 +198,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Sequence[Path],
                   labels: Mapping[Path, int] | None = None) -> Int8Report:
     """Static QDQ int8 of `fp32_path` by `method` (per-channel weights, uint8 activations, weights by the kernel
     plan), then judged on held-out images (with their accuracy where `labels` has them) and timed."""
-    if method not in METHODS:
-        raise TransferError(f"--int8-method {method}: use one of {', '.join(METHODS)}")
+    check_method(method)
     plan = kernel_plan(cpu_flags() if flags is None else flags)
     calibrate, judge, judge_note = split_images(calibration, validation, validation_name)
     if method == "nncf":

@@ -30,7 +30,7 @@ from transfer.training.loop import Trainer
 from transfer.training.lr_find import resolve_lr
 from transfer.training.report import FinetuneResult, finished_result, write_interrupted_reports
 from transfer.training.runs import default_run_dir, load_run_config
-from transfer.training.tracking import end_tracking
+from transfer.training.tracking import tracked
 
 
 def finetune(
@@ -98,33 +98,26 @@ def finetune(
                               choose_lr=resolve_lr)
             if saved is not None and trainer.classes != saved["classes"]:
                 raise DataError(f"{data_dir} has classes {trainer.classes}, the run was trained on {saved['classes']}")
-            try:
-                result = trainer.fit(resume_state, saved)
-                end_tracking(trainer, "finished", result.report)
-                return result
-            except RuntimeError as exc:
-                end_tracking(trainer, "failed")
-                lost = collectives.lost_peer(world, exc, dist_timeout)
-                if lost is None:
+            with tracked(trainer):  # the --log trackers end finished, interrupted or failed with the run
+                try:
+                    return trainer.fit(resume_state, saved)
+                except RuntimeError as exc:
+                    lost = collectives.lost_peer(world, exc, dist_timeout)
+                    if lost is None:
+                        raise
+                    kept = (f"its last checkpoint is kept: resume with --resume {display(run_dir)}"
+                            if (run_dir / CHECKPOINT).exists() or trainer.last_good_epoch is not None
+                            else "no epoch had finished, so nothing was kept")
+                    raise PeerLostError(f"{lost}; {kept}") from None
+                except KeyboardInterrupt:
+                    if trainer.last_good_epoch is None:
+                        log("interrupted before the first epoch finished; nothing was kept")
+                        raise
+                    if not world.distributed:
+                        write_interrupted_reports(trainer)
+                    log(f"interrupted; epoch {trainer.last_good_epoch} is saved: resume with "
+                        f"transfer finetune {display(data_dir)} --resume {display(run_dir)}")
                     raise
-                kept = (f"its last checkpoint is kept: resume with --resume {display(run_dir)}"
-                        if (run_dir / CHECKPOINT).exists() or trainer.last_good_epoch is not None
-                        else "no epoch had finished, so nothing was kept")
-                raise PeerLostError(f"{lost}; {kept}") from None
-            except TransferError:
-                end_tracking(trainer, "failed")
-                raise
-            except KeyboardInterrupt:
-                if trainer.last_good_epoch is None:
-                    end_tracking(trainer, "interrupted")
-                    log("interrupted before the first epoch finished; nothing was kept")
-                    raise
-                if not world.distributed:
-                    write_interrupted_reports(trainer)
-                end_tracking(trainer, "interrupted")
-                log(f"interrupted; epoch {trainer.last_good_epoch} is saved: resume with "
-                    f"transfer finetune {display(data_dir)} --resume {display(run_dir)}")
-                raise
     finally:
         if joined:
             collectives.leave(world)

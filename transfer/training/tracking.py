@@ -15,10 +15,12 @@ is saved, so a resumed run adds no duplicate points. Only rank 0 of a torchrun j
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from transfer.core.errors import OptionError
@@ -241,13 +243,25 @@ def open_trackers(trainer, resumed_epoch: int) -> Trackers:
     return Trackers.open(trainer.config.log, trainer.run_dir, config, resumed_epoch, batches_per_epoch)
 
 
-def end_tracking(trainer, status: str, report: dict | None = None) -> None:
-    """Close the run's trackers with its figures, settings and status; an interrupted run's report.json (when
-    written) gives them its metrics."""
+@contextlib.contextmanager
+def tracked(trainer) -> Iterator[None]:
+    """Close the run's trackers however the block ends: finished, interrupted (Ctrl-C, a kill) or failed; the
+    run's report.json (a finished run's, or an interrupted one's when written) gives them its metrics."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _end_tracking(trainer, "interrupted")
+        raise
+    except BaseException:
+        _end_tracking(trainer, "failed")
+        raise
+    _end_tracking(trainer, "finished")
+
+
+def _end_tracking(trainer, status: str) -> None:
     if not trainer.tracker.trackers:
         return
-    if report is None:
-        report = read_json_object(trainer.run_dir / "report.json") or None
+    report = read_json_object(trainer.run_dir / "report.json") or None
     config = json.loads((trainer.run_dir / "config.json").read_text())
     trainer.tracker.finish(trainer.run_dir, config, report, status)
 
