@@ -3,19 +3,21 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test test-all lint bench browser
+.PHONY: demo test test-all lint bench system-packages
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
 
-# The browser test drives Debian's Chromium (Playwright only talks to it; no browser download).
-CHROMIUM := $(shell command -v chromium || command -v chromium-browser)
+# Debian packages the tests drive: Chromium for the serve page test (Playwright only talks to it; no browser
+# download) and strace for the test that no process sends anything off the machine.
+MISSING := $(if $(shell command -v chromium || command -v chromium-browser),,chromium) \
+           $(if $(shell command -v strace),,strace)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-browser:
-ifeq ($(CHROMIUM),)
-	$(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+system-packages:
+ifneq ($(strip $(MISSING)),)
+	$(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(strip $(MISSING))
 endif
 
 demo: $(BIN)/.installed
@@ -26,13 +28,14 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-# Two workers taking tests in collection order; tests/conftest.py puts the longest files (the README tour) first.
-PYTEST = $(BIN)/python -m pytest -q -n 2 --dist load
+# Two workers taking tests in collection order; tests/conftest.py puts the longest files first. -rs: every skipped
+# test with its reason (only the `gpu` tests skip here, for want of CUDA).
+PYTEST = $(BIN)/python -m pytest -q -n 2 --dist load -rs
 
-test: $(BIN)/.installed browser
-	$(BIN)/ruff check .
-	$(BIN)/lint-imports
+# The edit-test loop: every test but the slow ones (minutes each: two processes, real VGG16/ResNet-152 exports).
+test: lint system-packages
 	$(PYTEST)
 
-test-all: $(BIN)/.installed browser
+# What CI runs: every test, fast and slow; the `gpu` ones are collected and skipped with their reason without CUDA.
+test-all: lint system-packages
 	$(PYTEST) -m "slow or not slow"

@@ -6,6 +6,7 @@ Exit codes: 0 success; 2 bad usage or bad input (`TransferError`, one line namin
 from __future__ import annotations
 
 import functools
+import re
 import signal
 import sys
 from enum import Enum
@@ -98,6 +99,28 @@ def say(text: str, err: bool = False) -> None:
     """Print user data (paths, reasons) verbatim: no rich markup, no highlighting, no wrapping; names that are
     not valid UTF-8 print as \\xNN escapes instead of crashing."""
     (err_console if err else console).print(display(text), markup=False, highlight=False, soft_wrap=True)
+
+
+SKIPPED_SHOWN = 20  # more skipped files than this: a summary by reason and the first rows of each kind
+
+
+def say_skipped(items, noun: str = "file(s)", json_hint: bool = True) -> None:
+    """Every skipped file with its reason, or past SKIPPED_SHOWN a count per kind of reason and the first three of
+    each (a million-row labels file must not print a million lines); the whole list is in the --json record."""
+    rows = [(item["path"], item["reason"]) if isinstance(item, dict) else (item.path, item.reason) for item in items]
+    if len(rows) <= SKIPPED_SHOWN:
+        for where, reason in rows:
+            say(f"skipped {where}: {reason}")
+        return
+    kinds: dict[str, list[tuple[str, str]]] = {}
+    for where, reason in rows:
+        kinds.setdefault(re.sub(r"\d+", "N", reason.split(":")[0]), []).append((where, reason))
+    for kind, members in sorted(kinds.items(), key=lambda pair: -len(pair[1])):
+        say(f"{len(members)} skipped: {kind}")
+        for where, reason in members[:3]:
+            say(f"  {where}: {reason}")
+    if json_hint:
+        say(f"{len(rows)} {noun} skipped in all; --json FILE lists every one with its reason")
 
 
 def cli_errors(command):
@@ -372,9 +395,9 @@ def scan(
     for name in report.classes or ["(unlabelled)"]:
         table.add_row(display(name), *(str(counts[split].get(name, 0)) for split in counts))
     console.print(table)
-    for item in report.skipped:
-        say(f"skipped {item.path}: {item.reason}")
-    say(f"{len(report.skipped)} {'row(s)' if labels else 'file(s)'} skipped")
+    say_skipped(report.skipped, "row(s)" if labels else "file(s)", json_hint=False)
+    say(f"{len(report.skipped)} {'row(s)' if labels else 'file(s)'} skipped"
+        + (" (--json FILE lists every one with its reason)" if len(report.skipped) > SKIPPED_SHOWN else ""))
     write_record(json_out, report.to_dict())
     if report.empty_classes:
         from transfer.core.errors import DataError
@@ -719,8 +742,7 @@ def evaluate(
                       str(row["support"]))
     console.print(table)
     if report.get("task") == "multilabel":
-        for item in report["skipped"]:
-            say(f"skipped {item['path']}: {item['reason']}")
+        say_skipped(report["skipped"])
         write_record(json_out, report)
         return
     say("confusion matrix (rows true, columns predicted):")
@@ -730,8 +752,7 @@ def evaluate(
     if report["most_confused"]:
         say("most confused (true -> predicted: count): " + ", ".join(
             f"{pair['true']} -> {pair['predicted']}: {pair['count']}" for pair in report["most_confused"][:5]))
-    for item in report["skipped"]:
-        say(f"skipped {item['path']}: {item['reason']}")
+    say_skipped(report["skipped"])
     if output is not None:
         say(f"wrote {output} ({len(report['top_losses'])} most confidently wrong images)")
     write_record(json_out, report)
@@ -792,8 +813,7 @@ def extract(
     for name, shape in result.metadata["shapes"].items():
         module = result.metadata["layers"][name]
         say(f"{name} ({module}): {tuple(shape)}")
-    for item in result.skipped:
-        say(f"skipped {item.path}: {item.reason}")
+    say_skipped(result.skipped)
     say(f"wrote {output} and {sidecar_path(output)} ({len(result.paths)} images)")
     write_record(json_out, {"output": str(output), "sidecar": str(sidecar_path(output)), "images": len(result.paths),
                             "shapes": result.metadata["shapes"], "layers": result.metadata["layers"],
@@ -859,6 +879,9 @@ def export(
             f"relative {check['max_rel_diff']:.3g} (tolerance {check['tolerance']:g}){same}")
     if record.mlflow_run_id is not None:
         say(f"logged the file and this record to MLflow run {record.mlflow_run_id} (artifacts under onnx/)")
+    if record.mlflow_error is not None:
+        say(f"warning: the file is written, but logging it to the run's MLflow run failed ({record.mlflow_error})",
+            err=True)
     if record.int8 is not None:
         report = record.int8
         say(f"int8 made by {report.method}")
@@ -987,8 +1010,8 @@ def serve(
     max_request_mb: Annotated[float, typer.Option(min=0.001, max=65536, help="largest request body; a longer one "
                                                   "is cut off with 413 while it streams")] = 100.0,
     max_pixels: Annotated[int, typer.Option(min=1, help="largest image (width x height)")] = 40_000_000,
-    max_aspect_ratio: Annotated[float, typer.Option(min=1, max=100_000, help="longest side over shortest; a thinner "
-                                                    "image would make a huge resize (413)")] = 50.0,
+    max_aspect_ratio: Annotated[float, typer.Option(help="longest side over shortest, 1..50; a thinner image would "
+                                                    "make a huge resize (413)")] = 50.0,
     max_images: Annotated[int, typer.Option(min=1, max=10_000, help="images per request")] = 64,
     read_timeout: Annotated[float, typer.Option(min=0.1, max=3600, help="seconds a stalled request body is "
                                                 "waited for (then 408)")] = 30.0,
@@ -1052,8 +1075,7 @@ def index_command(
     record = build_index(images if len(images) > 1 else images[0], output, backbone=backbone, run=run, onnx=onnx,
                          layer=layer, input_size=input_size, batch_size=batch_size, device=device.value,
                          workers=workers, progress=progress_for(quiet), labels=source)
-    for item in record["skipped"]:
-        say(f"skipped {item['path']}: {item['reason']}")
+    say_skipped(record["skipped"])
     model = record["model"]
     say(f"indexed {record['count']} images ({record['dim']} dimensions, layer {model['layer']}) into {output}")
     write_record(json_out, {key: value for key, value in record.items() if key != "paths"})

@@ -2,7 +2,9 @@
 
     python benchmarks/tour.py            # writes benchmarks/tour.json (machine named), prints the timings
 
-tests/test_readme.py runs the same lines (without writing the JSON), so the tour cannot rot.
+tests/test_readme.py runs the same lines (without writing the JSON), so the tour cannot rot: in one process
+(`run_tour_in_process`, each line through the same typer app a shell would start; it saves the 18 interpreter starts
+that import torch), while this script times each line as a user's shell runs it, a process per line.
 """
 
 from __future__ import annotations
@@ -39,6 +41,39 @@ def run_tour(workdir: Path, timeout: float = 600) -> list[dict]:
                         "exit_code": done.returncode, "stdout": done.stdout, "stderr": done.stderr})
         if done.returncode != 0:
             break
+    return results
+
+
+def run_tour_in_process(workdir: Path) -> list[dict]:
+    """Each line parsed as a shell would (quotes, comments) and run in this process, in `workdir`: `transfer ...`
+    through the CLI's typer app (CliRunner: exit code and output as the shell sees them), `python -m
+    transfer.data.samples ...` through its `main`. Only those two kinds of line may appear in the tour."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    import cli
+    from transfer.data import samples
+
+    results, runner, previous = [], CliRunner(), Path.cwd()
+    os.chdir(workdir)
+    try:
+        for command in tour_commands():
+            words = shlex.split(command, comments=True)
+            started = time.perf_counter()
+            if words[:3] == ["python", "-m", "transfer.data.samples"]:
+                code, stdout = samples.main(words[3:]), ""
+            elif words[0] == "transfer":
+                result = runner.invoke(cli.app, words[1:])
+                code, stdout = result.exit_code, result.output
+            else:
+                raise ValueError(f"the tour may only run transfer and python -m transfer.data.samples: {command}")
+            results.append({"command": command.split("  #")[0].strip(), "exit_code": code, "stdout": stdout,
+                            "stderr": stdout, "seconds": round(time.perf_counter() - started, 1)})
+            if code != 0:
+                break
+    finally:
+        os.chdir(previous)
     return results
 
 

@@ -4,18 +4,39 @@
 
 Everything the model needs is in the file's metadata: classes, input size, resize/crop, interpolation,
 mean/std and input layout (and, for several labels per image, each label's threshold: the app prints label sets).
-This is the whole integration an app needs (no torch, no `transfer`), and it decodes
-exactly as `transfer predict` does (tests/test_surfaces.py compares the two on 16-bit, transparent, palette, CMYK,
-EXIF-rotated and animated images).
+The metadata is read by `model_metadata.py`, the very checks `transfer` runs (standard library only: an app copies
+that one file beside itself), so a damaged or hand-edited file is refused here as it is there: one line, exit 2.
+This is the whole integration an app needs (no torch, no `transfer`), and it decodes exactly as `transfer predict`
+does (tests/test_surfaces.py compares the two on 16-bit, transparent, palette, CMYK, EXIF-rotated and animated
+images).
 """
 
-import json
+import importlib.util
 import math
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image, ImageOps
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # before onnxruntime loads: no device id, no usage events
+import onnxruntime as ort  # noqa: E402
+
+
+def load_metadata_checks():
+    """`model_metadata.py`: the copy beside this app, else transfer's own (this example runs from the repository)."""
+    here = Path(__file__).resolve().parent
+    path = next(p for p in (here / "model_metadata.py", here.parent / "transfer" / "core" / "model_metadata.py")
+                if p.is_file())
+    spec = importlib.util.spec_from_file_location("model_metadata", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["model_metadata"] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+model_metadata = load_metadata_checks()
 
 FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
            "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
@@ -49,39 +70,50 @@ def decode(path: str, floor: int) -> Image.Image:
         return to_rgb(ImageOps.exif_transpose(image))
 
 
-def preprocess(path: str, meta: dict) -> np.ndarray:
+def preprocess(path: str, meta) -> np.ndarray:
     """Short side to `resize`, centre crop `crop`; float NCHW normalized, or uint8 NHWC. A file exported with
-    --embed-preprocessing (layout NHWC_uint8_any) does all but the decoding itself."""
-    resize, crop = int(meta["transfer.resize"]), int(meta["transfer.crop"])
-    image = decode(path, math.ceil(resize * float(meta.get("transfer.draft_factor", "1.0"))))
-    if meta["transfer.layout"] == "NHWC_uint8_any":
+    --embed-preprocessing (layout NHWC_uint8_any) does all but the decoding itself. `meta`: the file's checked
+    metadata (`model_metadata.read_model_metadata`)."""
+    resize, crop = meta.resize, meta.input_size
+    image = decode(path, math.ceil(resize * meta.draft_factor))
+    if meta.layout == "NHWC_uint8_any":
         return np.asarray(image, dtype=np.uint8)
     width, height = image.size
     size = (resize, int(resize * height / width)) if width <= height else (int(resize * width / height), resize)
     if size != image.size:
-        image = image.resize(size, FILTERS[meta["transfer.interpolation"]])
+        image = image.resize(size, FILTERS[meta.interpolation])
     left, top = round((image.width - crop) / 2), round((image.height - crop) / 2)
     pixels = np.asarray(image.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
-    if meta["transfer.layout"] == "NHWC_uint8":
+    if meta.layout == "NHWC_uint8":
         return pixels
-    mean = np.array(json.loads(meta["transfer.mean"]), np.float32)
-    std = np.array(json.loads(meta["transfer.std"]), np.float32)
+    mean, std = np.array(meta.mean, np.float32), np.array(meta.std, np.float32)
     return ((pixels.astype(np.float32) / np.float32(255.0) - mean) / std).transpose(2, 0, 1).copy()
+
+
+def fail(message: str) -> None:
+    """One line on stderr and exit code 2, as `transfer` answers a file it refuses."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main(model_path: str, image_paths: list[str]) -> None:
     session = ort.InferenceSession(model_path, providers=ort.get_available_providers())
-    meta = session.get_modelmeta().custom_metadata_map
-    classes = json.loads(meta["transfer.classes"])
+    try:
+        meta = model_metadata.read_model_metadata(session.get_modelmeta().custom_metadata_map)
+    except model_metadata.MetadataError as exc:
+        fail(f"{model_path}: {exc}")
+    if meta.output_kind != "logits":
+        fail(f"{model_path}: a feature extractor (transfer.output_kind features); this app classifies")
+    classes = meta.classes
     rows = [preprocess(path, meta) for path in image_paths]
     name = session.get_inputs()[0].name
     if all(row.shape == rows[0].shape for row in rows):
         logits = session.run(["logits"], {name: np.stack(rows)})[0]
     else:  # decoded images of several sizes: one at a time
         logits = np.concatenate([session.run(["logits"], {name: row[None]})[0] for row in rows])
-    if meta.get("transfer.task") == "multilabel":  # several labels per image: each label at its own threshold
+    if meta.task == "multilabel":  # several labels per image: each label at its own threshold
         probabilities = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-        thresholds = np.array(json.loads(meta["transfer.thresholds"]))
+        thresholds = np.array(meta.thresholds)
         for path, row in zip(image_paths, probabilities, strict=True):
             chosen = [i for i in np.argsort(-row, kind="stable") if row[i] >= thresholds[i]]
             print(f"{path}\t{','.join(classes[i] for i in chosen)}\t{' '.join(f'{row[i]:.4f}' for i in chosen)}")

@@ -6,5 +6,10 @@ quantisation by CPU, judged on held-out images), `int8_nncf` (NNCF, its default 
 (the evaluation transform as ONNX nodes).
 
 May import: the torch-free modules only `transfer.core` (plus onnx, onnxruntime, numpy, pillow); `export` and
-`verify` also `transfer.training`, `transfer.data` and `models`. Empty on purpose, so `exporters.runtime` stays light.
+`verify` also `transfer.training`, `transfer.data` and `models`. Holds only the telemetry opt-out, so
+`exporters.runtime` stays light.
 """
+
+from transfer.core.privacy import opt_out_of_telemetry
+
+opt_out_of_telemetry()  # before onnxruntime loads: no device id, no usage events (transfer.core.privacy)

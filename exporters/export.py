@@ -35,10 +35,11 @@ from exporters.verify import (
 from models.layers import FeatureTap, check_input_size, resolve_layer
 from models.registry import get_backbone
 from models.weights import create_backbone
-from transfer.core.errors import ExportError, TransferError, first_line
+from transfer.core.errors import ExportError, first_line
 from transfer.core.io import display, output_lock, temp_dir_beside
 from transfer.core.preprocess import Preprocessing, decode_size
 from transfer.core.progress import SILENT, Progress
+from transfer.data.scan import usable_images
 from transfer.training.model import resolve_run_layer
 from transfer.training.tracking import log_export, mlflow_run_of
 
@@ -72,6 +73,7 @@ class ExportRecord:
     int8: Int8Report | None = None  # agreement, logit cosine, held-out images, speed ratio, kernel choice
     preprocessing_in_graph: dict | None = None  # with --embed-preprocessing: the graph vs the Python path
     mlflow_run_id: str | None = None  # a run tracked in MLflow got the file and this record as artifacts
+    mlflow_error: str | None = None  # its MLflow store failed: the file is written all the same
 
     @property
     def top1_agreement(self) -> float | None:
@@ -254,6 +256,8 @@ def export_onnx(
         raise ExportError("--int8 needs --calibration DIR (a folder of representative images)")
     if calibration is not None and not Path(calibration).is_dir():
         raise ExportError(f"--calibration: folder not found: {calibration}")
+    if int8:  # scanned before any export work: a folder of bad files is refused now
+        calibration = usable_images(calibration, "--calibration")
     check_int8_options(int8, int8_method, max_accuracy_loss, run is not None)
     if not 11 <= opset <= 20:
         raise ExportError(f"--opset {opset}: use 11..20 (18+ with the dynamo exporter, 11..17 with TorchScript)")
@@ -264,7 +268,10 @@ def export_onnx(
         record = _export(output, run, backbone, weights, layers, pretrained, opset, fp16, int8, calibration,
                          embed_preprocessing, input_size, verify_images, progress, int8_method, max_accuracy_loss)
     if tracked is not None:
-        record.mlflow_run_id = log_export(tracked, output, record.to_dict())
+        try:
+            record.mlflow_run_id = log_export(tracked, output, record.to_dict())
+        except Exception as exc:  # the ONNX file is made and verified; a log store that fails does not undo it
+            record.mlflow_error = first_line(exc)[:300]
     return record
 
 
@@ -378,14 +385,9 @@ def _write_metadata(path: Path, meta: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def _quantize(fp32_path: Path, int8_path: Path, source: _Source, calibration, method: str) -> Int8Report:
+def _quantize(fp32_path: Path, int8_path: Path, source: _Source, paths: list[Path], method: str) -> Int8Report:
     """Static QDQ int8 with weights suited to this CPU's kernels, judged on images not used to calibrate it."""
     from transfer.core.images import open_image
-    from transfer.data.scan import scan_folder
-
-    paths = [s.path for s in scan_folder(calibration).samples]
-    if not paths:
-        raise TransferError(f"--calibration {calibration}: no usable images")
 
     def to_batch(chunk: Sequence[Path]) -> np.ndarray:
         return model_inputs([open_image(p, draft_size=decode_size(source.prep)) for p in chunk], source.prep)

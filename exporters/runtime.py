@@ -25,16 +25,13 @@ import onnxruntime as ort
 from transfer.core.errors import DataError, DeviceError, first_line
 from transfer.core.images import BadImageError, as_rgb_image
 from transfer.core.interpret import sigmoid, softmax
+from transfer.core.model_metadata import MetadataError, ModelMetadata, read_model_metadata
 from transfer.core.preprocess import (
-    LAYOUTS,
-    OUTPUT_KINDS,
     Preprocessing,
     corner_crop,
     decode_size,
     eval_array,
     eval_pixels,
-    metadata_float,
-    metadata_json,
     tta_views,
 )
 
@@ -73,27 +70,19 @@ def choose_providers(device: str) -> list:
 INPUT_TYPES = {"NCHW_float32": "tensor(float)", "NHWC_uint8": "tensor(uint8)", "NHWC_uint8_any": "tensor(uint8)"}
 
 
-def read_metadata(session: ort.InferenceSession) -> tuple[Preprocessing, list[str], str, str]:
-    """Preprocessing, classes, layout and output kind from a session's `transfer.*` metadata, checked against
-    the graph: class count = output width, layout = input dtype and shape. A violation is a `DataError` naming
-    the key, so a damaged or hand-edited file never predicts with wrong labels or NaN probabilities."""
-    meta = session.get_modelmeta().custom_metadata_map
-    prep = Preprocessing.from_metadata(meta)
-    layout = meta.get("transfer.layout", "NCHW_float32")
-    if layout not in LAYOUTS:
-        raise DataError(f"metadata transfer.layout {layout!r}: use one of {', '.join(LAYOUTS)}")
-    output_kind = meta.get("transfer.output_kind", "logits")
-    if output_kind not in OUTPUT_KINDS:
-        raise DataError(f"metadata transfer.output_kind {output_kind!r}: use one of {', '.join(OUTPUT_KINDS)}")
-    classes = metadata_json(meta, "transfer.classes", list, default=[])
-    if not all(isinstance(c, str) for c in classes):
-        raise DataError("metadata transfer.classes: must be a JSON list of strings")
-    metadata_json(meta, "transfer.layers", dict, default={})
+def read_metadata(session: ort.InferenceSession) -> ModelMetadata:
+    """The file's `transfer.*` metadata (`read_model_metadata`, the checks embedded apps share), then checked
+    against the graph: class count = output width, layout = input dtype and shape. A violation is a `DataError`
+    naming the key, so a damaged or hand-edited file never predicts with wrong labels or NaN probabilities."""
+    try:
+        info = read_model_metadata(session.get_modelmeta().custom_metadata_map)
+    except MetadataError as exc:
+        raise DataError(str(exc)) from None
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1:
         raise DataError(f"the graph has {len(inputs)} inputs; a transfer model has one image input")
     graph_input = inputs[0]
-    size = prep.input_size
+    size, layout = info.input_size, info.layout
     expected = {"NCHW_float32": [None, 3, size, size], "NHWC_uint8": [None, size, size, 3],
                 "NHWC_uint8_any": [None, None, None, 3]}[layout]
     shape = list(graph_input.shape)
@@ -102,41 +91,12 @@ def read_metadata(session: ort.InferenceSession) -> tuple[Preprocessing, list[st
             for got, want in zip(shape, expected, strict=True)):
         raise DataError(f"metadata transfer.layout {layout!r} (input size {size}) contradicts the graph input "
                         f"{graph_input.name} {graph_input.type} {shape}")
-    if output_kind == "logits":
-        if not classes:
-            raise DataError("metadata transfer.classes is empty; a classifier needs its class names")
+    if info.output_kind == "logits":
         width = outputs[0].shape[-1] if outputs[0].shape else None
-        if isinstance(width, int) and width != len(classes):
-            raise DataError(f"metadata transfer.classes has {len(classes)} names, the output "
+        if isinstance(width, int) and width != len(info.classes):
+            raise DataError(f"metadata transfer.classes has {len(info.classes)} names, the output "
                             f"{outputs[0].name} has {width}")
-    return prep, classes, layout, output_kind
-
-
-def read_thresholds(meta: dict, classes: list[str]) -> np.ndarray | None:
-    """Several labels per image (`transfer.task` multilabel): each label's decision threshold, checked (one per
-    class, each strictly between 0 and 1); None for one label per image."""
-    task = meta.get("transfer.task", "single")
-    if task not in ("single", "multilabel"):
-        raise DataError(f"metadata transfer.task {task!r}: use single or multilabel")
-    if task == "single":
-        return None
-    thresholds = metadata_json(meta, "transfer.thresholds", list, default=None)
-    if (thresholds is None or len(thresholds) != len(classes)
-            or not all(isinstance(t, (int, float)) and 0 < t < 1 for t in thresholds)):
-        raise DataError(f"metadata transfer.thresholds: a multi-label file needs one threshold in (0, 1) per class "
-                        f"({len(classes)})")
-    return np.asarray(thresholds, dtype=np.float64)
-
-
-def read_draft_factor(meta: dict[str, str]) -> float:
-    """`transfer.draft_factor`: JPEGs decode to no less than this many times the resize length; files written
-    before the key existed decoded to the resize length itself (1.0)."""
-    if "transfer.draft_factor" not in meta:
-        return 1.0
-    factor = metadata_float(meta, "transfer.draft_factor")
-    if not 1.0 <= factor <= 8.0:
-        raise DataError(f"metadata transfer.draft_factor {factor:g}: must be between 1 and 8")
-    return factor
+    return info
 
 
 class OnnxModel:
@@ -161,18 +121,18 @@ class OnnxModel:
         if wants_cuda and self.provider != "CUDAExecutionProvider":
             raise DeviceError(f"onnxruntime could not start the CUDA provider for {self.path} (fell back to "
                               f"{self.provider}); check the CUDA and cuDNN libraries")
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if "transfer.input_size" not in meta:
-            raise DataError(f"{self.path} has no transfer.* metadata; export it with `transfer export`")
-        self.metadata = meta
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         try:
-            self.prep, self.classes, self.layout, self.output_kind = read_metadata(self.session)
-            self.thresholds = read_thresholds(meta, self.classes)
-            self.draft_factor = read_draft_factor(meta)
+            info = read_metadata(self.session)
         except DataError as exc:
             raise DataError(f"{self.path}: {exc}") from None
+        self.info = info
+        self.prep = Preprocessing(info.input_size, info.crop_pct, info.interpolation, info.mean, info.std)
+        self.classes, self.layout, self.output_kind = info.classes, info.layout, info.output_kind
+        self.thresholds = None if info.thresholds is None else np.asarray(info.thresholds, dtype=np.float64)
+        self.draft_factor = info.draft_factor
         self.decode_workers = decode_workers or min(8, os.cpu_count() or 1)  # more only fight onnxruntime
 
     @property

@@ -142,9 +142,10 @@ def judge(record, output_kind: str, output: Path, max_accuracy_loss: float | Non
                         f"{report.accuracy_loss:.2f} points ({100 * report.fp32_accuracy:.2f}% fp32, "
                         f"{100 * report.int8_accuracy:.2f}% int8 on {report.accuracy_images} held-out validation "
                         "images)")
-            raise VerificationError(
-                f"int8 accuracy loss {measured} > --max-accuracy-loss {max_accuracy_loss:g}; no file written to "
-                f"{output}. Keep this model in fp32 (or --fp16 for a GPU)")
+            limit = f"--max-accuracy-loss {max_accuracy_loss:g}" + (" (no loss allowed)" if max_accuracy_loss == 0
+                                                                     else "")
+            raise VerificationError(f"int8 accuracy loss {measured} > {limit}; no file written to {output}. Keep "
+                                    "this model in fp32 (or --fp16 for a GPU)")
     elif judged_by_agreement and record.top1_agreement < MIN_INT8_AGREEMENT:
         raise VerificationError(
             f"int8 top-1 agreement with fp32 is {record.top1_agreement:.3f} < {MIN_INT8_AGREEMENT} (logit cosine "

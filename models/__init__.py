@@ -4,3 +4,7 @@
 
 May import `transfer.core` only (errors, preprocess, options): nothing above it.
 """
+
+from transfer.core.privacy import opt_out_of_telemetry
+
+opt_out_of_telemetry()  # before onnxruntime loads: no device id, no usage events (transfer.core.privacy)

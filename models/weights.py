@@ -7,6 +7,7 @@ random init of a backbone that has pretrained weights.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 from pathlib import Path
@@ -16,20 +17,54 @@ from torch import nn
 
 from models.availability import hf_cached_file, hub_reachable, package_weights_path
 from models.spec import BackboneSpec
-from transfer.core.errors import WeightsError, first_line
+from transfer.core.errors import ResourceError, WeightsError, first_line
 
 NO_WEIGHTS_HINT = ("give weights with --weights FILE (safetensors or a state dict; weights= in Python), or start from "
                    "random weights with --no-pretrained (pretrained=False)")
 
 
 def build_architecture(spec: BackboneSpec, num_classes: int | None = None) -> nn.Module:
-    """The bare architecture with random weights (ImageNet head unless `num_classes` is given)."""
+    """The bare architecture with random weights (ImageNet head unless `num_classes` is given); refused in one line
+    when its weights cannot fit in memory (`check_memory`; not on the meta device, which allocates nothing)."""
+    if torch.get_default_device().type != "meta":
+        check_memory(spec)
     if spec.constructor is not None:
         return spec.constructor(num_classes=num_classes or (10 if spec.name in ("lenet5", "cifar_convnet") else 1000))
     import timm
 
     kwargs = dict(spec.timm_kwargs) | ({} if num_classes is None else {"num_classes": num_classes})
     return timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+
+
+def available_memory() -> int:
+    """Bytes of memory this process can still take (psutil's `available`: free plus reclaimable cache)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+@functools.lru_cache(maxsize=64)
+def parameter_count(spec_name: str) -> int:
+    """The named backbone's parameter count, built on the meta device (shapes without memory)."""
+    from models.registry import get_backbone
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_architecture(get_backbone(spec_name)).parameters())
+
+
+def check_memory(spec: BackboneSpec) -> None:
+    """Refuse in one line a model whose float32 weights alone do not fit in the memory left (counted on the meta
+    device, which costs no memory), instead of a PyTorch allocator traceback halfway through building it."""
+    params = parameter_count(spec.name)
+    needed, available = params * 4, available_memory()
+    if needed > available:
+        raise ResourceError(f"{spec.name} has {params / 1e6:,.0f}M parameters: its float32 weights alone need "
+                            f"{_size(needed)}, and {_size(available)} of memory is available here; choose a smaller "
+                            "model or free memory")
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
 
 
 def create_backbone(
@@ -44,8 +79,18 @@ def create_backbone(
     nets, which have none. Raises `WeightsError` naming `--weights` and `--no-pretrained` when no source is available.
     A random init draws from its own generator seeded with `seed`, so every run and every torchrun rank builds the
     same network (the process's random state is left as it was); `seed=None` draws from the process's random
-    state instead (training, which seeds it itself).
+    state instead (training, which seeds it itself). A model whose weights cannot fit in memory is a
+    `ResourceError` before anything is allocated (`check_memory`).
     """
+    try:
+        return _create_backbone(spec, pretrained, weights, seed)
+    except (MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "allocate" not in str(exc):
+            raise
+        raise ResourceError(f"{spec.name}: out of memory while building it ({first_line(exc)[:200]})") from None
+
+
+def _create_backbone(spec: BackboneSpec, pretrained: bool | None, weights, seed: int | None) -> tuple[nn.Module, str]:
     if weights is not None:
         model = build_architecture(spec)
         load_into(model, load_state_dict_file(weights), str(weights))
@@ -71,6 +116,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"weights file {path} is empty (0 bytes); it needs a safetensors file or a saved state dict")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -85,8 +132,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"refused to load {path}: it holds Python objects besides tensors, and loading it could run code "
             f"(weights_only=True: {first_line(exc)}); save a plain state dict or safetensors instead"
         ) from None
-    except (RuntimeError, OSError, EOFError) as exc:
-        raise WeightsError(f"cannot read weights file {path}: {exc}") from None
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError, IndexError) as exc:
+        # torch.load of a text or other non-torch file fails inside pickle with a bare KeyError (the first byte
+        # read as an opcode) or an empty message
+        raise WeightsError(f"cannot read weights file {path}: not a safetensors file or a torch state dict "
+                           f"({type(exc).__name__}: {first_line(exc)})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

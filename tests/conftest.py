@@ -6,9 +6,13 @@ import hashlib
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: two workers on two cores, one thread each (set before torch
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # loads, and inherited by the processes tests start): more threads
+    os.environ.setdefault("MKL_NUM_THREADS", "1")  # than cores only spin; measured, the suite runs ~30% faster
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -35,6 +39,17 @@ def photos() -> dict[str, np.ndarray]:
     from skimage import data
 
     return {name: getattr(data, name)() for name in ("chelsea", "coffee", "astronaut", "rocket")}
+
+
+@pytest.fixture(scope="session")
+def imagenet_lite0_onnx(tmp_path_factory):
+    """The ImageNet efficientnet_lite0 classifier (the offline weights) exported once per test worker, with its
+    validation record: many tests only read it (predict, serve, plain onnxruntime). Never modify the file."""
+    from exporters.export import export_onnx
+
+    path = tmp_path_factory.mktemp("imagenet_lite0") / "lite0.onnx"
+    record = export_onnx(path, backbone="efficientnet_lite0")
+    return path, record
 
 
 @pytest.fixture()

@@ -207,9 +207,8 @@ def test_extractor_given_where_a_classifier_is_expected_names_the_command(extrac
     assert "transfer predict --onnx" in wrong.output
 
 
-def test_predict_csv_keeps_labels_with_commas(tmp_path, photo_dir, runner):
-    path = tmp_path / "enet.onnx"
-    export_onnx(path, backbone="efficientnet_lite0")
+def test_predict_csv_keeps_labels_with_commas(tmp_path, photo_dir, runner, imagenet_lite0_onnx):
+    path = imagenet_lite0_onnx[0]
     out = tmp_path / "p.csv"
     result = runner.invoke(cli.app, ["predict", str(photo_dir / "chelsea.jpg"), "--onnx", str(path), "--top-k", "3",
                                      "-o", str(out)])

@@ -67,10 +67,9 @@ def test_training_evaluation_extract_and_runtime_see_the_same_pixels(big_jpegs, 
 
 def test_draft_factor_comes_from_the_file():
     """A file says how its images are decoded; one written before the key existed decoded to the resize length."""
-    from exporters.runtime import read_draft_factor
-    from transfer.core.errors import DataError
+    from transfer.core.model_metadata import MetadataError, read_draft_factor
 
     assert read_draft_factor({}) == 1.0 and read_draft_factor({"transfer.draft_factor": "3.0"}) == 3.0
     for bad in ("0.5", "nan", "many"):
-        with pytest.raises(DataError, match="transfer.draft_factor"):
+        with pytest.raises(MetadataError, match="transfer.draft_factor"):
             read_draft_factor({"transfer.draft_factor": bad})

@@ -50,10 +50,8 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def imagenet_onnx(tmp_path_factory):
-    path = tmp_path_factory.mktemp("onnx") / "enet.onnx"
-    record = export_onnx(path, backbone="efficientnet_lite0")
-    return path, record
+def imagenet_onnx(imagenet_lite0_onnx):
+    return imagenet_lite0_onnx  # shared with the other test files (conftest: exported once per worker)
 
 
 def test_imagenet_classifier_runs_with_plain_onnxruntime(imagenet_onnx, photo_dir, tmp_path):

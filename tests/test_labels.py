@@ -15,7 +15,7 @@ import torch
 import cli
 from exporters.runtime import OnnxModel
 from tests.conftest import digits_folder, one_line_error, tree_hashes
-from transfer.core.errors import DataError
+from transfer.core.errors import DataError, OptionError
 from transfer.core.metrics import choose_thresholds, multilabel_report
 from transfer.data.datasets import epoch_order
 from transfer.data.labels import LabelsFile, read_labels
@@ -95,7 +95,7 @@ def test_every_malformed_labels_file_gets_one_line_or_a_reported_skip(tmp_path, 
     expected = {
         f"{where}:11 (missing.png)": "file not found",
         f"{where}:12 ({first})": "duplicate of line",
-        f"{where}:13 ({first})": "is labelled again (line",
+        f"{where}:13 ({first})": "labelled again: line",
         f"{where}:14 (2/0002.png)": "empty label",
         f"{where}:15": "empty path",
         f"{where}:16 (2/0001.png)": "unknown split 'later'",
@@ -236,7 +236,12 @@ def test_balanced_sampling_and_weights_follow_their_rules():
     order = epoch_order(50, 7)
     assert torch.equal(order, epoch_order(50, 7)) and sorted(order.tolist()) == list(range(50))
     multi = [Sample(Path(name), None, None, labels) for name, labels in (("a", (0, 1)), ("b", (1,)), ("c", (1,)))]
-    assert balanced_weights(multi, 3, multilabel=True).tolist() == [2.0, 0.0, 1.0]  # negatives / positives
+    assert balanced_weights(multi, 3, multilabel=True).tolist() == [2.0, 1.0, 1.0]  # negatives / positives
+    # label 1 is on every image: 0 negatives / 3 positives would be pos_weight 0, no gradient at all; it stays 1
+    assert balanced_weights(multi[1:], 3, multilabel=True).tolist() == [1.0, 1.0, 1.0]
+    both = FinetuneConfig(backbone="lenet5", pretrained=False, class_weights="balanced", sampler="balanced")
+    with pytest.raises(OptionError, match="--sampler balanced and --class-weights balanced"):
+        both.check()
 
 
 def test_thresholds_and_multilabel_metrics_against_independent_computations():
@@ -363,3 +368,77 @@ def test_tsv_is_valid_separators_and_multi_label_flags(tmp_path):
     assert [s.split for s in chosen.samples] == ["test", "test", "train", "train", "train", "train"]
     commas = write_csv(tmp_path / "commas.csv", ["image,label", *(f"{f},\"x, y\"" for f in files)])
     assert read_labels(data, LabelsFile(str(commas), label_sep=",")).classes == ["x", "y"]
+
+
+def test_one_image_is_one_row_however_the_file_spells_it(tmp_path, runner):
+    """`3/../3/0003.png`, the absolute path of a listed file, `./3/0003.png` and a symlink to it are one image: the
+    first row is kept and the others are duplicates or 'labelled again', so it can never sit in training and
+    validation under different labels. Rows that leave the data folder are refused (issue #35)."""
+    data = digits_folder(tmp_path / "digits", per_class=4, classes=4)
+    target = data / "3" / "0003.png"
+    (data / "3" / "link.png").symlink_to(target)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "x.png").write_bytes(target.read_bytes())
+    (data / "out.png").symlink_to(outside / "x.png")  # a symlink out is followed, as the folder scan follows it
+    listed = sorted(p for p in data.glob("?/*.png") if p.name != "link.png")
+    rows = ["image,label", *(f"{p.relative_to(data)},{p.parent.name}" for p in listed),
+            "3/../3/0003.png,1", f"{target},2", "./3/0003.png,3", "3/link.png,0", "3//0003.png,3",
+            "../elsewhere/x.png,1", f"{outside / 'x.png'},1", "out.png,2"]
+    labels = write_csv(tmp_path / "spellings.csv", rows)
+    report = read_labels(data, LabelsFile(str(labels)))
+    first = len(listed) + 2  # line of the first extra row
+    reasons = {item.path.split(":", 1)[1].split(" ")[0]: item.reason for item in report.skipped}
+    assert reasons == {str(first): "labelled again: line 14 says 3; the first row is kept",
+                       str(first + 1): "labelled again: line 14 says 3; the first row is kept",
+                       str(first + 2): "duplicate of line 14", str(first + 3): reasons[str(first + 3)],
+                       str(first + 4): "duplicate of line 14",
+                       str(first + 5): f"outside the data folder {data}: ../elsewhere/x.png",
+                       str(first + 6): f"outside the data folder {data}: {outside / 'x.png'}"}, reasons
+    assert reasons[str(first + 3)].startswith("labelled again: line 14 says 3")
+    paths = [str(s.path) for s in report.samples]
+    assert len(paths) == len(set(paths)) == len(listed) + 1 and str(data / "out.png") in paths
+    assert paths.count(str(target)) == 1
+    result = runner.invoke(cli.app, ["finetune", str(data), "--labels", str(labels), "-b", "lenet5", "--epochs", "1",
+                                     "--input-size", "32", "-o", str(tmp_path / "run"), "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    listed_paths = [p for part in ("train", "val") for p in split[part]]
+    assert len(listed_paths) == len(set(listed_paths)) == len(listed) + 1
+
+
+def test_line_breaks_inside_a_row_never_cut_a_label_or_shift_line_numbers(tmp_path):
+    """str.splitlines cut rows at U+2028, U+0085 and form feed and dropped quoted newlines; rows are the CSV's own
+    rows now, a label holding a break or control character is skipped with its reason, and every later row keeps
+    its true line number."""
+    data = digits_folder(tmp_path / "digits", per_class=2, classes=3)
+    a0, a1, b0, b1, c0, c1 = (str(p.relative_to(data)) for p in sorted(data.glob("?/*.png")))
+    text = (f"image,label\n{a0},0\n{a1},ze\u2028ro\n{b0},one\u0085x\n{b1},o\fne\n"
+            f'{c0},"four\nlines"\n{c1},2\nmissing.png,2\n')
+    labels = tmp_path / "breaks.csv"
+    labels.write_text(text, encoding="utf-8")
+    report = read_labels(data, LabelsFile(str(labels)))
+    reasons = {item.path: item.reason for item in report.skipped}
+    where = str(labels)
+    assert reasons == {
+        f"{where}:3 ({a1})": "label holds a line break or control character (U+2028)",
+        f"{where}:4 ({b0})": "label holds a line break or control character (U+0085)",
+        f"{where}:5 ({b1})": "label holds a line break or control character (U+000C)",
+        f"{where}:6 ({c0})": "label holds a line break or control character (U+000A)",
+        f"{where}:9 (missing.png)": f"file not found: {data}/missing.png"}, reasons
+    assert report.classes == ["0", "2"] and sorted(str(s.path.relative_to(data)) for s in report.samples) == [a0, c1]
+
+
+def test_many_skipped_rows_print_a_bounded_summary_and_the_json_has_them_all(tmp_path, runner):
+    data = digits_folder(tmp_path / "digits", per_class=3, classes=2)
+    rows = ["image,label", *(f"{p.relative_to(data)},{p.parent.name}" for p in sorted(data.glob("?/*.png"))),
+            *(f"gone/{i}.png,0" for i in range(300)), *("0/0000.png,0" for _ in range(40))]
+    labels = write_csv(tmp_path / "many.csv", rows)
+    out = tmp_path / "scan.json"
+    result = runner.invoke(cli.app, ["scan", str(data), "--labels", str(labels), "--json", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "300 skipped: file not found" in lines and "40 skipped: duplicate of line N" in lines
+    assert sum(line.startswith("  ") and "gone/" in line for line in lines) == 3 and len(lines) < 40
+    assert "340 row(s) skipped (--json FILE lists every one with its reason)" in result.output
+    assert len(json.loads(out.read_text())["skipped"]) == 340

@@ -23,7 +23,7 @@ def test_readme_tour_runs_as_written(tmp_path):
     tour = load_tour_module()
     commands = tour.tour_commands()
     assert len(commands) >= 15 and all(c.startswith(("transfer ", "python -m transfer")) for c in commands)
-    results = tour.run_tour(tmp_path)
+    results = tour.run_tour_in_process(tmp_path)
     failed = [r for r in results if r["exit_code"] != 0]
     assert not failed, (failed[0]["command"], failed[0]["stderr"][-2000:])
     assert len(results) == len(commands)

@@ -63,10 +63,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("serve") / "lite0.onnx"
-    export_onnx(path, backbone="efficientnet_lite0")
-    return path
+def classifier(imagenet_lite0_onnx) -> Path:
+    return imagenet_lite0_onnx[0]  # shared (conftest: exported once per worker)
 
 
 @pytest.fixture(scope="module")

@@ -172,7 +172,7 @@ def test_embed_app_decodes_exactly_as_the_runtime(tmp_path, photos):
     model_path = tmp_path / "lenet.onnx"
     export_onnx(model_path, backbone="lenet5", pretrained=False)
     runtime = OnnxModel(model_path, device="cpu")
-    meta = runtime.metadata
+    meta = embed_app.model_metadata.read_model_metadata(runtime.metadata)
     for name in usable:
         ours, theirs = embed_app.preprocess(str(folder / name), meta), runtime.preprocess_one(folder / name)
         assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), name

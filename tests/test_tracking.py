@@ -141,3 +141,90 @@ def test_runs_lists_what_the_folders_say(tmp_path, runner):
     assert "3 run(s) under" in result.output
     missing = runner.invoke(cli.app, ["runs", str(tmp_path / "nowhere")])
     assert one_line_error(missing) == f"error: folder not found: {tmp_path / 'nowhere'}"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("store", ["unreachable", "unwritable", "file store"])
+def test_a_store_that_cannot_be_used_is_refused_in_seconds_before_any_work(tmp_path, monkeypatch, runner, store):
+    """An unreachable server stalled 4-6 minutes and ended in a traceback; the store is probed before any work
+    now (no retries, a short timeout): one line naming the store, exit 2, no run directory."""
+    import time
+
+    uri = {"unreachable": f"http://127.0.0.1:{_free_port()}",  # nothing listens there
+           "unwritable": f"sqlite:///{tmp_path}/a_file/mlflow.db",  # its folder is a file: nothing can be written
+           "file store": (tmp_path / "mlruns").as_uri()}[store]  # MLflow 3 refuses new file stores
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact folder, ./mlruns, lands here
+    (tmp_path / "a_file").write_text("not a folder\n")
+    data = digits_folder(tmp_path / "digits", per_class=4, size=32, classes=2)
+    started = time.monotonic()
+    result = runner.invoke(cli.app, ["finetune", str(data), "-b", "lenet5", "--log", "mlflow", "-o",
+                                     str(tmp_path / "run"), "--device", "cpu"])
+    message = one_line_error(result)
+    assert message.startswith(f"error: --log mlflow: the MLflow store {uri} cannot be used (")
+    assert time.monotonic() - started < 60 and not (tmp_path / "run").exists()
+
+
+def test_a_tracker_that_dies_mid_run_never_ends_the_training(tmp_path, monkeypatch, runner):
+    """A tracker error used to end the run; now it warns once, training and checkpoints go on, and a resume whose
+    MLflow run is gone (or whose tracking.json is damaged) continues in a new MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    from transfer.training import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact folder, ./mlruns, lands here
+    data = digits_folder(tmp_path / "digits", per_class=6, size=32, classes=2)
+    run_dir = tmp_path / "run"
+    calls = {"epochs": 0}
+    real_epoch = tracking.MlflowTracker.epoch
+
+    def dies_at_epoch_2(self, row, lrs, stage_index):
+        calls["epochs"] += 1
+        if row["epoch"] == 2:
+            raise ConnectionError("the tracking server went away")
+        real_epoch(self, row, lrs, stage_index)
+
+    monkeypatch.setattr(tracking.MlflowTracker, "epoch", dies_at_epoch_2)
+    common = ["-b", "lenet5", "--log", "mlflow", "--log", "tensorboard", "--device", "cpu", "--no-augment",
+              "--workers", "0", "-q"]
+    result = runner.invoke(cli.app, ["finetune", str(data), "--epochs", "3", "-o", str(run_dir), *common])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("warning: --log mlflow failed (the tracking server went away); training goes on "
+                               "without it") == 1
+    assert calls["epochs"] == 2 and len(read_metrics(run_dir / "metrics.csv")) == 3  # dropped after its failure
+    assert [step for step, _ in _scalars(run_dir / "tensorboard" / "epochs", "epoch/val_loss")] == [1, 2, 3]
+    first_id = json.loads((run_dir / "tracking.json").read_text())["mlflow"]["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert [m.step for m in client.get_metric_history(first_id, "val_loss")] == [1]
+
+    monkeypatch.setattr(tracking.MlflowTracker, "epoch", real_epoch)
+    saved = json.loads((run_dir / "tracking.json").read_text())
+    saved["mlflow"]["run_id"] = "0" * 32  # a run the store does not know (deleted, or another store's)
+    (run_dir / "tracking.json").write_text(json.dumps(saved))
+    resumed = runner.invoke(cli.app, ["finetune", "--resume", str(run_dir), "--epochs", "4", *common[2:]])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"note: MLflow run {'0' * 32} of this run cannot be continued" in resumed.output
+    second_id = json.loads((run_dir / "tracking.json").read_text())["mlflow"]["run_id"]
+    assert second_id not in (first_id, "0" * 32)
+    assert [m.step for m in client.get_metric_history(second_id, "val_loss")] == [4]
+    assert client.get_run(second_id).info.status == "FINISHED"
+
+    (run_dir / "tracking.json").write_text("{damaged")
+    again = runner.invoke(cli.app, ["finetune", "--resume", str(run_dir), "--epochs", "5", *common[2:]])
+    assert again.exit_code == 0, again.output
+    assert f"note: {run_dir / 'tracking.json'} is damaged" in again.output
+    third_id = json.loads((run_dir / "tracking.json").read_text())["mlflow"]["run_id"]
+    assert third_id != second_id and [m.step for m in client.get_metric_history(third_id, "val_loss")] == [5]
+    (run_dir / "tracking.json").write_text('{"mlflow": 5}')
+    exported = runner.invoke(cli.app, ["export", "--run", str(run_dir), "-o", str(tmp_path / "m.onnx")])
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "m.onnx").is_file() and "MLflow run" not in exported.output

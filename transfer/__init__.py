@@ -14,6 +14,10 @@ pyproject.toml): `core` (torch-free base), `data`, `training`, `serving` (torch-
 
 from __future__ import annotations
 
+from transfer.core.privacy import opt_out_of_telemetry
+
+opt_out_of_telemetry()  # before anything can import onnxruntime (transfer.core.privacy)
+
 __version__ = "0.1.0"
 
 _LAZY = {

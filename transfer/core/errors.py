@@ -52,6 +52,10 @@ class OptionError(TransferError):
     """A flag or argument out of range, of the wrong kind, or contradicting another one."""
 
 
+class ResourceError(TransferError):
+    """The machine lacks what a request needs (memory for a model's weights, say); the message says how much."""
+
+
 class RunDamagedError(TransferError):
     """A run directory whose files cannot be read back (truncated, corrupt, unsafe or malformed)."""
 

@@ -15,6 +15,15 @@ import numpy as np
 from PIL import Image
 
 from transfer.core.errors import DataError
+from transfer.core.model_metadata import (  # noqa: F401 (LAYOUTS, OUTPUT_KINDS: the names callers know)
+    LAYOUTS,
+    MAX_INPUT_SIZE,
+    MAX_RESIZE,
+    OUTPUT_KINDS,
+    MetadataError,
+    read_size,
+    read_triple,
+)
 
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -24,13 +33,9 @@ INTERPOLATIONS = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
-MAX_INPUT_SIZE = 4096  # model input side; larger is a typo or a file meant to exhaust memory
-MAX_RESIZE = 8192  # short side before the centre crop
-LAYOUTS = ("NCHW_float32", "NHWC_uint8", "NHWC_uint8_any")  # _any: resize, crop, normalize in the graph
 DRAFT_FACTOR = 3.0  # JPEGs decode to no less than this many times the resize length (benchmarks/decode.py)
 DECODER = ("pillow; a JPEG is decoded at a reduced scale (1/2, 1/4 or 1/8, by its DCT) to no less than "
            "transfer.draft_factor x the resize length on both sides, then resized with the stated interpolation")
-OUTPUT_KINDS = ("logits", "features")
 
 
 @dataclass(frozen=True)
@@ -100,70 +105,17 @@ class Preprocessing:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> Preprocessing:
-        """From a file's `transfer.*` metadata, validated: a bad value is a `DataError` naming the key."""
-        size = metadata_int(meta, "transfer.input_size", 1, MAX_INPUT_SIZE)
-        if "transfer.crop" in meta and metadata_int(meta, "transfer.crop", 1, MAX_INPUT_SIZE) != size:
-            raise DataError(f"metadata transfer.crop {meta['transfer.crop']!r}: must equal transfer.input_size {size}")
-        if "transfer.crop_pct" in meta:
-            crop_pct = metadata_float(meta, "transfer.crop_pct")
-        else:  # files written by other tools: derive it from the resize length
-            resize = metadata_int(meta, "transfer.resize", 1, MAX_RESIZE)
-            if resize < size:
-                raise DataError(f"metadata transfer.resize {resize}: smaller than the crop {size}")
-            crop_pct = size / resize
+        """From a file's `transfer.*` metadata, checked by the rules embedded apps share (`model_metadata`): a bad
+        value is a `DataError` naming the key."""
+        try:
+            size, crop_pct = read_size(meta)
+            mean, std = read_triple(meta, "transfer.mean"), read_triple(meta, "transfer.std")
+        except MetadataError as exc:
+            raise DataError(str(exc)) from None
         prep = cls(input_size=size, crop_pct=crop_pct, interpolation=meta.get("transfer.interpolation", ""),
-                   mean=metadata_triple(meta, "transfer.mean"), std=metadata_triple(meta, "transfer.std"))
+                   mean=mean, std=std)
         prep.check("metadata transfer.")  # the same rules as a run's config.json, named by metadata key
         return prep
-
-def metadata_json(meta: dict[str, str], key: str, kind: type, default=None):
-    """A JSON value of metadata `key` of type `kind`; malformed or of another type is a `DataError` naming it."""
-    if key not in meta:
-        if default is not None:
-            return default
-        raise DataError(f"metadata {key} is missing")
-    try:
-        value = json.loads(meta[key])
-    except (ValueError, RecursionError):
-        raise DataError(f"metadata {key} {_short(meta[key])}: not valid JSON") from None
-    if not isinstance(value, kind):
-        raise DataError(f"metadata {key} {_short(meta[key])}: must be a JSON {kind.__name__}")
-    return value
-
-
-def metadata_int(meta: dict[str, str], key: str, low: int, high: int) -> int:
-    text = meta.get(key)
-    if text is None:
-        raise DataError(f"metadata {key} is missing")
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise DataError(f"metadata {key} {_short(text)}: not an integer") from None
-    if not low <= value <= high:
-        raise DataError(f"metadata {key} {value}: must be {low}..{high}")
-    return value
-
-
-def metadata_float(meta: dict[str, str], key: str) -> float:
-    try:
-        value = float(meta[key])
-    except ValueError:
-        raise DataError(f"metadata {key} {_short(meta[key])}: not a number") from None
-    if not math.isfinite(value):
-        raise DataError(f"metadata {key} {_short(meta[key])}: not a finite number")
-    return value
-
-
-def metadata_triple(meta: dict[str, str], key: str) -> tuple[float, float, float]:
-    values = metadata_json(meta, key, list)
-    if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                                   for v in values):
-        raise DataError(f"metadata {key} {_short(meta[key])}: needs 3 finite numbers (R, G, B)")
-    return tuple(float(v) for v in values)  # type: ignore[return-value]
-
-
-def _short(text: str, limit: int = 60) -> str:
-    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def decode_size(prep: Preprocessing, factor: float | None = None) -> tuple[int, int]:

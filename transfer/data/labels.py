@@ -11,6 +11,7 @@ Nothing here writes to the user's folder. Uses the standard library, PIL and num
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,8 +73,9 @@ def read_labels(root: str | os.PathLike, labels: LabelsFile, strict: bool = Fals
     multi = separator is not None
     skipped: list[Skipped] = []
     entries: list[tuple[Path, tuple[str, ...], str | None]] = []
-    seen: dict[Path, tuple[int, tuple[str, ...]]] = {}
+    seen: dict[str, tuple[int, tuple[str, ...]]] = {}  # by the file itself: one image, however its rows spell it
     where = display(labels.path)
+    files = _RowFiles(root)
     for line, row in rows:
         if len(row) != len(header):
             skipped.append(Skipped(f"{where}:{line}", f"{len(row)} fields, the header has {len(header)}"))
@@ -82,19 +84,20 @@ def read_labels(root: str | os.PathLike, labels: LabelsFile, strict: bool = Fals
         names = tuple(dict.fromkeys(n.strip() for n in label_cell.split(separator) if n.strip())) if multi else \
             ((label_cell,) if label_cell else ())
         split, split_problem = _split_of(row[split_col].strip() if split_col is not None else None)
-        problem = ("empty path" if not cell else "empty label" if not names else split_problem)
-        path = _image_path(root, cell) if problem is None else None
-        if problem is None and path is None:
-            problem = f"file not found: {display(root / cell)}"
-        if problem is None and path in seen:
-            first_line, first_names = seen[path]
+        problem = ("empty path" if not cell else "empty label" if not names else
+                   _unprintable(label_cell, "label") or split_problem)
+        path, key = (None, None)
+        if problem is None:
+            path, key, problem = files.find(cell)
+        if problem is None and key in seen:
+            first_line, first_names = seen[key]
             problem = (f"duplicate of line {first_line}" if set(first_names) == set(names)
-                       else f"{cell} is labelled again (line {first_line} says {', '.join(first_names)}); "
+                       else f"labelled again: line {first_line} says {', '.join(first_names)}; "
                             "the first row is kept")
         if problem is not None:
             skipped.append(Skipped(f"{where}:{line}" + (f" ({cell})" if cell else ""), problem))
             continue
-        seen[path] = (line, names)
+        seen[key] = (line, names)
         entries.append((path, names, split))
     classes = sorted({name for _, names, _ in entries for name in names})
     index = {name: i for i, name in enumerate(classes)}
@@ -127,11 +130,16 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
         raise DataError(f"--labels {display(path)}: unreadable ({exc.strerror or exc})") from None
     first = text.split("\n", 1)[0]
     tabbed = path.suffix.lower() in (".tsv", ".tab") or ("\t" in first and "," not in first)
+    numbered = []
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tabbed else ",")
     try:
-        table = list(csv.reader(text.splitlines(), delimiter="\t" if tabbed else ","))
+        line = 1  # a row's first line: a quoted cell may hold line breaks, so rows and lines differ
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                numbered.append((line, row))
+            line = reader.line_num + 1
     except csv.Error as exc:
-        raise DataError(f"--labels {display(path)}: not a readable CSV ({exc})") from None
-    numbered = [(line, row) for line, row in enumerate(table, start=1) if any(cell.strip() for cell in row)]
+        raise DataError(f"--labels {display(path)}: not a readable CSV (line {reader.line_num}: {exc})") from None
     if not numbered:
         raise DataError(f"--labels {display(path)}: empty; it needs a header row (for example image,label) and rows")
     header = [cell.strip() for cell in numbered[0][1]]
@@ -194,14 +202,60 @@ def _split_of(value: str | None) -> tuple[str | None, str | None]:
     return None, f"unknown split {shown} (use train, val or test, or true/false as in is_valid)"
 
 
-def _image_path(root: Path, cell: str) -> Path | None:
-    """The file a path cell names under `root` (an id without an extension finds `id.jpg`, `id.png`, ...)."""
-    path = root / cell
-    if path.is_file():
-        return path
-    if not path.suffix:
-        for extension in EXTENSIONS:
-            candidate = path.with_name(path.name + extension)
-            if candidate.is_file():
-                return candidate
-    return None
+class _RowFiles:
+    """The file each path cell names under `root`, spelled one way (`a/../b.png`, an absolute path inside `root`
+    and `./b.png` are all `root/b.png`); an id without an extension finds `id.jpg`, `id.png`, ...
+
+    Each file's identity is its real path, so two spellings of one image (or a symlink to a listed file) are the
+    same row. A cell that leaves `root` (`../x.png`, an absolute path elsewhere) is refused: the data folder is the
+    whole dataset. Symlinks inside `root` are followed, as the folder scan follows them. Each folder is listed once
+    and each file resolved once, so a million rows cost a million dictionary look-ups, not a million stat calls.
+    """
+
+    def __init__(self, root: Path):
+        self.root, self.top, self.shown = root, os.path.abspath(root), display(root)
+        self.listings: dict[str, dict[str, bool]] = {}  # folder -> {name: is a file (links followed)}
+        self.found: dict[str, tuple[Path, str]] = {}  # full path -> (path under root, identity)
+
+    def find(self, cell: str) -> tuple[Path | None, str | None, str | None]:
+        """(path, identity, problem) of one path cell."""
+        joined = os.path.normpath(os.path.join(self.top, cell))
+        if not joined.startswith(self.top + os.sep):
+            return None, None, f"outside the data folder {display(self.root)}: {cell}"
+        if joined in self.found:
+            return (*self.found[joined], None)
+        folder, _, name = joined.rpartition(os.sep)
+        listing = self._listing(folder)
+        if not listing.get(name) and "." in name:
+            return None, None, f"file not found: {self.shown}{display(joined[len(self.top):])}"
+        found = next((candidate for candidate in (name, *(name + ext for ext in EXTENSIONS)) if listing.get(candidate)),
+                     None)
+        if found is None:
+            return None, None, f"file not found: {self.shown}{display(joined[len(self.top):])}"
+        full = f"{folder}{os.sep}{found}"
+        if full not in self.found:
+            self.found[full] = (self.root / full[len(self.top) + 1:], os.path.realpath(full))
+        self.found[joined] = self.found[full]
+        return (*self.found[full], None)
+
+    def _listing(self, folder: str) -> dict[str, bool]:
+        if folder not in self.listings:
+            try:
+                with os.scandir(folder) as entries:
+                    self.listings[folder] = {entry.name: _is_file(entry) for entry in entries}
+            except OSError:  # missing or unreadable: its rows are "file not found"
+                self.listings[folder] = {}
+        return self.listings[folder]
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file(follow_symlinks=True)
+    except OSError:
+        return False
+
+
+def _unprintable(cell: str, what: str) -> str | None:
+    """A problem when a cell holds a line break or another control character (U+2028, form feed, ...)."""
+    bad = next((ch for ch in cell if not ch.isprintable()), None)
+    return None if bad is None else f"{what} holds a line break or control character (U+{ord(bad):04X})"

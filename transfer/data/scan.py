@@ -277,3 +277,14 @@ def expand_inputs(items: list[str | os.PathLike]) -> list[Path]:
         else:
             raise DataError(f"not found: {text}")
     return list(dict.fromkeys(paths))
+
+
+def usable_images(folder: str | os.PathLike, flag: str) -> list[Path]:
+    """The usable images under `folder` (a folder scan), or a `DataError` naming `flag` and the first bad file when
+    there is none: for folders a command reads whole before it works (int8's --calibration)."""
+    report = scan_folder(folder)
+    if not report.samples:
+        first = f" ({len(report.skipped)} file(s) skipped, first: {report.skipped[0].path}: " \
+                f"{report.skipped[0].reason})" if report.skipped else ""
+        raise DataError(f"{flag} {folder}: no usable images{first}")
+    return [sample.path for sample in report.samples]

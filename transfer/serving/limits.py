@@ -43,8 +43,9 @@ class ServeLimits:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise OptionError(f"{flag} {value!r}: must be a finite number above 0")
-        if self.max_aspect < 1:
-            raise OptionError(f"--max-aspect-ratio {self.max_aspect:g}: must be at least 1")
+        if not 1 <= self.max_aspect <= DEFAULT_MAX_ASPECT:
+            raise OptionError(f"--max-aspect-ratio {self.max_aspect:g}: must be 1..{DEFAULT_MAX_ASPECT:g} (the "
+                              "model's preprocessing refuses thinner images: their resize would be unbounded)")
         return self
 
     def public(self) -> dict:

@@ -179,7 +179,10 @@ def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16,
             data = await upload.read(limits.max_upload_bytes + 1)
             name = upload.filename or "upload"
             image = await run_in_threadpool(decode_upload, data, name, limits, draft)
-            return name, await run_in_threadpool(model.preprocess_one, image)
+            try:
+                return name, await run_in_threadpool(model.preprocess_one, image)
+            except BadImageError as exc:  # the model's own preprocessing refused it: this image's fault, not ours
+                raise RejectedImage(413 if exc.too_large else 422, f"{name}: {exc.reason}") from None
 
         try:
             rows = list(await asyncio.gather(*(decoded(upload) for upload in files)))

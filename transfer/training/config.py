@@ -15,7 +15,7 @@ from transfer.core.io import display
 from transfer.core.options import check_choice, check_float, check_int, parse_unfreeze
 from transfer.data.augment import Augment
 from transfer.training.model import HEADS
-from transfer.training.tracking import check_trackers
+from transfer.training.tracking import check_trackers, probe_trackers
 
 
 @dataclass
@@ -90,6 +90,9 @@ class FinetuneConfig:
         check_choice(self.schedule, "--schedule", SCHEDULES)
         check_choice(self.class_weights, "--class-weights", CLASS_WEIGHTS)
         check_choice(self.sampler, "--sampler", SAMPLERS)
+        if self.sampler == "balanced" and self.class_weights == "balanced":
+            raise OptionError("--sampler balanced and --class-weights balanced both correct the class imbalance: "
+                              "together they over-correct it (the majority classes then lose); choose one")
         if self.workers is not None:
             check_int(self.workers, "--workers", 0, 64)
         if self.weights is not None and not Path(self.weights).is_file():
@@ -98,6 +101,7 @@ class FinetuneConfig:
             raise OptionError(f"--pretrained: {spec.name} has no pretrained weights; it trains from scratch")
         self.log = list(dict.fromkeys(self.log))
         check_trackers(self.log)
+        probe_trackers(self.log)  # the store answers and takes a write, or exit 2 before any work
         return self
 
 

@@ -65,10 +65,12 @@ def balanced_weights(samples: Sequence[Sample], classes: int, multilabel: bool) 
     """`--class-weights balanced`. One label: scikit-learn's `compute_class_weight("balanced")`, n_images /
     (n_classes * images of the class). Several labels: each label's negatives over its positives, the
     `pos_weight` of binary cross-entropy that gives both sides equal total weight. A class without a training
-    image gets weight 1."""
+    image gets weight 1, and so does a label on every training image (it has no negatives to balance against;
+    its weight 0 would take away the label's whole gradient)."""
     counts = label_counts(samples, classes).astype(np.float64)
     if multilabel:
-        weights = np.divide(len(samples) - counts, counts, out=np.ones(classes), where=counts > 0)
+        weights = np.divide(len(samples) - counts, counts, out=np.ones(classes),
+                            where=(counts > 0) & (counts < len(samples)))
     else:
         weights = np.divide(counts.sum(), classes * counts, out=np.ones(classes), where=counts > 0)
     return torch.tensor(weights, dtype=torch.float32)

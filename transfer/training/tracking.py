@@ -11,6 +11,11 @@ refuses new ./mlruns file stores). Both are optional extras, checked before any 
 Resume continues the same curves: TensorBoard's writers purge what a killed session wrote past the checkpoint
 (`purge_step`), and the MLflow run (its id kept in RUN/tracking.json) gets each batch's points only once their epoch
 is saved, so a resumed run adds no duplicate points. Only rank 0 of a torchrun job logs.
+
+A log never decides a training run's fate: the MLflow store is probed (read and write, no retries, a short timeout)
+before any work, so an unreachable, read-only or refused store is one line and exit 2; once training runs, a
+tracker that fails warns once and is dropped while training and checkpoints go on, and a resume whose MLflow run
+is gone (or whose tracking.json is damaged) continues in a new MLflow run with a note.
 """
 
 from __future__ import annotations
@@ -20,16 +25,18 @@ import importlib.util
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from transfer.core.errors import OptionError
+from transfer.core.errors import OptionError, first_line
 from transfer.core.io import read_json_object, write_json
 
 TRACKERS = ("tensorboard", "mlflow")
 INSTALL = {"tensorboard": "pip install 'transfer[tensorboard]' (or: pip install tensorboard)",
            "mlflow": "pip install 'transfer[mlflow]' (or: pip install mlflow)"}
 BATCH_POINTS_PER_EPOCH = 20
+MLFLOW_PROBE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}  # an answer in seconds
+MLFLOW_DURING_RUN = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 TRACKING_FILE = "tracking.json"  # the MLflow run a resumed run continues
 FIGURES = ("curves.png", "confusion.png", "top_losses.png", "lr_find.png")
 NOT_ARTIFACTS = {"last.ckpt", ".lock", "tensorboard"}  # the optimizer state and the event files stay local
@@ -42,6 +49,43 @@ def check_trackers(names: list[str]) -> None:
             raise OptionError(f"--log {name}: use one of {', '.join(TRACKERS)}")
         if not installed(name):
             raise OptionError(f"--log {name} needs the {name} package: {INSTALL[name]}")
+
+
+def probe_trackers(names: list[str]) -> None:
+    """Reach every tracker before any work: MLflow's store must answer and take a write (the experiment "transfer"
+    made or found, a tag set on it) within seconds, else an `OptionError` saying what the store answered."""
+    if "mlflow" not in names:
+        return
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = mlflow.get_tracking_uri()
+    try:
+        with mlflow_limits(MLFLOW_PROBE):
+            client = MlflowClient(tracking_uri=uri)
+            experiment_id = _experiment_id(client)
+            client.set_experiment_tag(experiment_id, "transfer.checked", str(_now_ms()))
+    except Exception as exc:  # MLflow raises its own, requests' and SQLAlchemy's exception types
+        raise OptionError(f"--log mlflow: the MLflow store {uri} cannot be used ({first_line(exc)[:300]}); set "
+                          "MLFLOW_TRACKING_URI to a store that works, or drop --log mlflow") from None
+
+
+@contextlib.contextmanager
+def mlflow_limits(values: dict[str, str]) -> Iterator[None]:
+    """MLflow's HTTP retries and timeout for the calls inside the block (the user's own settings win); restored
+    after, so nothing outside the block changes."""
+    chosen = {name: value for name, value in values.items() if name not in os.environ}
+    os.environ.update(chosen)
+    try:
+        yield
+    finally:
+        for name in chosen:
+            os.environ.pop(name, None)
+
+
+def _experiment_id(client) -> str:
+    experiment = client.get_experiment_by_name("transfer")
+    return experiment.experiment_id if experiment is not None else client.create_experiment("transfer")
 
 
 def installed(package: str) -> bool:
@@ -127,7 +171,7 @@ class TensorBoardTracker(Tracker):
 class MlflowTracker(Tracker):
     """One MLflow run per run directory (kept in RUN/tracking.json), through MlflowClient, no global state."""
 
-    def __init__(self, run_dir: Path, config: dict, resumed_epoch: int):
+    def __init__(self, run_dir: Path, config: dict, resumed_epoch: int, warn: Callable[[str], None] = print):
         import mlflow
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
@@ -136,14 +180,18 @@ class MlflowTracker(Tracker):
         self.uri = mlflow.get_tracking_uri()  # MLFLOW_TRACKING_URI, else MLflow's default store
         self.client = MlflowClient(tracking_uri=self.uri)
         self.pending: list = []  # batch points of the epoch in progress, logged once the epoch is saved
-        saved = _read_tracking(run_dir).get("mlflow")
-        if resumed_epoch > 0 and saved and saved.get("tracking_uri") == self.uri:
-            self.run_id = saved["run_id"]
-            self.client.update_run(self.run_id, status="RUNNING")
-            return
-        experiment = self.client.get_experiment_by_name("transfer")
-        experiment_id = (experiment.experiment_id if experiment is not None
-                         else self.client.create_experiment("transfer"))
+        saved = _read_tracking(run_dir, warn).get("mlflow")
+        if resumed_epoch > 0 and saved and saved["tracking_uri"] == self.uri:
+            try:
+                self.client.get_run(saved["run_id"])
+            except Exception as exc:  # deleted, or a store that forgot it: go on in a new MLflow run
+                warn(f"note: MLflow run {saved['run_id']} of this run cannot be continued ({first_line(exc)[:200]}); "
+                     "logging the resumed epochs to a new MLflow run")
+            else:
+                self.run_id = saved["run_id"]
+                self.client.update_run(self.run_id, status="RUNNING")
+                return
+        experiment_id = _experiment_id(self.client)
         run = self.client.create_run(experiment_id, run_name=run_dir.name,
                                      tags={"transfer.run_dir": str(run_dir.resolve())})
         self.run_id = run.info.run_id
@@ -192,32 +240,62 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _read_tracking(run_dir: Path) -> dict:
-    return read_json_object(run_dir / TRACKING_FILE)
+def _read_tracking(run_dir: Path, warn: Callable[[str], None] | None = None) -> dict:
+    """RUN/tracking.json, or {} when it is absent; a damaged one (not JSON, or its MLflow entry without a run id
+    and a store) is {} too, with a note through `warn`: the run is then logged to a new MLflow run."""
+    path = run_dir / TRACKING_FILE
+    data = read_json_object(path)
+    saved = data.get("mlflow")
+    if saved is None and not path.exists():
+        return {}
+    if isinstance(saved, dict) and all(isinstance(saved.get(key), str) and saved.get(key)
+                                       for key in ("run_id", "tracking_uri")):
+        return data
+    if warn is not None:
+        warn(f"note: {path} is damaged (no MLflow run id and store in it); it is written anew")
+    return {}
 
 
 class Trackers(Tracker):
-    """Every tracker the run asked for, called in turn (none: every call does nothing)."""
+    """Every tracker the run asked for, called in turn (none: every call does nothing). A tracker that raises is
+    reported once through `warn` and dropped: logging never stops or blocks training."""
 
-    def __init__(self, trackers: list[Tracker] | None = None, batches_per_epoch: int = 0):
+    def __init__(self, trackers: list[Tracker] | None = None, batches_per_epoch: int = 0,
+                 warn: Callable[[str], None] = print):
         self.trackers = trackers or []
         self.batches_per_epoch = batches_per_epoch  # global batch step = (epoch - 1) * this + batch
+        self.warn = warn
 
     @classmethod
     def open(cls, names: list[str], run_dir: Path, config: dict, resumed_epoch: int,
-             batches_per_epoch: int) -> Trackers:
+             batches_per_epoch: int, warn: Callable[[str], None] = print) -> Trackers:
         check_trackers(names)
-        made: list[Tracker] = []
+        opened = cls([], batches_per_epoch, warn)
         for name in names:
-            if name == "tensorboard":
-                made.append(TensorBoardTracker(run_dir, resumed_epoch, batches_per_epoch))
-            else:
-                made.append(MlflowTracker(run_dir, config, resumed_epoch))
-        return cls(made, batches_per_epoch)
+            with mlflow_limits(MLFLOW_DURING_RUN), opened.guard(name):
+                opened.trackers.append(
+                    TensorBoardTracker(run_dir, resumed_epoch, batches_per_epoch) if name == "tensorboard"
+                    else MlflowTracker(run_dir, config, resumed_epoch, warn))
+        return opened
+
+    @contextlib.contextmanager
+    def guard(self, name: str, tracker: Tracker | None = None) -> Iterator[None]:
+        """Run a tracker's call; on an error, warn once and drop the tracker (training goes on)."""
+        try:
+            yield
+        except Exception as exc:
+            self.warn(f"warning: --log {name} failed ({first_line(exc)[:300]}); training goes on without it")
+            if tracker is not None and tracker in self.trackers:
+                self.trackers.remove(tracker)
+
+    def _each(self, call: Callable[[Tracker], None]) -> None:
+        for tracker in list(self.trackers):
+            name = "tensorboard" if isinstance(tracker, TensorBoardTracker) else "mlflow"
+            with mlflow_limits(MLFLOW_DURING_RUN), self.guard(name, tracker):
+                call(tracker)
 
     def batch(self, step: int, loss: float) -> None:
-        for tracker in self.trackers:
-            tracker.batch(step, loss)
+        self._each(lambda tracker: tracker.batch(step, loss))
 
     def batch_done(self, epoch: int, step: int, total: int, loss: float) -> None:
         """Batch `step` (0-based) of `total` in `epoch` finished with this mean loss: a point when its turn comes."""
@@ -225,12 +303,10 @@ class Trackers(Tracker):
             self.batch((epoch - 1) * self.batches_per_epoch + step + 1, loss)
 
     def epoch(self, row: dict, lrs: list[float], stage_index: int) -> None:
-        for tracker in self.trackers:
-            tracker.epoch(row, lrs, stage_index)
+        self._each(lambda tracker: tracker.epoch(row, lrs, stage_index))
 
     def finish(self, run_dir: Path, config: dict, report: dict | None, status: str) -> None:
-        for tracker in self.trackers:
-            tracker.finish(run_dir, config, report, status)
+        self._each(lambda tracker: tracker.finish(run_dir, config, report, status))
         self.trackers = []
 
 
@@ -240,7 +316,7 @@ def open_trackers(trainer, resumed_epoch: int) -> Trackers:
     if not (trainer.world.main and trainer.config.log):
         return Trackers(batches_per_epoch=batches_per_epoch)
     config = json.loads((trainer.run_dir / "config.json").read_text())
-    return Trackers.open(trainer.config.log, trainer.run_dir, config, resumed_epoch, batches_per_epoch)
+    return Trackers.open(trainer.config.log, trainer.run_dir, config, resumed_epoch, batches_per_epoch, trainer.log)
 
 
 @contextlib.contextmanager
@@ -271,7 +347,7 @@ def mlflow_run_of(run_dir: str | os.PathLike) -> dict | None:
     tracked but MLflow is not installed here (checked before `export --run` does any work)."""
     saved = _read_tracking(Path(run_dir)).get("mlflow")
     if not saved:
-        return None
+        return None  # not tracked, or a damaged tracking.json: the export itself goes on
     if not installed("mlflow"):
         raise OptionError(f"{run_dir} is tracked in MLflow, which is not installed here: {INSTALL['mlflow']}")
     return saved
@@ -284,9 +360,9 @@ def log_export(tracked: dict, onnx_path: Path, record: dict) -> str:
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracked["tracking_uri"])
-    client.log_artifact(tracked["run_id"], str(onnx_path), artifact_path="onnx")
-    with tempfile.TemporaryDirectory() as work:
+    with mlflow_limits(MLFLOW_PROBE), tempfile.TemporaryDirectory() as work:
+        client = MlflowClient(tracking_uri=tracked["tracking_uri"])
+        client.log_artifact(tracked["run_id"], str(onnx_path), artifact_path="onnx")
         record_path = Path(work) / f"{onnx_path.stem}.record.json"
         record_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
         client.log_artifact(tracked["run_id"], str(record_path), artifact_path="onnx")
