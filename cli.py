@@ -1042,11 +1042,17 @@ def serve(
 
 @app.command("index", epilog=examples("transfer index ./photos -o photos.idx",
                                       "transfer index ./photos --onnx extractor.onnx -o photos.idx",
-                                      "transfer index ./photos --run runs/flowers -o flowers.idx"))
+                                      "transfer index ./photos --run runs/flowers -o flowers.idx",
+                                      "transfer index ./photos -o photos.idx --add --remove"))
 @cli_errors
 def index_command(
-    images: Annotated[list[str], typer.Argument(help="a folder (class sub-folders give labels), files or globs")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="the index folder (new, or an index to replace)")],
+    images: Annotated[list[str] | None, typer.Argument(
+        help="a folder (class sub-folders give labels), files or globs (optional with --remove)")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="the index folder (new, or an index to "
+                                                "replace; with --add/--remove the index to update)")] = None,
+    add: Annotated[bool, typer.Option("--add", help="keep the index and embed only the images it does not hold yet "
+                                      "(or whose file changed), with the index's own model")] = False,
+    remove: Annotated[bool, typer.Option("--remove", help="drop the rows whose image files are gone")] = False,
     backbone: Annotated[str | None, typer.Option("--backbone", "-b", help="registry name (default "
                                                  "efficientnet_lite0)")] = None,
     run: RunOpt = None,
@@ -1055,6 +1061,8 @@ def index_command(
                                               "none), a run's avg_pool, an extractor's output")] = None,
     input_size: Annotated[int | None, typer.Option(help="input side (default: the model's)")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    exact: Annotated[bool, typer.Option("--exact", help="no approximate-search file, whatever the size (from "
+                                        "20,000 images the index gets one, with its measured recall@10)")] = False,
     labels: LabelsOpt = None,
     path_column: PathColumnOpt = None,
     label_column: LabelColumnOpt = None,
@@ -1066,18 +1074,39 @@ def index_command(
     quiet: QuietOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
-    """Build a similar-image index: avg-pooled, L2-normalised features of every image, with paths and labels."""
-    from transfer.apps.index import build_index
+    """Build a similar-image index: avg-pooled, L2-normalised features of every image, with paths and labels (and,
+    for large collections, a FAISS approximate-search file); --add / --remove update one without re-embedding it."""
+    from transfer.apps.index import build_index, update_index
 
+    if output is None:
+        raise OptionError("--output DIR is required: the index folder to write (or, with --add/--remove, update)")
+    if not images and not remove:
+        raise OptionError("give the images to index (a folder, files or globs); only --remove works without them")
+    if images and remove and not add:
+        raise OptionError("--remove alone drops the rows of gone files; add --add to embed the images given too")
     one_model(run, onnx)
     check_json_path(json_out)
     source = labels_file(labels, path_column, label_column, split_column, label_sep, multi_label)
-    record = build_index(images if len(images) > 1 else images[0], output, backbone=backbone, run=run, onnx=onnx,
-                         layer=layer, input_size=input_size, batch_size=batch_size, device=device.value,
-                         workers=workers, progress=progress_for(quiet), labels=source)
+    inputs = None if not images else images if len(images) > 1 else images[0]
+    if add or remove:
+        if backbone or run or onnx or layer or input_size:
+            raise OptionError("--add/--remove embed with the index's own model; drop -b/--run/--onnx/--layer/"
+                              "--input-size")
+        record = update_index(inputs if add else None, output, add=add, remove=remove, batch_size=batch_size,
+                              device=device.value, workers=workers, progress=progress_for(quiet), labels=source,
+                              exact=exact)
+        say(f"embedded {record['embedded']} new or changed image(s), replaced {record['replaced']}, removed "
+            f"{record['removed']}")
+    else:
+        record = build_index(inputs, output, backbone=backbone, run=run, onnx=onnx, layer=layer,
+                             input_size=input_size, batch_size=batch_size, device=device.value, workers=workers,
+                             progress=progress_for(quiet), labels=source, exact=exact)
     say_skipped(record["skipped"])
-    model = record["model"]
+    model, ann = record["model"], record["ann"]
     say(f"indexed {record['count']} images ({record['dim']} dimensions, layer {model['layer']}) into {output}")
+    say("search: exact" if ann is None else f"search: approximate, {ann['kind']}, {ann['nlist']} clusters, "
+        f"{ann['nprobe']} visited per query; recall@10 {ann['recall_at_10']:.3f} against exact search on "
+        f"{ann['recall_queries']} held-out queries")
     write_record(json_out, {key: value for key, value in record.items() if key != "paths"})
 
 
@@ -1091,6 +1120,8 @@ def similar(
     output: Annotated[Path, typer.Option("--output", "-o", help="the contact sheet (PNG)")] = Path("similar.png"),
     exclude_self: Annotated[bool, typer.Option("--exclude-self", help="leave out a query's own indexed image (found "
                                                "first otherwise, marked 'itself')")] = False,
+    exact: Annotated[bool, typer.Option("--exact", help="search every vector even when the index has an "
+                                        "approximate-search file")] = False,
     device: DeviceOpt = Device.auto,
     quiet: QuietOpt = False,
     json_out: JsonOpt = None,
@@ -1105,7 +1136,7 @@ def similar(
     check_writable(output, "--output")
     check_json_path(json_out)
     results = run_similar(queries if len(queries) > 1 else queries[0], index, k=k, device=device.value,
-                          progress=progress_for(quiet), exclude_self=exclude_self)
+                          progress=progress_for(quiet), exclude_self=exclude_self, exact=exact)
     table = Table()
     for column in ("query", "rank", "score", "label", "image"):
         table.add_column(column, overflow="fold")

@@ -188,6 +188,7 @@ def markdown(record: dict) -> str:
               f"vs {record['stage1']['cached_seconds_per_later_epoch']} s per cached epoch "
               f"({record['stage1']['speedup_per_later_epoch']}x; over 3 epochs including the one feature pass "
               f"{record['stage1']['speedup_over_3_epochs']}x).", "", *train_lines(), *scaling_lines(), *serve_lines(),
+              *search_lines(),
               *gpu_lines(), *zoo_lines()]
     return "\n".join(lines)
 
@@ -253,6 +254,39 @@ def serve_lines() -> list[str]:
             f"{record['dynamic_vs_batch1_throughput']}x.", "",
             "| server | requests/s | p50 ms | p99 ms | errors | model runs |", "|---|---|---|---|---|---|", *rows, "",
             *([record["note"], ""] if record.get("note") else [])]
+
+
+def search_lines() -> list[str]:
+    """Search at scale, from benchmarks/search.json (rerun: `python benchmarks/search.py`)."""
+    record = saved_result("search.json")
+    if record is None:
+        return []
+    rows = []
+    for r in record["rows"]:
+        ann, build, exact, hnsw = r["ann"], r["build"], r["exact"], r.get("faiss_hnsw")
+        rows.append(f"| {r['n']:,} | {r['vectors_gb']} | exact | {exact['load_seconds']} | {exact['search_p50_ms']} / "
+                    f"{exact['search_p95_ms']} | {exact['batched_ms_per_query']} | {exact['recall_at_10']} | | |")
+        rows.append(f"| {r['n']:,} | {r['vectors_gb']} | IVF-Flat, nlist {build['ann']['nlist']}, nprobe "
+                    f"{build['ann']['nprobe']} | {ann['load_seconds']} | {ann['search_p50_ms']} / "
+                    f"{ann['search_p95_ms']} | {ann['batched_ms_per_query']} | {ann['recall_at_10']} | "
+                    f"{build['seconds']} s, {build['peak_rss_gb']} GB | {r['serve_startup_seconds']} s; /similar "
+                    f"{r['similar_http_p50_ms']} / {r['similar_http_p95_ms']} ms; similar "
+                    f"{r['similar_one_query_seconds']} s |")
+        if hnsw:
+            rows.append(f"| {r['n']:,} | {r['vectors_gb']} | FAISS HNSW M=32, efSearch {hnsw['efSearch']} "
+                        f"(reference) | | {hnsw['search_p50_ms']} / - | | {hnsw['recall_at_10']} | "
+                        f"{hnsw['build_seconds']} s, {hnsw['peak_rss_gb']} GB | |")
+    return ["## Search at scale", "",
+            f"{record['date']}, {record['machine']}: {record['dim']}-dimensional unit vectors, {record['vectors']} "
+            "(Gaussian noise scaled per dimension; `python benchmarks/search.py`). Load: `SearchIndex.load` in a fresh "
+            "process (index.json, the float32 check of every vector, the memory-mapped ANN file). Search: one vector, "
+            "p50 / p95 ms of 200; batched: 500 queries at once, ms per query. Recall@10 against exact search on 500 "
+            "held-out vectors. Build: the ANN file from the stored vectors (k-means, filling, choosing nprobe), peak "
+            "RSS with memory-mapped pages. Serve: `transfer serve --index` start-up to its first /health, and "
+            "`/similar` with a photo (decode, embed with efficientnet_lite0 at 224, search) p50 / p95 of 50; "
+            "similar: `transfer similar` with one photo, wall time with loading the model.", "",
+            "| N | vectors GB | search | load s | search ms p50 / p95 | batched ms/query | recall@10 | build "
+            "| serve, similar |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def scaling_lines() -> list[str]:

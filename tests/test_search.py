@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 import cli
 from exporters.export import export_onnx
 from exporters.runtime import OnnxModel
+from tests.conftest import one_line_error
 from transfer.apps.index import build_index
 from transfer.core.errors import DataError
 from transfer.serving.search import SearchIndex, normalise
@@ -63,7 +65,9 @@ def test_index_and_similar_find_the_same_scene(tmp_path, photos, runner):
                                      "--input-size", "160", "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert "indexed 24 images (1280 dimensions, layer avg_pool) into" in result.output
+    assert "search: exact" in result.output  # under 20,000 images: no approximate-search file
     meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert meta["ann"] is None and not (tmp_path / "idx" / "ann.faiss").exists()
     assert meta["classes"] == sorted(CLASSES) and meta["model"]["backbone"] == "efficientnet_lite0"
     assert np.load(tmp_path / "idx" / "vectors.npy").shape == (24, 1280)
     result = runner.invoke(cli.app, ["similar", *map(str, queries), "--index", str(tmp_path / "idx"), "-k", "5",
@@ -149,3 +153,114 @@ def test_an_unwritable_index_folder_fails_before_any_image_is_embedded(tmp_path,
     assert result.exit_code == 2 and result.output.startswith("error: --output")
     assert "Permission denied" in result.output
     assert not (tmp_path / "out" / "idx").exists()
+
+
+def clustered_unit_vectors(count: int, dim: int, clusters: int, seed: int) -> np.ndarray:
+    """Unit vectors around `clusters` random centres (a collection of look-alike photos has that shape)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    rows = centres[rng.integers(0, clusters, count)] + 0.6 * rng.standard_normal((count, dim)).astype(np.float32)
+    return normalise(rows)
+
+
+def test_approximate_search_is_measured_and_agrees_with_exact(tmp_path):
+    """A collection past the threshold gets a FAISS IVF-Flat file whose nprobe was chosen for recall@10 >= 0.95
+    against exact search; held-out queries (not in the index) checked here against numpy's brute force reach it
+    too, one query and a batch answer alike, and --exact ignores the file."""
+    from transfer.serving.ann import TARGET_RECALL
+    from transfer.serving.search import index_folder, write_index
+
+    vectors = clustered_unit_vectors(4_000, 48, 40, seed=0)
+    record = {"format": 3, "count": len(vectors), "dim": 48, "model": {"backbone": "efficientnet_lite0",
+              "layer": "avg_pool"}, "paths": [f"/nowhere/{i}.jpg" for i in range(len(vectors))], "classes": []}
+    with index_folder(tmp_path / "big.idx") as folder:
+        write_index(folder, record, vectors, ann_min_rows=1_000)
+    saved = json.loads((tmp_path / "big.idx" / "index.json").read_text())["ann"]
+    assert saved["kind"] == "faiss IVF-Flat (inner product)" and saved["nlist"] == 63  # round(sqrt(4000))
+    assert saved["recall_at_10"] >= TARGET_RECALL and saved["tried"][str(saved["nprobe"])] == saved["recall_at_10"]
+    assert all(recall < TARGET_RECALL for nprobe, recall in saved["tried"].items() if int(nprobe) < saved["nprobe"])
+    approximate, exact = SearchIndex.load(tmp_path / "big.idx"), SearchIndex.load(tmp_path / "big.idx", exact=True)
+    assert approximate.ann is not None and exact.ann is None
+    queries = clustered_unit_vectors(4_200, 48, 40, seed=0)[4_000:]  # the same centres, new points: held out
+    truth = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]
+    found = approximate.nearest_many(queries, 10)
+    recall = np.mean([len({hit["row"] for hit in hits} & set(expected.tolist())) / 10
+                      for hits, expected in zip(found, truth, strict=True)])
+    assert recall >= 0.95, recall
+    exact_found = exact.nearest_many(queries, 10)
+    assert [[hit["row"] for hit in hits] for hits in exact_found] == truth.tolist()
+    assert [hit["row"] for hit in approximate.nearest(queries[7], 10)] == [hit["row"] for hit in found[7]]
+    del approximate  # its ann.faiss is memory-mapped: the damaged file comes in as a new file, as a copy would
+    (tmp_path / "damaged.faiss").write_bytes(b"damaged")
+    (tmp_path / "damaged.faiss").replace(tmp_path / "big.idx" / "ann.faiss")
+    with pytest.raises(DataError, match="ann.faiss unreadable"):
+        SearchIndex.load(tmp_path / "big.idx")
+    assert SearchIndex.load(tmp_path / "big.idx", exact=True).nearest_many(queries[:3], 10) == exact_found[:3]
+
+
+def test_vector_check_refuses_damage_in_float32(tmp_path):
+    """The load-time check runs in float32 (no float64 copies): NaN, infinities, a non-unit row and float64 files
+    are each one line naming the row or the dtype."""
+    from transfer.serving.search import check_vectors
+
+    vectors = clustered_unit_vectors(300, 16, 5, seed=1)
+    record = {"count": 300, "dim": 16, "paths": [f"{i}.jpg" for i in range(300)]}
+    check_vectors(vectors, record, "v")
+    for row, value, problem in ((3, np.nan, "row 3 (3.jpg) is not finite"), (5, np.inf, "row 5 (5.jpg) is not finite"),
+                                (7, 2.0, "row 7 (7.jpg) has length")):
+        damaged = vectors.copy()
+        damaged[row, 0] = value
+        with pytest.raises(DataError, match=re.escape(problem)):
+            check_vectors(damaged, record, "v")
+    with pytest.raises(DataError, match="dtype float64, not float32"):
+        check_vectors(vectors.astype(np.float64), record, "v")
+
+
+def test_add_embeds_only_new_images_and_remove_drops_gone_ones(tmp_path, photos, runner, monkeypatch):
+    """`index --add` keeps every stored vector as it is and embeds only the images the index does not hold (a
+    changed file is embedded again and its old row replaced); `--remove` drops rows whose files are gone."""
+    import transfer.apps.index as index_app
+
+    write_crops(tmp_path / "crops", photos, per_class=3, seed=0)
+    common = ["-q", "--workers", "0"]
+    first = runner.invoke(cli.app, ["index", str(tmp_path / "crops"), "-o", str(tmp_path / "idx"),
+                                    "--input-size", "96", *common])
+    assert first.exit_code == 0, first.output
+    before = json.loads((tmp_path / "idx" / "index.json").read_text())
+    old_vectors = np.load(tmp_path / "idx" / "vectors.npy")
+    embedded: list[int] = []
+    real_extract = index_app.extract
+
+    def counting_extract(images, **kwargs):
+        embedded.append(len(images))
+        return real_extract(images, **kwargs)
+
+    monkeypatch.setattr(index_app, "extract", counting_extract)
+    new = write_crops(tmp_path / "more", photos, per_class=1, seed=5)  # 4 new crops in class folders
+    for path in new:
+        target = tmp_path / "crops" / path.parent.name / f"new_{path.name}"
+        path.rename(target)
+    changed = Path(before["paths"][0])
+    Image.open(changed).rotate(90).save(changed)  # this one changed since: embedded again, its old row replaced
+    added = runner.invoke(cli.app, ["index", str(tmp_path / "crops"), "-o", str(tmp_path / "idx"), "--add", *common])
+    assert added.exit_code == 0, added.output
+    assert "embedded 5 new or changed image(s), replaced 1, removed 0" in added.output and embedded == [5]
+    after = json.loads((tmp_path / "idx" / "index.json").read_text())
+    vectors = np.load(tmp_path / "idx" / "vectors.npy")
+    assert after["count"] == 16 and vectors.shape == (16, 1280) and after["paths"][:11] == before["paths"][1:]
+    assert np.array_equal(vectors[:11], old_vectors[1:])  # kept rows copied, not re-embedded
+    assert after["classes"] == before["classes"] and after["labels"][:11] == before["labels"][1:]
+    assert [after["classes"][label] for label in after["labels"][11:]] == \
+        [Path(path).parent.name for path in after["paths"][11:]]
+    assert after["model"] == before["model"] and str(changed) in after["paths"][11:]
+    gone = Path(after["paths"][3])
+    gone.unlink()
+    removed = runner.invoke(cli.app, ["index", "-o", str(tmp_path / "idx"), "--remove", *common])
+    assert removed.exit_code == 0, removed.output
+    assert "embedded 0 new or changed image(s), replaced 0, removed 1" in removed.output and embedded == [5]
+    final = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert final["count"] == 15 and str(gone) not in final["paths"]
+    assert np.array_equal(np.load(tmp_path / "idx" / "vectors.npy"), np.delete(vectors, 3, axis=0))
+    wrong = runner.invoke(cli.app, ["index", str(tmp_path / "crops"), "-o", str(tmp_path / "idx"), "--add", "-b",
+                                    "resnet18"])
+    assert "--add/--remove embed with the index's own model" in one_line_error(wrong)

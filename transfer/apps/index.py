@@ -12,7 +12,7 @@ from pathlib import Path
 
 from exporters.runtime import OnnxModel
 from models.registry import get_backbone
-from transfer.apps.extract import ExtractResult, extract
+from transfer.apps.extract import ExtractResult, collect_samples, extract
 from transfer.core.errors import DataError, TransferError
 from transfer.core.io import display, file_sha256
 from transfer.core.progress import SILENT, Progress
@@ -20,9 +20,11 @@ from transfer.core.rundir import run_fingerprint
 from transfer.data.labels import LabelsFile
 from transfer.serving.search import (
     INDEX_FORMAT,
+    RowSelection,
     SearchIndex,
     check_model_unchanged,
     file_stamp,
+    image_status,
     index_folder,
     neighbours,
     normalise,
@@ -76,16 +78,73 @@ def embed(images, spec: dict, batch_size: int = 32, device: str = "auto", worker
 def build_index(images, output: str | os.PathLike, backbone: str | None = None, run=None, onnx=None,
                 layer: str | None = None, input_size: int | None = None, batch_size: int = 32,
                 device: str = "auto", workers: int | None = None, progress: Progress = SILENT,
-                labels: LabelsFile | None = None) -> dict:
+                labels: LabelsFile | None = None, exact: bool = False) -> dict:
     """Embed `images` and write the index folder `output` in one step (a new or empty folder, or an index to
     replace whole); returns its index.json record. Whatever is refused is refused before any image is embedded.
-    `labels`: the images and labels a labels file names in the folder, instead of its class sub-folders."""
+    `labels`: the images and labels a labels file names in the folder, instead of its class sub-folders. From
+    `ann.ANN_MIN_ROWS` images the index gets an approximate-search file (record["ann"]) unless `exact`."""
     with index_folder(output) as folder:
         spec = _model_spec(backbone, run, onnx, layer, input_size)
         vectors, result = embed(images, spec, batch_size, device, workers, progress, labels)
         record = index_record(spec, vectors, result)
-        write_index(folder, record, vectors)
+        write_index(folder, record, vectors, exact=exact, progress=progress)
     return record
+
+
+def update_index(images, output: str | os.PathLike, add: bool = True, remove: bool = False, batch_size: int = 32,
+                 device: str = "auto", workers: int | None = None, progress: Progress = SILENT,
+                 labels: LabelsFile | None = None, exact: bool = False) -> dict:
+    """Grow an index without re-embedding it: with `add`, embed only the images of `images` it does not hold yet
+    (or whose file changed since: their old rows are replaced); with `remove`, drop the rows whose files are gone.
+    The index's own model embeds them, under the same identity rules as `similar` (its ONNX file or run unchanged,
+    by content). Kept rows are copied from the stored vectors; the ANN file is rebuilt from the stored vectors.
+    Returns the new index.json record, with `embedded`, `replaced` and `removed` counts."""
+    with index_folder(output) as folder:
+        search = SearchIndex.load(folder, exact=True)
+        check_model_unchanged(search.model, folder)
+        record, count = search.record, search.record["count"]
+        stamps = record.get("stamps") or [None] * count
+        status = [image_status(path, stamps[row]) for row, path in enumerate(record["paths"])]
+        fresh, classes, skipped = ([], [], []) if images is None else collect_samples(images, progress, labels)
+        held = {path: row for row, path in enumerate(record["paths"]) if status[row] == "ok"}
+        new = [s for s in fresh if str(Path(s.path).resolve()) not in held] if add else []
+        replaced = {str(Path(s.path).resolve()) for s in new} & set(record["paths"])
+        keep = [row for row, path in enumerate(record["paths"])
+                if path not in replaced and not (remove and status[row] == "missing")]
+        vectors = None
+        if new:
+            vectors, result = embed([s.path for s in new], spec_for_embedding(search.model), batch_size, device,
+                                    workers, progress)
+            if result.metadata.get("weights") != search.model.get("weights"):
+                raise DataError(f"--output {display(folder)}: built with weights from {search.model.get('weights')}, "
+                                f"but the model now loads {result.metadata.get('weights')}; rebuild the index")
+            skipped += result.skipped
+        merged = _merged(record, keep, new, classes, vectors, result.paths if new else [])
+        merged.update(embedded=len(merged["paths"]) - len(keep), replaced=len(replaced), removed=count - len(keep)
+                      - len(replaced), skipped=[{"path": s.path, "reason": s.reason} for s in skipped],
+                      updated=datetime.now().isoformat(timespec="seconds"))
+        kept_rows = search.vectors if len(keep) == count else RowSelection(search.vectors, keep)
+        parts = [part for part in (kept_rows, vectors) if part is not None and len(part)]
+        if not parts:
+            raise DataError(f"--output {display(folder)}: nothing would be left in the index")
+        write_index(folder, merged, parts, exact=exact, progress=progress)
+    return merged
+
+
+def _merged(record: dict, keep: list[int], new: list, classes: list[str], vectors, embedded: list) -> dict:
+    """index.json of the kept rows followed by the newly embedded images (new class names appended, so the old
+    rows' class indices stay)."""
+    names = list(record.get("classes") or [])
+    names += [name for name in classes if name not in names]
+    label_of = {str(Path(s.path).resolve()): (None if s.label is None else names.index(classes[s.label]))
+                for s in new}
+    paths = [str(Path(path).resolve()) for path in embedded]
+    old_labels = record.get("labels") or [None] * record["count"]
+    stamps = record.get("stamps") or [None] * record["count"]
+    return {**record, "count": len(keep) + len(paths), "classes": names,
+            "paths": [record["paths"][row] for row in keep] + paths,
+            "stamps": [stamps[row] for row in keep] + [file_stamp(path) for path in paths],
+            "labels": [old_labels[row] for row in keep] + [label_of.get(path) for path in paths]}
 
 
 def index_record(spec: dict, vectors, result: ExtractResult) -> dict:
@@ -100,12 +159,13 @@ def index_record(spec: dict, vectors, result: ExtractResult) -> dict:
 
 
 def similar(queries, index: str | os.PathLike, k: int = 10, device: str = "auto",
-            progress: Progress = SILENT, exclude_self: bool = False) -> list[dict]:
+            progress: Progress = SILENT, exclude_self: bool = False, exact: bool = False) -> list[dict]:
     """For each query image: its k nearest images in the index, embedded with the index's own model (checked to
     be the same content as when the index was built). A query that cannot be read comes back with `error` set
     and no neighbours. A query that is itself indexed finds itself first (`self: true` on that hit), unless
-    `exclude_self` drops it."""
-    search = SearchIndex.load(index)
+    `exclude_self` drops it. All queries are embedded in batches and searched together; `exact` ignores the
+    index's approximate-search file."""
+    search = SearchIndex.load(index, exact=exact)
     check_model_unchanged(search.model, index)
     vectors, result = embed(queries, spec_for_embedding(search.model), device=device, workers=0, progress=progress)
     if result.metadata.get("weights") != search.model.get("weights"):

@@ -11,9 +11,12 @@ even when a file was replaced or a run trained on under the same path. Both file
 key of index.json, finite unit-length vectors): a damaged index is one line naming the file and key.
 
 Replacing an index is two renames (old aside as `.NAME.previous-index`, new in); a build killed between them
-leaves the old index readable there, and the next build or load recovers it. Search is exact (a matrix product
-over chunks of rows, so a million vectors of 1,280 floats need no more than one chunk in memory). This module
-imports no torch: `transfer.apps.index` embeds images (through `transfer.apps.extract`) and hands the vectors here.
+leaves the old index readable there, and the next build or load recovers it. Search is exact for collections under
+`ann.ANN_MIN_ROWS` (a matrix product over chunks of rows, every query of a batch at once) and approximate above it
+(`ann.faiss`, FAISS IVF-Flat with its measured recall@10 in index.json; `exact=True` keeps exact search). Loading
+reads no vector into memory: vectors.npy and ann.faiss are memory-mapped, and the vector check runs in float32.
+This module imports no torch: `transfer.apps.index` embeds images (through `transfer.apps.extract`) and hands the
+vectors here.
 """
 
 from __future__ import annotations
@@ -42,14 +45,21 @@ from transfer.core.io import (
     temp_dir_beside,
     write_json,
 )
+from transfer.core.progress import SILENT, Progress
 from transfer.core.rundir import run_fingerprint
+from transfer.serving.ann import ANN_FILE, ANN_MIN_ROWS, build_ann, load_ann
+from transfer.serving.index_checks import (
+    CHUNK_ROWS,
+    INDEX_FILE,
+    INDEX_FORMAT,
+    MARKER_FILE,
+    VECTORS_FILE,
+    check_record,
+    check_vectors,
+)
 
-INDEX_FILE, VECTORS_FILE, MARKER_FILE = "index.json", "vectors.npy", ".transfer-index"
-INDEX_FILES = (INDEX_FILE, VECTORS_FILE, MARKER_FILE)  # all an index folder may hold
-INDEX_FORMAT = 2  # 2: marker, absolute paths with file stamps, run fingerprint; 1: earlier indexes (still load)
+INDEX_FILES = (INDEX_FILE, VECTORS_FILE, MARKER_FILE, ANN_FILE)  # all an index folder may hold
 PREVIOUS_SUFFIX = ".previous-index"  # the old index, aside while a new one is moved in
-CHUNK_ROWS = 65_536
-UNIT_TOLERANCE = 1e-3  # |norm - 1| allowed for a stored vector (float32 rounding is ~1e-7)
 
 
 def normalise(rows: np.ndarray) -> np.ndarray:
@@ -79,24 +89,60 @@ def index_folder(output: str | os.PathLike):
         yield output
 
 
-def write_index(output: Path, record: dict, vectors: np.ndarray) -> None:
-    """vectors.npy, index.json and the marker into a temporary folder, then swapped in for `output` (call inside
-    `index_folder`)."""
+def write_index(output: Path, record: dict, vectors: np.ndarray | list[np.ndarray], exact: bool = False,
+                progress: Progress = SILENT, ann_min_rows: int = ANN_MIN_ROWS) -> None:
+    """vectors.npy, index.json, the ANN file when the collection has `ann_min_rows` or more (and `exact` is off)
+    and the marker into a temporary folder, then swapped in for `output` (call inside `index_folder`). `vectors`:
+    one array, or a list of parts written one after another (`save_rows`). Sets record["ann"] (None: exact
+    search); the ANN structure is built from the stored, memory-mapped vectors."""
     with temp_dir_beside(output) as work:
-        np.save(work / VECTORS_FILE, vectors)
+        save_rows(work / VECTORS_FILE, vectors if isinstance(vectors, list) else [vectors])
+        stored = np.load(work / VECTORS_FILE, mmap_mode="r")
+        record["ann"] = None if exact or len(stored) < ann_min_rows else build_ann(stored, work / ANN_FILE,
+                                                                                  progress=progress)
+        del stored
         write_json(work / INDEX_FILE, record)
         write_json(work / MARKER_FILE, {"format": INDEX_FORMAT, "written_by": "transfer index"})
         _swap_in(work, output)
 
 
+class RowSelection:
+    """Some rows of a (memory-mapped) matrix, read a slice at a time: what an index update keeps, never copied whole."""
+
+    def __init__(self, vectors: np.ndarray, rows: Sequence[int]):
+        self.vectors, self.rows = vectors, np.asarray(rows, dtype=np.int64)
+        self.shape = (len(self.rows), vectors.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, part: slice) -> np.ndarray:
+        return np.asarray(self.vectors[self.rows[part]])
+
+
+def save_rows(path: Path, parts: list) -> None:
+    """The parts' rows, one after another, into one float32 .npy file, CHUNK_ROWS at a time: the rows an update
+    keeps are copied from the old memory-mapped file without ever being held in memory whole."""
+    rows, dim = sum(len(part) for part in parts), parts[0].shape[1]
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, dim))
+    start = 0
+    for part in parts:
+        for begin in range(0, len(part), CHUNK_ROWS):
+            chunk = np.asarray(part[begin:begin + CHUNK_ROWS], dtype=np.float32)
+            out[start:start + len(chunk)] = chunk
+            start += len(chunk)
+    out.flush()
+    del out
+
+
 def neighbours(search: SearchIndex, paths: Sequence, vectors: np.ndarray, k: int,
                exclude_self: bool = False) -> list[dict]:
-    """Each query's k nearest images; a query that is itself indexed finds itself first (`self: true` on that
-    hit), unless `exclude_self` drops it."""
+    """Each query's k nearest images (all queries searched together); a query that is itself indexed finds itself
+    first (`self: true` on that hit), unless `exclude_self` drops it."""
     found = []
-    for path, vector in zip(paths, vectors, strict=True):
+    every_hits = search.nearest_many(vectors, k + 1 if exclude_self else k) if len(paths) else []
+    for path, hits in zip(paths, every_hits, strict=True):
         itself = str(Path(path).resolve())
-        hits = search.nearest(vector, k + 1 if exclude_self else k)
         for hit in hits:
             hit["self"] = hit["path"] == itself
         if exclude_self:
@@ -178,10 +224,12 @@ class SearchIndex:
     folder: Path
     vectors: np.ndarray
     record: dict
+    ann: object | None = None  # the FAISS index (memory-mapped) when index.json records one and search is not exact
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> SearchIndex:
-        """Read and validate an index folder (or the old index a killed rebuild left aside, see module doc)."""
+    def load(cls, folder: str | os.PathLike, exact: bool = False) -> SearchIndex:
+        """Read and validate an index folder (or the old index a killed rebuild left aside, see module doc);
+        `exact` searches every vector even when the index has an ANN file."""
         folder = Path(folder)
         source = folder
         if not (folder / INDEX_FILE).is_file() and (previous_path(folder) / INDEX_FILE).is_file():
@@ -197,7 +245,17 @@ class SearchIndex:
         where = f"--index {display(folder)}: {INDEX_FILE}"
         check_record(record, where)
         check_vectors(vectors, record, f"--index {display(folder)}: {VECTORS_FILE}")
-        return cls(folder, vectors, record)
+        ann = None
+        if record.get("ann") and not exact:
+            try:
+                ann = load_ann(source / ANN_FILE, record["ann"]["nprobe"])
+            except RuntimeError as exc:  # FAISS raises RuntimeError for a missing or damaged file
+                raise DataError(f"--index {display(folder)}: {ANN_FILE} unreadable ({first_line(exc)[:200]}); "
+                                "rebuild the index, or search it exactly") from None
+            if ann.ntotal != record["count"] or ann.d != record["dim"]:
+                raise DataError(f"--index {display(folder)}: {ANN_FILE} holds {ann.ntotal} x {ann.d} vectors, "
+                                f"{INDEX_FILE} says {record['count']} x {record['dim']}: rebuild the index")
+        return cls(folder, vectors, record, ann)
 
     @property
     def model(self) -> dict:
@@ -225,24 +283,46 @@ class SearchIndex:
         return normalise(value[None])[0]
 
     def nearest(self, query: np.ndarray, k: int) -> list[dict]:
-        """The k most cosine-similar images, best first, searched chunk by chunk (exact); each with `status`
-        'ok', or 'missing' / 'changed' when its file is gone or differs from the one indexed."""
+        """The k most cosine-similar images to one unit vector, best first (see `nearest_many`)."""
+        return self.nearest_many(np.asarray(query, dtype=np.float32)[None], k)[0]
+
+    def nearest_many(self, queries: np.ndarray, k: int) -> list[list[dict]]:
+        """For each query row, the k most cosine-similar images, best first: through the ANN file when the index
+        has one, else exactly (all queries against one chunk of rows at a time). Each hit has `status` 'ok', or
+        'missing' / 'changed' when its file is gone or differs from the one indexed."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(len(queries), -1)
         k = min(k, len(self.vectors))
-        best_scores = np.empty(0, np.float32)
-        best_rows = np.empty(0, np.int64)
-        for start in range(0, len(self.vectors), CHUNK_ROWS):
-            scores = np.asarray(self.vectors[start:start + CHUNK_ROWS]) @ query
-            keep = np.argpartition(-scores, min(k, len(scores)) - 1)[:k]
-            best_scores = np.concatenate([best_scores, scores[keep]])
-            best_rows = np.concatenate([best_rows, keep + start])
-            order = np.argsort(-best_scores, kind="stable")[:k]
-            best_scores, best_rows = best_scores[order], best_rows[order]
+        if k == 0:
+            return [[] for _ in queries]
+        if self.ann is not None:
+            scores, rows = self.ann.search(queries, k)
+        else:
+            scores, rows = exact_top_k(self.vectors, queries, k)
+        return [[self._hit(row, score) for row, score in zip(row_ids.tolist(), row_scores.tolist(), strict=True)
+                 if row >= 0] for row_ids, row_scores in zip(rows, scores, strict=True)]
+
+    def _hit(self, row: int, score: float) -> dict:
         labels, classes = self.record.get("labels"), self.record.get("classes") or []
         stamps = self.record.get("stamps")
-        return [{"row": row, "path": self.record["paths"][row], "score": float(score),
-                 "label": label_text(labels[row], classes) if labels and classes else None,
-                 "status": image_status(self.record["paths"][row], stamps[row] if stamps else None)}
-                for row, score in zip(best_rows.tolist(), best_scores.tolist(), strict=True)]
+        return {"row": row, "path": self.record["paths"][row], "score": float(score),
+                "label": label_text(labels[row], classes) if labels and classes else None,
+                "status": image_status(self.record["paths"][row], stamps[row] if stamps else None)}
+
+
+def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows), best first, of every query's k largest inner products with the rows of `vectors`, read
+    CHUNK_ROWS rows at a time (a memory-mapped million-row file needs one chunk in memory)."""
+    best_scores = np.empty((len(queries), 0), np.float32)
+    best_rows = np.empty((len(queries), 0), np.int64)
+    for start in range(0, len(vectors), CHUNK_ROWS):
+        scores = queries @ np.asarray(vectors[start:start + CHUNK_ROWS], dtype=np.float32).T
+        keep = np.argpartition(-scores, min(k, scores.shape[1]) - 1, axis=1)[:, :k]
+        best_scores = np.concatenate([best_scores, np.take_along_axis(scores, keep, axis=1)], axis=1)
+        best_rows = np.concatenate([best_rows, keep + start], axis=1)
+        order = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]
+        best_scores = np.take_along_axis(best_scores, order, axis=1)
+        best_rows = np.take_along_axis(best_rows, order, axis=1)
+    return best_scores, best_rows
 
 
 def spec_for_embedding(model: dict) -> dict:
@@ -264,72 +344,6 @@ def check_model_unchanged(model: dict, index) -> None:
         if run_fingerprint(model["run"]) != model["run_sha256"]:
             raise DataError(f"--index {display(index)}: the run {model['run']} has changed since the index was built "
                             "(its weights or model config differ); rebuild the index")
-
-
-def check_record(record, where: str) -> None:
-    """index.json as `transfer index` writes it; the first violation is a `DataError` naming the key."""
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: must be a JSON object")
-
-    def fail(key: str, problem: str):
-        raise DataError(f"{where}: {key} {problem}")
-
-    for key in ("count", "dim"):
-        if not isinstance(record.get(key), int) or isinstance(record.get(key), bool) or record[key] < 0:
-            fail(key, "is missing or not a whole number >= 0")
-    count = record["count"]
-    fmt = record.get("format", 1)
-    if not isinstance(fmt, int) or not 1 <= fmt <= INDEX_FORMAT:
-        fail("format", f"{fmt!r} is not one this version reads (1..{INDEX_FORMAT}); rebuild the index")
-    model = record.get("model")
-    if not isinstance(model, dict):
-        fail("model", "is missing or not an object")
-    if not isinstance(model.get("layer"), str) or not model["layer"]:
-        fail("model.layer", "is missing or not a name")
-    sources = [key for key in ("backbone", "run", "onnx") if model.get(key) is not None]
-    if len(sources) != 1 or not all(isinstance(model[key], str) for key in sources):
-        fail("model", "must name exactly one of backbone, run, onnx")
-    if model.get("onnx") is not None and not isinstance(model.get("onnx_sha256"), str):
-        fail("model.onnx_sha256", "is missing")
-    if model.get("input_size") is not None and (not isinstance(model["input_size"], int) or model["input_size"] < 1):
-        fail("model.input_size", "must be a whole number >= 1 or null")
-    paths = record.get("paths")
-    if not isinstance(paths, list) or len(paths) != count or not all(isinstance(p, str) for p in paths):
-        fail("paths", f"must list {count} file names (count)")
-    classes = record.get("classes", [])
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        fail("classes", "must be a list of names")
-    labels = record.get("labels")
-    if labels is not None:
-        if not isinstance(labels, list) or len(labels) != count:
-            fail("labels", f"must be null or list {count} labels (count)")
-        for row, label in enumerate(labels):
-            if label is not None and not all(_class_index(i, len(classes)) for i in
-                                             (label if isinstance(label, list) else [label])):
-                fail(f"labels[{row}]", f"{label!r} is not a class index 0..{len(classes) - 1} (or a list of them)")
-    stamps = record.get("stamps")
-    if stamps is not None and (not isinstance(stamps, list) or len(stamps) != count or not all(
-            isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s) for s in stamps)):
-        fail("stamps", f"must list {count} [size, mtime] pairs (count)")
-
-
-def check_vectors(vectors: np.ndarray, record: dict, where: str) -> None:
-    """float rows of the recorded shape, every one finite and of unit length (or all zero), read chunk by chunk."""
-    if vectors.ndim != 2 or vectors.shape != (record["count"], record["dim"]):
-        raise DataError(f"{where}: shape {vectors.shape}, but {INDEX_FILE} says {record['count']} x {record['dim']}")
-    if vectors.dtype.kind != "f":
-        raise DataError(f"{where}: dtype {vectors.dtype}, not floating point")
-    for start in range(0, len(vectors), CHUNK_ROWS):
-        chunk = np.asarray(vectors[start:start + CHUNK_ROWS], dtype=np.float64)
-        finite = np.isfinite(chunk).all(axis=1)
-        norms = np.linalg.norm(np.where(np.isfinite(chunk), chunk, 0.0), axis=1)
-        bad = ~finite | ((np.abs(norms - 1.0) > UNIT_TOLERANCE) & (norms != 0.0))
-        if bad.any():
-            row = start + int(np.argmax(bad))
-            problem = "is not finite" if not finite[row - start] else \
-                f"has length {norms[row - start]:.6g}, not 1"
-            raise DataError(f"{where}: row {row} ({record['paths'][row]}) {problem}; the file was changed after "
-                            "`transfer index` wrote it: rebuild the index")
 
 
 def contact_sheet(results: Sequence[dict], output: str | os.PathLike, thumb: int = 160,
@@ -370,10 +384,6 @@ def contact_sheet(results: Sequence[dict], output: str | os.PathLike, thumb: int
     with output_lock(output), atomic_path(output) as temp:
         sheet.save(temp, format="PNG")
     return output
-
-
-def _class_index(value, classes: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < classes
 
 
 def label_text(label: int | list[int] | None, classes: list[str]) -> str | None:
