@@ -181,11 +181,11 @@ def test_importing_transfer_writes_nothing_under_home(tmp_path):
 
 
 @pytest.mark.slow  # 50 s: four real processes under strace; the quick HOME check above is in the fast suite
-@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (make test installs it)")
 def test_nothing_is_sent_or_written_outside_the_outputs(tmp_path, tiny_run):
     """`import onnxruntime` wrote ~/.cache/Microsoft/DeveloperTools/.onnxruntime/{deviceid,onnxruntime.db} and
     export looked up mobile.events.data.microsoft.com 12-18 times. With HOME an empty folder, export (fp32 and
     int8), predict and serve leave it empty, and no process they start looks a name up or connects off loopback."""
+    assert shutil.which("strace"), "strace is missing: `make test` installs it (apt-get install strace)"
     run, data = tiny_run
     home = tmp_path / "home"
     home.mkdir()

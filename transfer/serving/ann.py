@@ -27,7 +27,8 @@ TARGET_RECALL = 0.96  # recall@10 the chosen nprobe must reach on the tuning que
 EVAL_QUERIES = 1_000  # held-out queries that measure it
 TRAIN_PER_CLUSTER = 40  # k-means sample: FAISS warns below 39 points per centroid
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-ADD_ROWS = 65_536  # vectors handed to FAISS at a time, read from the memory-mapped file
+ADD_ROWS = 65_536  # vectors handed to FAISS at a time
+TRUTH_ROWS = 8_192  # stored rows scored against the held-out queries at a time (1,000 x 8,192 scores: 32 MB)
 
 
 def faiss_module():
@@ -44,7 +45,9 @@ def cluster_count(rows: int) -> int:
 
 def build_ann(vectors: np.ndarray, path: Path, seed: int = 0, progress: Progress = SILENT) -> dict:
     """Train, fill and tune an IVF-Flat index over `vectors` (unit rows, typically memory-mapped) and write it to
-    `path`; returns the record index.json keeps under "ann" (kind, parameters, measured recall@10)."""
+    `path`; returns the record index.json keeps under "ann" (kind, parameters, measured recall@10). Memory: the
+    index's own copy of the vectors, plus a chunk at a time; a memory-mapped file is read through `chunks`, which
+    reads with plain file reads (page cache, not this process's memory)."""
     faiss = faiss_module()
     rows, dim = vectors.shape
     nlist = cluster_count(rows)
@@ -55,8 +58,7 @@ def build_ann(vectors: np.ndarray, path: Path, seed: int = 0, progress: Progress
     with progress.task(f"training {nlist} clusters on {len(sample):,} vectors (FAISS k-means)"):
         index.train(np.ascontiguousarray(vectors[sample], dtype=np.float32))
     with progress.task("filling the inverted lists", total=rows, unit="vectors") as advance:
-        for start in range(0, rows, ADD_ROWS):
-            chunk = np.ascontiguousarray(vectors[start:start + ADD_ROWS], dtype=np.float32)
+        for _, chunk in chunks(vectors, ADD_ROWS):
             index.add(chunk)
             advance(len(chunk))
     queries = np.sort(rng.choice(rows, size=min(rows, EVAL_QUERIES), replace=False))
@@ -69,13 +71,30 @@ def build_ann(vectors: np.ndarray, path: Path, seed: int = 0, progress: Progress
             "trained_on": len(sample), "faiss": faiss.__version__, "file": ANN_FILE}
 
 
+def chunks(vectors: np.ndarray, size: int):
+    """(first row, float32 rows) `size` rows at a time. A memory-mapped .npy is read with file reads instead of
+    through its mapping, so the pages read count as the kernel's cache, not as this process's resident memory."""
+    filename = getattr(vectors, "filename", None)
+    if filename is None or not isinstance(vectors, np.memmap):
+        for start in range(0, len(vectors), size):
+            yield start, np.ascontiguousarray(vectors[start:start + size], dtype=np.float32)
+        return
+    row_bytes = vectors.shape[1] * vectors.itemsize
+    with open(filename, "rb") as handle:
+        for start in range(0, len(vectors), size):
+            count = min(size, len(vectors) - start)
+            handle.seek(vectors.offset + start * row_bytes)
+            block = np.frombuffer(handle.read(count * row_bytes), dtype=vectors.dtype).reshape(count, -1)
+            yield start, np.ascontiguousarray(block, dtype=np.float32)
+
+
 def exact_neighbours(vectors: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     """For each of `rows`, the k nearest other rows by exact inner product (its own row left out)."""
     queries = np.ascontiguousarray(vectors[rows], dtype=np.float32)
     best_scores = np.full((len(rows), k), -np.inf, np.float32)
     best_rows = np.full((len(rows), k), -1, np.int64)
-    for start in range(0, len(vectors), ADD_ROWS):
-        scores = queries @ np.asarray(vectors[start:start + ADD_ROWS], dtype=np.float32).T
+    for start, block in chunks(vectors, TRUTH_ROWS):
+        scores = queries @ block.T
         inside = (rows >= start) & (rows < start + scores.shape[1])
         scores[np.flatnonzero(inside), rows[inside] - start] = -np.inf  # the query itself is not its neighbour
         merged_scores = np.concatenate([best_scores, scores], axis=1)
