@@ -56,7 +56,9 @@ def build_ann(vectors: np.ndarray, path: Path, seed: int = 0, progress: Progress
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = seed
     with progress.task(f"training {nlist} clusters on {len(sample):,} vectors (FAISS k-means)"):
-        index.train(np.ascontiguousarray(vectors[sample], dtype=np.float32))
+        index.train(read_rows(vectors, sample))
+    with progress.task("sizing the inverted lists", total=rows, unit="vectors") as advance:
+        reserve_lists(index, vectors, advance)
     with progress.task("filling the inverted lists", total=rows, unit="vectors") as advance:
         for _, chunk in chunks(vectors, ADD_ROWS):
             index.add(chunk)
@@ -71,16 +73,49 @@ def build_ann(vectors: np.ndarray, path: Path, seed: int = 0, progress: Progress
             "trained_on": len(sample), "faiss": faiss.__version__, "file": ANN_FILE}
 
 
+def reserve_lists(index, vectors: np.ndarray, advance) -> None:
+    """Give each inverted list the room its vectors will take before they are added (one assignment pass): lists
+    that grow by doubling would otherwise hold up to twice the vectors' size at the peak. A list resized up and
+    back to empty keeps its capacity."""
+    faiss = faiss_module()
+    counts = np.zeros(index.nlist, np.int64)
+    for _, chunk in chunks(vectors, ADD_ROWS):
+        _, assigned = index.quantizer.search(chunk, 1)
+        counts += np.bincount(assigned.ravel(), minlength=index.nlist)
+        advance(len(chunk))
+    lists = faiss.downcast_InvertedLists(index.invlists)
+    for list_no, count in enumerate(counts.tolist()):
+        lists.resize(list_no, count)
+        lists.resize(list_no, 0)
+
+
+def read_rows(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The given rows as float32, read from a memory-mapped .npy with file reads (see `chunks`): touching scattered
+    rows through the mapping would map their neighbours too (the kernel reads around each fault)."""
+    if not _mapped_file(vectors):
+        return np.ascontiguousarray(vectors[rows], dtype=np.float32)
+    row_bytes = vectors.shape[1] * vectors.itemsize
+    out = np.empty((len(rows), vectors.shape[1]), np.float32)
+    with open(vectors.filename, "rb") as handle:
+        for at, row in enumerate(np.asarray(rows).tolist()):
+            handle.seek(vectors.offset + row * row_bytes)
+            out[at] = np.frombuffer(handle.read(row_bytes), dtype=vectors.dtype)
+    return out
+
+
+def _mapped_file(vectors: np.ndarray) -> bool:
+    return isinstance(vectors, np.memmap) and getattr(vectors, "filename", None) is not None
+
+
 def chunks(vectors: np.ndarray, size: int):
     """(first row, float32 rows) `size` rows at a time. A memory-mapped .npy is read with file reads instead of
     through its mapping, so the pages read count as the kernel's cache, not as this process's resident memory."""
-    filename = getattr(vectors, "filename", None)
-    if filename is None or not isinstance(vectors, np.memmap):
+    if not _mapped_file(vectors):
         for start in range(0, len(vectors), size):
             yield start, np.ascontiguousarray(vectors[start:start + size], dtype=np.float32)
         return
     row_bytes = vectors.shape[1] * vectors.itemsize
-    with open(filename, "rb") as handle:
+    with open(vectors.filename, "rb") as handle:
         for start in range(0, len(vectors), size):
             count = min(size, len(vectors) - start)
             handle.seek(vectors.offset + start * row_bytes)
@@ -90,7 +125,7 @@ def chunks(vectors: np.ndarray, size: int):
 
 def exact_neighbours(vectors: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     """For each of `rows`, the k nearest other rows by exact inner product (its own row left out)."""
-    queries = np.ascontiguousarray(vectors[rows], dtype=np.float32)
+    queries = read_rows(vectors, rows)
     best_scores = np.full((len(rows), k), -np.inf, np.float32)
     best_rows = np.full((len(rows), k), -1, np.int64)
     for start, block in chunks(vectors, TRUTH_ROWS):
@@ -108,7 +143,7 @@ def exact_neighbours(vectors: np.ndarray, rows: np.ndarray, k: int) -> np.ndarra
 
 def tune_nprobe(index, vectors: np.ndarray, rows: np.ndarray, truth: np.ndarray) -> tuple[int, float, dict]:
     """The smallest nprobe whose recall@10 (own row left out) reaches TARGET_RECALL, with every recall tried."""
-    queries = np.ascontiguousarray(vectors[rows], dtype=np.float32)
+    queries = read_rows(vectors, rows)
     tried: dict[str, float] = {}
     for nprobe in (n for n in NPROBES if n <= index.nlist):
         index.nprobe = nprobe
