@@ -91,6 +91,14 @@ def build_index(images, output: str | os.PathLike, backbone: str | None = None, 
     return record
 
 
+def check_same_weights(model: dict, result: ExtractResult, where: str) -> None:
+    """The images were embedded with the weights the index was built with (a backbone's source can change: a
+    cache filled, a package installed), else a `DataError`: its vectors could not be compared."""
+    if result.metadata.get("weights") != model.get("weights"):
+        raise DataError(f"{where}: built with weights from {model.get('weights')}, but the model now loads "
+                        f"{result.metadata.get('weights')}; rebuild the index")
+
+
 def update_index(images, output: str | os.PathLike, add: bool = True, remove: bool = False, batch_size: int = 32,
                  device: str = "auto", workers: int | None = None, progress: Progress = SILENT,
                  labels: LabelsFile | None = None, exact: bool = False) -> dict:
@@ -106,7 +114,7 @@ def update_index(images, output: str | os.PathLike, add: bool = True, remove: bo
         stamps = record.get("stamps") or [None] * count
         status = [image_status(path, stamps[row]) for row, path in enumerate(record["paths"])]
         fresh, classes, skipped = ([], [], []) if images is None else collect_samples(images, progress, labels)
-        held = {path: row for row, path in enumerate(record["paths"]) if status[row] == "ok"}
+        held = {path for row, path in enumerate(record["paths"]) if status[row] == "ok"}
         new = [s for s in fresh if str(Path(s.path).resolve()) not in held] if add else []
         replaced = {str(Path(s.path).resolve()) for s in new} & set(record["paths"])
         keep = [row for row, path in enumerate(record["paths"])
@@ -115,11 +123,9 @@ def update_index(images, output: str | os.PathLike, add: bool = True, remove: bo
         if new:
             vectors, result = embed([s.path for s in new], spec_for_embedding(search.model), batch_size, device,
                                     workers, progress)
-            if result.metadata.get("weights") != search.model.get("weights"):
-                raise DataError(f"--output {display(folder)}: built with weights from {search.model.get('weights')}, "
-                                f"but the model now loads {result.metadata.get('weights')}; rebuild the index")
+            check_same_weights(search.model, result, f"--output {display(folder)}")
             skipped += result.skipped
-        merged = _merged(record, keep, new, classes, vectors, result.paths if new else [])
+        merged = _merged(record, keep, new, classes, result.paths if new else [])
         merged.update(embedded=len(merged["paths"]) - len(keep), replaced=len(replaced), removed=count - len(keep)
                       - len(replaced), skipped=[{"path": s.path, "reason": s.reason} for s in skipped],
                       updated=datetime.now().isoformat(timespec="seconds"))
@@ -131,7 +137,7 @@ def update_index(images, output: str | os.PathLike, add: bool = True, remove: bo
     return merged
 
 
-def _merged(record: dict, keep: list[int], new: list, classes: list[str], vectors, embedded: list) -> dict:
+def _merged(record: dict, keep: list[int], new: list, classes: list[str], embedded: list) -> dict:
     """index.json of the kept rows followed by the newly embedded images (new class names appended, so the old
     rows' class indices stay)."""
     names = list(record.get("classes") or [])
@@ -168,8 +174,6 @@ def similar(queries, index: str | os.PathLike, k: int = 10, device: str = "auto"
     search = SearchIndex.load(index, exact=exact)
     check_model_unchanged(search.model, index)
     vectors, result = embed(queries, spec_for_embedding(search.model), device=device, workers=0, progress=progress)
-    if result.metadata.get("weights") != search.model.get("weights"):
-        raise DataError(f"--index {display(index)}: built with weights from {search.model.get('weights')}, but the "
-                        f"model now loads {result.metadata.get('weights')}; rebuild the index")
+    check_same_weights(search.model, result, f"--index {display(index)}")
     found = neighbours(search, result.paths, vectors, k, exclude_self)
     return found + [{"query": item.path, "neighbours": [], "error": item.reason} for item in result.skipped]

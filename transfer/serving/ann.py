@@ -65,7 +65,7 @@ def build_ann(vectors: np.ndarray, path: Path, seed: int = 0, progress: Progress
             advance(len(chunk))
     queries = np.sort(rng.choice(rows, size=min(rows, EVAL_QUERIES), replace=False))
     with progress.task(f"choosing nprobe: recall@10 against exact search on {len(queries)} held-out queries"):
-        truth = exact_neighbours(vectors, queries, 10)
+        _, truth = exact_top_k(vectors, read_rows(vectors, queries), 10, exclude=queries, rows_at_a_time=TRUTH_ROWS)
         nprobe, recall, tried = tune_nprobe(index, vectors, queries, truth)
     faiss.write_index(index, os.fspath(path))
     return {"kind": "faiss IVF-Flat (inner product)", "nlist": nlist, "nprobe": nprobe, "recall_at_10": recall,
@@ -123,22 +123,25 @@ def chunks(vectors: np.ndarray, size: int):
             yield start, np.ascontiguousarray(block, dtype=np.float32)
 
 
-def exact_neighbours(vectors: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-    """For each of `rows`, the k nearest other rows by exact inner product (its own row left out)."""
-    queries = read_rows(vectors, rows)
-    best_scores = np.full((len(rows), k), -np.inf, np.float32)
-    best_rows = np.full((len(rows), k), -1, np.int64)
-    for start, block in chunks(vectors, TRUTH_ROWS):
+def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, exclude: np.ndarray | None = None,
+                rows_at_a_time: int = ADD_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows), best first, of every query's k largest inner products with the rows of `vectors`, read
+    `rows_at_a_time` rows at a time (`chunks`: a million-row file needs one chunk in memory). `exclude`: for each
+    query, a row of `vectors` left out of its answer (the query's own row, when queries are stored rows)."""
+    best_scores = np.empty((len(queries), 0), np.float32)
+    best_rows = np.empty((len(queries), 0), np.int64)
+    for start, block in chunks(vectors, rows_at_a_time):
         scores = queries @ block.T
-        inside = (rows >= start) & (rows < start + scores.shape[1])
-        scores[np.flatnonzero(inside), rows[inside] - start] = -np.inf  # the query itself is not its neighbour
-        merged_scores = np.concatenate([best_scores, scores], axis=1)
-        merged_rows = np.concatenate([best_rows, np.broadcast_to(np.arange(start, start + scores.shape[1]),
-                                                                 scores.shape)], axis=1)
-        keep = np.argpartition(-merged_scores, k - 1, axis=1)[:, :k]
-        best_scores = np.take_along_axis(merged_scores, keep, axis=1)
-        best_rows = np.take_along_axis(merged_rows, keep, axis=1)
-    return best_rows
+        if exclude is not None:
+            inside = (exclude >= start) & (exclude < start + len(block))
+            scores[np.flatnonzero(inside), exclude[inside] - start] = -np.inf
+        keep = np.argpartition(-scores, min(k, scores.shape[1]) - 1, axis=1)[:, :k]
+        best_scores = np.concatenate([best_scores, np.take_along_axis(scores, keep, axis=1)], axis=1)
+        best_rows = np.concatenate([best_rows, keep + start], axis=1)
+        order = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]
+        best_scores = np.take_along_axis(best_scores, order, axis=1)
+        best_rows = np.take_along_axis(best_rows, order, axis=1)
+    return best_scores, best_rows
 
 
 def tune_nprobe(index, vectors: np.ndarray, rows: np.ndarray, truth: np.ndarray) -> tuple[int, float, dict]:

@@ -47,7 +47,7 @@ from transfer.core.io import (
 )
 from transfer.core.progress import SILENT, Progress
 from transfer.core.rundir import run_fingerprint
-from transfer.serving.ann import ANN_FILE, ANN_MIN_ROWS, build_ann, load_ann
+from transfer.serving.ann import ANN_FILE, ANN_MIN_ROWS, build_ann, exact_top_k, load_ann
 from transfer.serving.index_checks import (
     CHUNK_ROWS,
     INDEX_FILE,
@@ -307,22 +307,6 @@ class SearchIndex:
         return {"row": row, "path": self.record["paths"][row], "score": float(score),
                 "label": label_text(labels[row], classes) if labels and classes else None,
                 "status": image_status(self.record["paths"][row], stamps[row] if stamps else None)}
-
-
-def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, rows), best first, of every query's k largest inner products with the rows of `vectors`, read
-    CHUNK_ROWS rows at a time (a memory-mapped million-row file needs one chunk in memory)."""
-    best_scores = np.empty((len(queries), 0), np.float32)
-    best_rows = np.empty((len(queries), 0), np.int64)
-    for start in range(0, len(vectors), CHUNK_ROWS):
-        scores = queries @ np.asarray(vectors[start:start + CHUNK_ROWS], dtype=np.float32).T
-        keep = np.argpartition(-scores, min(k, scores.shape[1]) - 1, axis=1)[:, :k]
-        best_scores = np.concatenate([best_scores, np.take_along_axis(scores, keep, axis=1)], axis=1)
-        best_rows = np.concatenate([best_rows, keep + start], axis=1)
-        order = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]
-        best_scores = np.take_along_axis(best_scores, order, axis=1)
-        best_rows = np.take_along_axis(best_rows, order, axis=1)
-    return best_scores, best_rows
 
 
 def spec_for_embedding(model: dict) -> dict:
