@@ -264,3 +264,7 @@ def test_add_embeds_only_new_images_and_remove_drops_gone_ones(tmp_path, photos,
     wrong = runner.invoke(cli.app, ["index", str(tmp_path / "crops"), "-o", str(tmp_path / "idx"), "--add", "-b",
                                     "resnet18"])
     assert "--add/--remove embed with the index's own model" in one_line_error(wrong)
+    missing = runner.invoke(cli.app, ["index", "-o", str(tmp_path / "none" / "idx"), "--remove"])
+    assert one_line_error(missing) == (f"error: --output {tmp_path / 'none' / 'idx'}: no index there to update; "
+                                       "build one with `transfer index IMAGES -o DIR`")
+    assert not (tmp_path / "none").exists()  # nothing made on the way

@@ -107,6 +107,9 @@ def update_index(images, output: str | os.PathLike, add: bool = True, remove: bo
     The index's own model embeds them, under the same identity rules as `similar` (its ONNX file or run unchanged,
     by content). Kept rows are copied from the stored vectors; the ANN file is rebuilt from the stored vectors.
     Returns the new index.json record, with `embedded`, `replaced` and `removed` counts."""
+    if not Path(output).is_dir():  # before index_folder, which would make the missing parent folders
+        raise DataError(f"--output {display(output)}: no index there to update; build one with `transfer index "
+                        "IMAGES -o DIR`")
     with index_folder(output) as folder:
         search = SearchIndex.load(folder, exact=True)
         check_model_unchanged(search.model, folder)
