@@ -10,9 +10,11 @@ Per N, each step in a fresh process (peak RSS by a sampler thread, memory-mapped
 build (the ANN file from the stored vectors), load (`SearchIndex.load`: index.json, the float32 vector check, the
 memory-mapped ANN file), `transfer similar` with one query image (wall time, model loading included), `transfer
 serve --index` start-up (to its first 200 on /health), `/similar` with an image (decode, embed, search; p50/p95 of
-50 requests), the search alone (one vector, p50/p95), recall@10 of the index's search against exact search on 500
-held-out vectors, and FAISS HNSW (M=32) on the same vectors as the reference point (up to 100k: its build at 1M
-takes longer than this machine's session). Writes benchmarks/search.json; run.py puts it in RESULTS.md.
+50 requests) and `/similar/ROW` (an indexed image's neighbours: the search alone, over HTTP), both on one kept-alive
+connection as an app holds it, the search alone (one vector, p50/p95), recall@10 of the index's search against exact
+search on 500 held-out vectors, and up to 100k (their builds at 1M take longer than this machine's session) FAISS
+HNSW (M=32) and usearch HNSW on the same vectors as reference points, and the index pushed into milvus-lite and
+searched through it (`transfer index --milvus`). Writes benchmarks/search.json; run.py puts it in RESULTS.md.
 """
 
 from __future__ import annotations
@@ -179,6 +181,69 @@ def step_hnsw(folder: str, queries: str) -> dict:
             "efSearch": 64}
 
 
+def step_usearch(folder: str, queries: str) -> dict:
+    """usearch's HNSW (connectivity 16, its defaults otherwise) on the same vectors, as the second reference."""
+    import usearch
+    from usearch.index import Index
+
+    from transfer.serving.search import exact_top_k
+
+    vectors = np.load(Path(folder) / "vectors.npy", mmap_mode="r")
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        index = Index(ndim=vectors.shape[1], metric="ip", dtype="f32", connectivity=16)
+        for start in range(0, len(vectors), 65_536):
+            chunk = np.ascontiguousarray(vectors[start:start + 65_536])
+            index.add(np.arange(start, start + len(chunk)), chunk)
+    build = time.perf_counter() - started
+    held_out = np.load(queries)
+    _, truth = exact_top_k(vectors, held_out, 10)
+    latencies, found = [], []
+    for query in held_out:
+        began = time.perf_counter()
+        found.append(index.search(query, 10).keys)
+        latencies.append(1000 * (time.perf_counter() - began))
+    recall = np.mean([len(set(rows.tolist()) & set(expected.tolist())) / 10
+                      for rows, expected in zip(found, truth, strict=True)])
+    return {"build_seconds": round(build, 1), "peak_rss_gb": round(memory.peak / 2**30, 2),
+            "search_p50_ms": round(float(np.percentile(latencies, 50)), 2), "recall_at_10": round(float(recall), 4),
+            "expansion_search": index.expansion_search, "usearch": usearch.__version__}
+
+
+def step_milvus(folder: str, queries: str) -> dict:
+    """The index pushed into milvus-lite (`transfer index -o DIR --milvus FILE.db`) and searched through it, as
+    `similar` and `serve` do: the push's time, one query's latency, recall@10 against exact."""
+    from transfer.serving.search import SearchIndex, exact_top_k
+    from transfer.serving.vectordb import push
+
+    search = SearchIndex.load(folder, exact=True)
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        search.record["database"] = push(search.record, search.vectors, str(Path(folder).parent / "milvus.db"),
+                                         "bench")
+    push_seconds = time.perf_counter() - started
+    (Path(folder) / "index.json").write_text(json.dumps(search.record))
+    started = time.perf_counter()
+    remote = SearchIndex.load(folder)
+    load_seconds = time.perf_counter() - started
+    held_out = np.load(queries)[:100]
+    latencies, found = [], []
+    for query in held_out:
+        began = time.perf_counter()
+        found.append(remote.nearest(query, 10))
+        latencies.append(1000 * (time.perf_counter() - began))
+    _, truth = exact_top_k(search.vectors, held_out, 10)
+    recall = np.mean([len({hit["row"] for hit in hits} & set(expected.tolist())) / 10
+                      for hits, expected in zip(found, truth, strict=True)])
+    search.record["database"] = None
+    (Path(folder) / "index.json").write_text(json.dumps(search.record))
+    shutil.rmtree(Path(folder).parent / "milvus.db", ignore_errors=True)
+    Path(folder).parent.joinpath("milvus.db").unlink(missing_ok=True)
+    return {"push_seconds": round(push_seconds, 1), "push_peak_rss_gb": round(memory.peak / 2**30, 2),
+            "load_seconds": round(load_seconds, 2), "search_p50_ms": round(float(np.percentile(latencies, 50)), 1),
+            "recall_at_10": round(float(recall), 4)}
+
+
 def wall(command: list[str]) -> float:
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -187,7 +252,7 @@ def wall(command: list[str]) -> float:
     return round(time.perf_counter() - started, 2)
 
 
-def serve_figures(folder: Path, extractor: Path, query: Path) -> dict:
+def serve_figures(folder: Path, extractor: Path, query: Path, size: int) -> dict:
     import httpx
 
     port = free_port()
@@ -202,19 +267,27 @@ def serve_figures(folder: Path, extractor: Path, query: Path) -> dict:
                     startup = time.perf_counter() - started
             except httpx.HTTPError:
                 time.sleep(0.1)
-        body = query.read_bytes()
+        body, client = query.read_bytes(), httpx.Client(timeout=60)  # one kept-alive connection, as an app keeps
         latencies = []
         for _ in range(50):
             began = time.perf_counter()
-            answer = httpx.post(f"http://127.0.0.1:{port}/similar", files=[("files", ("q.jpg", body))], timeout=60)
+            answer = client.post(f"http://127.0.0.1:{port}/similar", files=[("files", ("q.jpg", body))])
             latencies.append(1000 * (time.perf_counter() - began))
+            assert answer.status_code == 200, answer.text
+        by_row = []
+        for row in (i * 9_973 % size for i in range(50)):  # "more like this": the search alone, over HTTP
+            began = time.perf_counter()
+            answer = client.get(f"http://127.0.0.1:{port}/similar/{row}?k=10")
+            by_row.append(1000 * (time.perf_counter() - began))
             assert answer.status_code == 200, answer.text
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
     return {"serve_startup_seconds": round(startup, 2),
             "similar_http_p50_ms": round(float(np.percentile(latencies, 50)), 1),
-            "similar_http_p95_ms": round(float(np.percentile(latencies, 95)), 1)}
+            "similar_http_p95_ms": round(float(np.percentile(latencies, 95)), 1),
+            "similar_row_http_p50_ms": round(float(np.percentile(by_row, 50)), 1),
+            "similar_row_http_p95_ms": round(float(np.percentile(by_row, 95)), 1)}
 
 
 def measure(size: int, base: np.ndarray, extractor: Path, query: Path, work: Path) -> dict:
@@ -240,9 +313,11 @@ def measure(size: int, base: np.ndarray, extractor: Path, query: Path, work: Pat
     row["ann"] = in_child("load", str(folder), str(work / f"queries{size}.npy"))
     row["similar_one_query_seconds"] = wall([TRANSFER, "similar", str(query), "--index", str(folder), "-o",
                                              str(work / "sheet.png"), "--device", "cpu", "-q"])
-    row.update(serve_figures(folder, extractor, query))
+    row.update(serve_figures(folder, extractor, query, size))
     if size <= 100_000:
         row["faiss_hnsw"] = in_child("hnsw", str(folder), str(work / f"queries{size}.npy"))
+        row["usearch_hnsw"] = in_child("usearch", str(folder), str(work / f"queries{size}.npy"))
+        row["milvus_lite"] = in_child("milvus", str(folder), str(work / f"queries{size}.npy"))
     del held_out
     shutil.rmtree(folder)
     print(json.dumps(row), flush=True)
@@ -256,7 +331,8 @@ def main() -> None:
     parser.add_argument("args", nargs="*")
     args = parser.parse_args()
     if args.step:
-        print(json.dumps({"build": step_build, "load": step_load, "hnsw": step_hnsw}[args.step](*args.args)))
+        print(json.dumps({"build": step_build, "load": step_load, "hnsw": step_hnsw, "usearch": step_usearch,
+                          "milvus": step_milvus}[args.step](*args.args)))
         return
     from transfer.serving.predict import machine_name
 
@@ -264,8 +340,13 @@ def main() -> None:
         work = Path(name)
         base, extractor, query = real_features(work)
         rows = [measure(int(size), base, extractor, query, work) for size in args.sizes.split(",")]
+    measured = {row["n"] for row in rows}
+    saved = ROOT / "benchmarks" / "search.json"
+    kept = [row for row in (json.loads(saved.read_text())["rows"] if saved.exists() else [])
+            if row["n"] not in measured]  # sizes not measured this time keep their last figures
     record = {"machine": machine_name(), "date": time.strftime("%Y-%m-%d"), "dim": DIM,
-              "vectors": "synthetic around 256 real efficientnet_lite0 avg_pool vectors of photo crops", "rows": rows}
+              "vectors": "synthetic around 256 real efficientnet_lite0 avg_pool vectors of photo crops",
+              "rows": sorted(kept + rows, key=lambda row: row["n"])}
     (ROOT / "benchmarks" / "search.json").write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -170,6 +170,19 @@ def test_two_process_extract_is_byte_identical(tmp_path, digits):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.json", "one.npz", "two.json", "two.npz"]
 
 
+def test_two_process_index_is_byte_identical(tmp_path, digits):
+    """`transfer index` under torchrun: each process streams its block into a part, rank 0 writes the index."""
+    args = [str(digits), "-b", "efficientnet_lite0", "--input-size", "32", "--batch-size", "4", "--workers", "0"]
+    assert run(TRANSFER, "index", *args, "-o", str(tmp_path / "one.idx")).returncode == 0
+    done = torchrun(2, TRANSFER, "index", *args, "-o", str(tmp_path / "two.idx"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("indexed 24 images (1280 dimensions, layer avg_pool)") == 1  # rank 0 reports
+    assert (tmp_path / "one.idx" / "vectors.npy").read_bytes() == (tmp_path / "two.idx" / "vectors.npy").read_bytes()
+    one, two = (json.loads((tmp_path / f"{n}.idx" / "index.json").read_text()) for n in ("one", "two"))
+    assert one["paths"] == two["paths"] and one["labels"] == two["labels"] and len(one["paths"]) == 24
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.idx", "two.idx"]  # no scratch or part left
+
+
 def test_sharded_predict_merges_into_the_one_process_file(tmp_path, digits):
     model = tmp_path / "m.onnx"
     assert run(TRANSFER, "export", "-b", "lenet5", "--no-pretrained", "-o", str(model)).returncode == 0

@@ -233,6 +233,7 @@ def test_add_embeds_only_new_images_and_remove_drops_gone_ones(tmp_path, photos,
 
     def counting_extract(images, **kwargs):
         embedded.append(len(images))
+        assert kwargs["output"].name == "features.npy"  # streamed to a scratch file beside the index, not held
         return real_extract(images, **kwargs)
 
     monkeypatch.setattr(index_app, "extract", counting_extract)

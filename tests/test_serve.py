@@ -195,6 +195,8 @@ def test_similar_and_embed_over_http(tmp_path, photos):
         hits = httpx.post(running.url + "/similar?k=3", files=files, timeout=60).json()["similar"][0]["neighbours"]
         assert hits[0]["path"] == str(query) and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
         assert [h["label"] for h in hits] == ["coffee"] * 3
+        again = httpx.get(running.url + f"/similar/{hits[0]['row']}?k=3", timeout=60).json()["similar"][0]
+        assert again["path"] == str(query) and [h["row"] for h in again["neighbours"]] == [h["row"] for h in hits]
         assert httpx.post(running.url + "/predict", files=files).status_code == 400  # an extractor, not a classifier
         # the page shows the neighbours, with thumbnails the server makes of the indexed images
         shown = in_browser(running.url, query, "document.querySelectorAll('#neighbours li img').length > 0 && "

@@ -7,30 +7,37 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+
+import numpy as np
 
 from exporters.runtime import OnnxModel
 from models.registry import get_backbone
 from transfer.apps.extract import ExtractResult, collect_samples, extract
 from transfer.core.errors import DataError, TransferError
-from transfer.core.io import display, file_sha256
+from transfer.core.io import OutputError, display, file_sha256, write_json
 from transfer.core.progress import SILENT, Progress
 from transfer.core.rundir import run_fingerprint
+from transfer.core.world import World
 from transfer.data.labels import LabelsFile
+from transfer.serving.index_checks import INDEX_FILE, file_stamp, image_status
 from transfer.serving.search import (
     INDEX_FORMAT,
     RowSelection,
     SearchIndex,
+    UnitRows,
+    check_index_folder,
     check_model_unchanged,
-    file_stamp,
-    image_status,
     index_folder,
     neighbours,
     normalise,
     spec_for_embedding,
     write_index,
 )
+from transfer.serving.vectordb import collection_name, database_uri, default_collection, push
 
 
 def _model_spec(backbone: str | None, run, onnx, layer: str | None, input_size: int | None) -> dict:
@@ -67,27 +74,92 @@ def _run_layer(run) -> str:
 
 
 def embed(images, spec: dict, batch_size: int = 32, device: str = "auto", workers: int | None = None,
-          progress: Progress = SILENT, labels: LabelsFile | None = None):
-    """(unit vectors, ExtractResult) of `images` with the index's model: avg-pooled `spec['layer']`."""
+          progress: Progress = SILENT, labels: LabelsFile | None = None, scratch: Path | None = None):
+    """(unit vectors, ExtractResult) of `images` with the index's model: avg-pooled `spec['layer']`. With a
+    `scratch` folder the features stream to a file there as batches finish, and the vectors come back as
+    `UnitRows` over it (memory-mapped, normalised a slice at a time): a million images never sit in memory."""
+    output = None if scratch is None else scratch / "features.npy"
     result = extract(images, backbone=spec["backbone"] or "vgg16", layers=[spec["layer"]], pool="avg",
                      run=spec["run"], onnx=spec["onnx"], input_size=spec["input_size"], batch_size=batch_size,
-                     device=device, workers=workers, progress=progress, labels=labels)
-    return normalise(result.features[spec["layer"]]), result
+                     device=device, workers=workers, progress=progress, labels=labels, output=output)
+    if output is None:
+        return normalise(result.features[spec["layer"]]), result
+    if not World.from_env().main:  # under torchrun rank 0 alone reads the joined features
+        return None, result
+    return UnitRows(np.load(output, mmap_mode="r")), result
+
+
+@contextmanager
+def embedding_scratch(folder: Path):
+    """`.NAME.embedding` beside the index: the features stream there (every torchrun rank its part, joined by
+    `extract`) before they become the index's vectors; made empty first (a killed build may have left one) and
+    removed after."""
+    scratch = folder.with_name(f".{folder.name}.embedding")
+    if scratch.is_symlink() or (scratch.exists() and not scratch.is_dir()):
+        raise OutputError(f"--output {display(folder)}: {display(scratch)} is in the way (a file `transfer index` "
+                          "streams features into while it builds); move it")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def build_index(images, output: str | os.PathLike, backbone: str | None = None, run=None, onnx=None,
                 layer: str | None = None, input_size: int | None = None, batch_size: int = 32,
                 device: str = "auto", workers: int | None = None, progress: Progress = SILENT,
-                labels: LabelsFile | None = None, exact: bool = False) -> dict:
+                labels: LabelsFile | None = None, exact: bool = False,
+                database: tuple[str, str | None] | None = None) -> dict | None:
     """Embed `images` and write the index folder `output` in one step (a new or empty folder, or an index to
     replace whole); returns its index.json record. Whatever is refused is refused before any image is embedded.
     `labels`: the images and labels a labels file names in the folder, instead of its class sub-folders. From
-    `ann.ANN_MIN_ROWS` images the index gets an approximate-search file (record["ann"]) unless `exact`."""
-    with index_folder(output) as folder:
+    `ann.ANN_MIN_ROWS` images the index gets an approximate-search file (record["ann"]) unless `exact`.
+    `database`: (Milvus URI, collection or None) to copy the index into once written (`publish_index`).
+    Under torchrun every process embeds its block of the images into its part of the features file, as `extract`
+    does, and rank 0 writes the index; the other ranks return None."""
+    database = _checked_database(database)
+    if not World.from_env().main:
+        check_index_folder(Path(output))  # refused on every rank alike, before any image is embedded
+        embed(images, _model_spec(backbone, run, onnx, layer, input_size), batch_size, device, workers, SILENT,
+              labels, Path(output).with_name(f".{Path(output).name}.embedding"))
+        return None
+    with index_folder(output) as folder, embedding_scratch(folder) as scratch:
         spec = _model_spec(backbone, run, onnx, layer, input_size)
-        vectors, result = embed(images, spec, batch_size, device, workers, progress, labels)
+        vectors, result = embed(images, spec, batch_size, device, workers, progress, labels, scratch)
         record = index_record(spec, vectors, result)
-        write_index(folder, record, vectors, exact=exact, progress=progress)
+        write_index(folder, record, [vectors], exact=exact, progress=progress)
+        if database is not None:
+            record = _publish(folder, *database, progress)
+    return record
+
+
+def publish_index(output: str | os.PathLike, uri: str, collection: str | None = None,
+                  progress: Progress = SILENT) -> dict:
+    """Copy an existing index into a Milvus collection (`collection`: default the folder's name) and point its
+    index.json there, so `similar` and `serve` search the collection; returns the updated record."""
+    if not (Path(output) / INDEX_FILE).is_file():  # before index_folder, which would make missing parent folders
+        raise DataError(f"--output {display(output)}: no index there to copy; build one with `transfer index "
+                        "IMAGES -o DIR`")
+    with index_folder(output) as folder:
+        return _publish(folder, uri, collection, progress)
+
+
+def _checked_database(database: tuple[str, str | None] | None) -> tuple[str, str | None] | None:
+    """The Milvus URI and collection name checked before any image is embedded (a bad one is one line)."""
+    if database is None:
+        return None
+    uri, collection = database
+    return database_uri(uri), collection_name(collection) if collection else None
+
+
+def _publish(folder: Path, uri: str, collection: str | None, progress: Progress) -> dict:
+    """Push the index in `folder` (under its lock) to Milvus and record where in its index.json."""
+    search = SearchIndex.load(folder, exact=True)
+    record = search.record
+    record["database"] = push(record, search.vectors, database_uri(uri),
+                              collection_name(collection) if collection else default_collection(folder), progress)
+    write_json(folder / INDEX_FILE, record)
     return record
 
 
@@ -101,16 +173,19 @@ def check_same_weights(model: dict, result: ExtractResult, where: str) -> None:
 
 def update_index(images, output: str | os.PathLike, add: bool = True, remove: bool = False, batch_size: int = 32,
                  device: str = "auto", workers: int | None = None, progress: Progress = SILENT,
-                 labels: LabelsFile | None = None, exact: bool = False) -> dict:
+                 labels: LabelsFile | None = None, exact: bool = False,
+                 database: tuple[str, str | None] | None = None) -> dict:
     """Grow an index without re-embedding it: with `add`, embed only the images of `images` it does not hold yet
     (or whose file changed since: their old rows are replaced); with `remove`, drop the rows whose files are gone.
     The index's own model embeds them, under the same identity rules as `similar` (its ONNX file or run unchanged,
     by content). Kept rows are copied from the stored vectors; the ANN file is rebuilt from the stored vectors.
+    An index that points to a Milvus collection is pushed there again (from the stored vectors), or to `database`.
     Returns the new index.json record, with `embedded`, `replaced` and `removed` counts."""
+    database = _checked_database(database)
     if not Path(output).is_dir():  # before index_folder, which would make the missing parent folders
         raise DataError(f"--output {display(output)}: no index there to update; build one with `transfer index "
                         "IMAGES -o DIR`")
-    with index_folder(output) as folder:
+    with index_folder(output) as folder, embedding_scratch(folder) as scratch:
         search = SearchIndex.load(folder, exact=True)
         check_model_unchanged(search.model, folder)
         record, count = search.record, search.record["count"]
@@ -125,7 +200,7 @@ def update_index(images, output: str | os.PathLike, add: bool = True, remove: bo
         vectors = None
         if new:
             vectors, result = embed([s.path for s in new], spec_for_embedding(search.model), batch_size, device,
-                                    workers, progress)
+                                    workers, progress, scratch=scratch)
             check_same_weights(search.model, result, f"--output {display(folder)}")
             skipped += result.skipped
         merged = _merged(record, keep, new, classes, result.paths if new else [])
@@ -137,6 +212,11 @@ def update_index(images, output: str | os.PathLike, add: bool = True, remove: bo
         if not parts:
             raise DataError(f"--output {display(folder)}: nothing would be left in the index")
         write_index(folder, merged, parts, exact=exact, progress=progress)
+        if database is None and merged.get("database"):
+            database = merged["database"]["uri"], merged["database"]["collection"]
+        if database is not None:
+            merged = {**_publish(folder, *database, progress),
+                      **{key: merged[key] for key in ("embedded", "replaced", "removed", "skipped", "updated")}}
     return merged
 
 

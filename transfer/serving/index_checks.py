@@ -1,10 +1,13 @@
 """The checks of an index folder's files on load: index.json (every key `transfer index` writes) and vectors.npy
 (float32 rows of the recorded shape, each finite and of unit length). The first violation is a `DataError` naming
-the file and the key or row: a damaged index is one line, never a wrong answer. Split from `search` to keep each
-module small; numpy only.
+the file and the key or row: a damaged index is one line, never a wrong answer. Also what a stored row means to a
+reader (its file stamp and status, its label text), shared by `search` and `vectordb`. Split from `search` to keep
+each module small; numpy only.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -12,7 +15,8 @@ from transfer.core.errors import DataError
 from transfer.serving.ann import ANN_FILE
 
 INDEX_FILE, VECTORS_FILE, MARKER_FILE = "index.json", "vectors.npy", ".transfer-index"
-INDEX_FORMAT = 3  # 3: an optional ANN file; 2: marker, absolute paths with file stamps, run fingerprint; 1: earlier
+INDEX_FORMAT = 3  # 3: an optional ANN file or vector database; 2: marker, absolute paths with file stamps, run
+# fingerprint; 1: earlier
 CHUNK_ROWS = 65_536
 UNIT_TOLERANCE = 1e-3  # |norm - 1| allowed for a stored vector (float32 rounding is ~1e-7)
 
@@ -67,6 +71,10 @@ def check_record(record, where: str) -> None:
             isinstance(ann.get(key), int) and not isinstance(ann.get(key), bool) and ann[key] >= 1
             for key in ("nlist", "nprobe"))):
         fail("ann", f"must be null or name {ANN_FILE} with whole numbers nlist and nprobe >= 1")
+    database = record.get("database")
+    if database is not None and (not isinstance(database, dict) or database.get("kind") != "milvus" or not all(
+            isinstance(database.get(key), str) and database[key] for key in ("uri", "collection", "build"))):
+        fail("database", "must be null or a Milvus collection (kind milvus, with uri, collection and build)")
 
 
 def check_vectors(vectors: np.ndarray, record: dict, where: str) -> None:
@@ -92,3 +100,27 @@ def check_vectors(vectors: np.ndarray, record: dict, where: str) -> None:
 
 def _class_index(value, classes: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < classes
+
+
+def file_stamp(path: str | os.PathLike) -> list[int]:
+    """[size in bytes, modification time in ns]: enough to notice an image that changed after it was indexed."""
+    info = os.stat(path)
+    return [info.st_size, info.st_mtime_ns]
+
+
+def image_status(path: str, stamp: list[int] | None) -> str:
+    """'ok', 'missing' (gone since the index was built) or 'changed' (other size or modification time)."""
+    try:
+        now = file_stamp(path)
+    except OSError:
+        return "missing"
+    return "ok" if stamp is None or now == list(stamp) else "changed"
+
+
+def label_text(label: int | list[int] | None, classes: list[str]) -> str | None:
+    """A row's label as shown: its class name, or with several labels per image their names joined by ', '."""
+    if label is None:
+        return None
+    if isinstance(label, list):
+        return ", ".join(classes[i] for i in label)
+    return classes[label]

@@ -47,7 +47,7 @@ from transfer.core.io import (
 )
 from transfer.core.progress import SILENT, Progress
 from transfer.core.rundir import run_fingerprint
-from transfer.serving.ann import ANN_FILE, ANN_MIN_ROWS, build_ann, exact_top_k, load_ann
+from transfer.serving.ann import ANN_FILE, ANN_MIN_ROWS, build_ann, exact_top_k, load_ann, search_ann
 from transfer.serving.index_checks import (
     CHUNK_ROWS,
     INDEX_FILE,
@@ -56,6 +56,8 @@ from transfer.serving.index_checks import (
     VECTORS_FILE,
     check_record,
     check_vectors,
+    image_status,
+    label_text,
 )
 
 INDEX_FILES = (INDEX_FILE, VECTORS_FILE, MARKER_FILE, ANN_FILE)  # all an index folder may hold
@@ -118,6 +120,20 @@ class RowSelection:
 
     def __getitem__(self, part: slice) -> np.ndarray:
         return np.asarray(self.vectors[self.rows[part]])
+
+
+class UnitRows:
+    """A (memory-mapped) matrix's rows scaled to unit length a slice at a time: freshly extracted features become
+    an index's vectors without ever being held in memory whole."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows, self.shape = rows, rows.shape
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, part: slice) -> np.ndarray:
+        return normalise(self.rows[part])
 
 
 def save_rows(path: Path, parts: list) -> None:
@@ -202,21 +218,6 @@ def _swap_in(new: Path, output: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def file_stamp(path: str | os.PathLike) -> list[int]:
-    """[size in bytes, modification time in ns]: enough to notice an image that changed after it was indexed."""
-    info = os.stat(path)
-    return [info.st_size, info.st_mtime_ns]
-
-
-def image_status(path: str, stamp: list[int] | None) -> str:
-    """'ok', 'missing' (gone since the index was built) or 'changed' (other size or modification time)."""
-    try:
-        now = file_stamp(path)
-    except OSError:
-        return "missing"
-    return "ok" if stamp is None or now == list(stamp) else "changed"
-
-
 @dataclass
 class SearchIndex:
     """A loaded index: unit vectors (memory-mapped), their images, and the model that made them."""
@@ -225,6 +226,7 @@ class SearchIndex:
     vectors: np.ndarray
     record: dict
     ann: object | None = None  # the FAISS index (memory-mapped) when index.json records one and search is not exact
+    database: object | None = None  # a `vectordb.MilvusIndex` when index.json points to one and search is not exact
 
     @classmethod
     def load(cls, folder: str | os.PathLike, exact: bool = False) -> SearchIndex:
@@ -245,8 +247,12 @@ class SearchIndex:
         where = f"--index {display(folder)}: {INDEX_FILE}"
         check_record(record, where)
         check_vectors(vectors, record, f"--index {display(folder)}: {VECTORS_FILE}")
-        ann = None
-        if record.get("ann") and not exact:
+        ann = database = None
+        if record.get("database") and not exact:
+            from transfer.serving.vectordb import MilvusIndex
+
+            database = MilvusIndex(record, where=f"--index {display(folder)}")
+        elif record.get("ann") and not exact:
             try:
                 ann = load_ann(source / ANN_FILE, record["ann"]["nprobe"])
             except RuntimeError as exc:  # FAISS raises RuntimeError for a missing or damaged file
@@ -255,7 +261,7 @@ class SearchIndex:
             if ann.ntotal != record["count"] or ann.d != record["dim"]:
                 raise DataError(f"--index {display(folder)}: {ANN_FILE} holds {ann.ntotal} x {ann.d} vectors, "
                                 f"{INDEX_FILE} says {record['count']} x {record['dim']}: rebuild the index")
-        return cls(folder, vectors, record, ann)
+        return cls(folder, vectors, record, ann, database)
 
     @property
     def model(self) -> dict:
@@ -287,17 +293,19 @@ class SearchIndex:
         return self.nearest_many(np.asarray(query, dtype=np.float32)[None], k)[0]
 
     def nearest_many(self, queries: np.ndarray, k: int) -> list[list[dict]]:
-        """For each query row, the k most cosine-similar images, best first: through the ANN file when the index
-        has one, else exactly (all queries against one chunk of rows at a time). Each hit has `status` 'ok', or
-        'missing' / 'changed' when its file is gone or differs from the one indexed."""
+        """For each query row, the k most cosine-similar images, best first: through the vector database or the
+        ANN file when the index has one, else exactly (all queries against one chunk of rows at a time). Each hit
+        has `status` 'ok', or 'missing' / 'changed' when its file is gone or differs from the one indexed."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(len(queries), -1)
         k = min(k, len(self.vectors))
         if k == 0:
             return [[] for _ in queries]
+        if self.database is not None:
+            return self.database.nearest_many(queries, k)
         if self.ann is not None:
-            scores, rows = self.ann.search(queries, k)
+            scores, rows = search_ann(self.ann, queries, k)
         else:
-            scores, rows = exact_top_k(self.vectors, queries, k)
+            scores, rows = exact_top_k(self.vectors, queries, k, file_reads=False)
         return [[self._hit(row, score) for row, score in zip(row_ids.tolist(), row_scores.tolist(), strict=True)
                  if row >= 0] for row_ids, row_scores in zip(rows, scores, strict=True)]
 
@@ -368,12 +376,3 @@ def contact_sheet(results: Sequence[dict], output: str | os.PathLike, thumb: int
     with output_lock(output), atomic_path(output) as temp:
         sheet.save(temp, format="PNG")
     return output
-
-
-def label_text(label: int | list[int] | None, classes: list[str]) -> str | None:
-    """A row's label as shown: its class name, or with several labels per image their names joined by ', '."""
-    if label is None:
-        return None
-    if isinstance(label, list):
-        return ", ".join(classes[i] for i in label)
-    return classes[label]

@@ -276,6 +276,18 @@ def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16,
             results.append({"filename": name, "neighbours": search.nearest(vector, k)})
         return {"similar": results}
 
+    @app.get("/similar/{row}")
+    async def similar_to_indexed(row: int, k: Annotated[int, Query(ge=1, le=1000)] = 10) -> dict:
+        """The neighbours of indexed image `row` (a hit's `row`): its stored vector is the query, nothing is
+        decoded or embedded, so the answer costs the search alone ("more like this" on a result)."""
+        if search is None:
+            raise HTTPException(400, "no index: start the server with --index DIR")
+        if not 0 <= row < search.record["count"]:
+            raise HTTPException(404, f"no indexed image {row}: rows are 0..{search.record['count'] - 1}")
+        query = np.asarray(search.vectors[row], dtype=np.float32)
+        return {"similar": [{"row": row, "path": search.record["paths"][row],
+                             "neighbours": search.nearest(query, k)}]}
+
     return app
 
 
