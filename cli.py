@@ -910,8 +910,11 @@ def predict(
     top_k: Annotated[int, typer.Option(min=1)] = 5,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     device: DeviceOpt = Device.auto,
-    output: Annotated[Path | None, typer.Option("--output", "-o",
-                                                help="write the predictions to a .csv or .json file")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write the predictions to a .csv, .jsonl or "
+                                                ".json file, each batch as it finishes; run the same command again "
+                                                "after a kill and it continues there")] = None,
+    show: Annotated[bool, typer.Option("--show", help="with -o, print the whole table too (without -o it is "
+                                       "always printed)")] = False,
     shard: Annotated[str | None, typer.Option(
         metavar="K/N", help="predict only block K (from 0) of N, for array jobs; the shard that finishes last "
                             "merges all N into --output, in input order (under torchrun: RANK/WORLD_SIZE)")] = None,
@@ -926,17 +929,17 @@ def predict(
     """Top-k labels of images with onnxruntime only; unreadable images are listed, not fatal."""
     from exporters.runtime import OnnxModel
     from transfer.core.errors import OptionError
-    from transfer.core.io import output_lock
     from transfer.core.preprocess import tta_views
     from transfer.core.world import World, parse_shard
     from transfer.data.scan import expand_inputs
     from transfer.serving.predict import (
         check_predictions_path,
         foreign_parts,
+        predict_to_file,
         shard_fingerprint,
-        write_predictions,
         write_shard,
     )
+    from transfer.serving.predictions_file import label_columns
 
     if onnx is None:
         raise OptionError(f"predict needs a model: {model_flag_hint(images)}")
@@ -953,11 +956,31 @@ def predict(
     where = f"shard {index}/{shards}: " if shards > 1 else ""
     say(f"{onnx}: {onnx_model.provider}, {where}{len(paths)} image(s)", err=True)
     views = tta_views(tta, tta_crops)
+    columns = label_columns(len(onnx_model.classes), top_k, onnx_model.multilabel)
+    if output is not None and shards == 1:
+        written = predict_to_file(onnx_model, onnx, paths, output, top_k, batch_size, views, progress_for(quiet),
+                                  keep=show)
+        if written.not_continued:
+            say(f"started {display(output)} afresh: an interrupted run's rows are there, but {written.not_continued}")
+        if show:
+            print_predictions(written.results, onnx_model.multilabel, top_k)
+        for item in written.unreadable[:SKIPPED_SHOWN]:
+            say(f"unreadable {display(item.path)}: {item.error}")
+        if written.unreadable:
+            say(f"{len(written.unreadable)} unreadable image(s): each has its row in {display(output)}, with the "
+                "reason in its error field")
+        kept = f"; {written.continued} kept from the interrupted run" if written.continued else ""
+        say(f"wrote {output} ({written.rows} rows{kept})")
+        write_record(json_out, {"model": str(onnx), "images": written.rows, "continued": written.continued,
+                                "unreadable": [{"path": item.path, "reason": item.error}
+                                               for item in written.unreadable], "top_k": top_k,
+                                "views": [name for name, _, _ in views], "output": str(output)})
+        return
     with progress_for(quiet).task("predicting", total=len(paths) * len(views), unit="images") as advance:
         results = onnx_model.predict(paths, top_k=top_k, batch_size=batch_size, progress=advance, views=views)
     if shards > 1 and output is not None:
         fingerprint = shard_fingerprint(onnx, all_paths, top_k, batch_size, shards, len(views))
-        missing = write_shard(output, results, index, shards, fingerprint)
+        missing = write_shard(output, results, index, shards, fingerprint, columns)
         unreadable = sum(1 for r in results if r.error)
         done = f"{where}{len(paths)} image(s)" + (f" ({unreadable} unreadable)" if unreadable else "")
         target = display(output)
@@ -968,31 +991,32 @@ def predict(
             say(f"{len(others)} part file(s) beside {target} come from another job (another model, inputs or "
                 f"settings) and are not merged, e.g. {display(others[0].name)}")
         return
+    print_predictions(results, onnx_model.multilabel, top_k)
+    bad = [r for r in results if r.error]
+    if bad:
+        say(f"{len(bad)} unreadable image(s)")
+    write_record(json_out, {"model": str(onnx), "images": len(results), "unreadable": len(bad), "top_k": top_k,
+                            "views": [name for name, _, _ in views], "output": None,
+                            "predictions": [r.__dict__ for r in results]})
+
+
+def print_predictions(results: list, multilabel: bool, top_k: int) -> None:
+    """The predictions as a table: one row per image, unreadable ones with their reason."""
     table = Table()
-    columns = (("image", "labels (at the model's thresholds)", "probabilities") if onnx_model.multilabel
+    columns = (("image", "labels (at the model's thresholds)", "probabilities") if multilabel
                else ("image", "label", "probability", f"top-{top_k}"))
     for column in columns:
         table.add_column(column, overflow="fold")
     for item in results:
         if item.error:
             table.add_row(display(item.path), "unreadable", "-", item.error)
-        elif onnx_model.multilabel:
+        elif multilabel:
             table.add_row(display(item.path), ", ".join(item.labels) or "(none)",
                           " | ".join(f"{p:.3f}" for p in item.probabilities))
         else:
             others = " | ".join(f"{label} {p:.3f}" for label, p in zip(item.labels, item.probabilities, strict=True))
             table.add_row(display(item.path), item.labels[0], f"{item.probabilities[0]:.4f}", others)
     console.print(table)
-    bad = [r for r in results if r.error]
-    if bad:
-        say(f"{len(bad)} unreadable image(s)")
-    if output is not None:
-        with output_lock(output):
-            write_predictions(output, results)
-        say(f"wrote {output} ({len(results)} rows)")
-    write_record(json_out, {"model": str(onnx), "images": len(results), "unreadable": len(bad), "top_k": top_k,
-                            "views": [name for name, _, _ in views], "output": str(output) if output else None,
-                            "predictions": [r.__dict__ for r in results]})
 
 
 @app.command(epilog=examples("transfer serve --onnx model.onnx",
@@ -1043,7 +1067,9 @@ def serve(
 @app.command("index", epilog=examples("transfer index ./photos -o photos.idx",
                                       "transfer index ./photos --onnx extractor.onnx -o photos.idx",
                                       "transfer index ./photos --run runs/flowers -o flowers.idx",
-                                      "transfer index ./photos -o photos.idx --add --remove"))
+                                      "transfer index ./photos -o photos.idx --add --remove",
+                                      "torchrun --nproc-per-node 4 $(which transfer) index ./photos -o photos.idx",
+                                      "transfer index -o photos.idx --milvus http://milvus:19530 --collection photos"))
 @cli_errors
 def index_command(
     images: Annotated[list[str] | None, typer.Argument(
@@ -1063,6 +1089,11 @@ def index_command(
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     exact: Annotated[bool, typer.Option("--exact", help="no approximate-search file, whatever the size (from "
                                         "20,000 images the index gets one, with its measured recall@10)")] = False,
+    milvus: Annotated[str | None, typer.Option("--milvus", help="also copy the index into Milvus (a server URI, "
+                                               "token in MILVUS_TOKEN, or a milvus-lite .db file); similar and serve "
+                                               "then search there. Without IMAGES: copy an existing index")] = None,
+    collection: Annotated[str | None, typer.Option(help="the Milvus collection (default: the index folder's "
+                                                   "name)")] = None,
     labels: LabelsOpt = None,
     path_column: PathColumnOpt = None,
     label_column: LabelColumnOpt = None,
@@ -1076,37 +1107,51 @@ def index_command(
 ) -> None:
     """Build a similar-image index: avg-pooled, L2-normalised features of every image, with paths and labels (and,
     for large collections, a FAISS approximate-search file); --add / --remove update one without re-embedding it."""
-    from transfer.apps.index import build_index, update_index
+    from transfer.apps.index import build_index, publish_index, update_index
 
     if output is None:
         raise OptionError("--output DIR is required: the index folder to write (or, with --add/--remove, update)")
-    if not images and not remove:
-        raise OptionError("give the images to index (a folder, files or globs); only --remove works without them")
+    if collection is not None and milvus is None:
+        raise OptionError("--collection names a Milvus collection: give --milvus URI too")
+    if not images and not remove and not milvus:
+        raise OptionError("give the images to index (a folder, files or globs); only --remove and --milvus work "
+                          "without them")
     if images and remove and not add:
         raise OptionError("--remove alone drops the rows of gone files; add --add to embed the images given too")
     one_model(run, onnx)
     check_json_path(json_out)
     source = labels_file(labels, path_column, label_column, split_column, label_sep, multi_label)
     inputs = None if not images else images if len(images) > 1 else images[0]
-    if add or remove:
+    database = None if milvus is None else (milvus, collection)
+    if milvus and not (images or add or remove):
+        if backbone or run or onnx or layer or input_size:
+            raise OptionError("--milvus without IMAGES copies the index as it is; drop -b/--run/--onnx/--layer/"
+                              "--input-size")
+        record = publish_index(output, milvus, collection, progress=progress_for(quiet))
+    elif add or remove:
         if backbone or run or onnx or layer or input_size:
             raise OptionError("--add/--remove embed with the index's own model; drop -b/--run/--onnx/--layer/"
                               "--input-size")
         record = update_index(inputs if add else None, output, add=add, remove=remove, batch_size=batch_size,
                               device=device.value, workers=workers, progress=progress_for(quiet), labels=source,
-                              exact=exact)
+                              exact=exact, database=database)
         say(f"embedded {record['embedded']} new or changed image(s), replaced {record['replaced']}, removed "
             f"{record['removed']}")
     else:
         record = build_index(inputs, output, backbone=backbone, run=run, onnx=onnx, layer=layer,
                              input_size=input_size, batch_size=batch_size, device=device.value, workers=workers,
-                             progress=progress_for(quiet), labels=source, exact=exact)
-    say_skipped(record["skipped"])
+                             progress=progress_for(quiet), labels=source, exact=exact, database=database)
+        if record is None:  # under torchrun rank 0 reports for all
+            return
+    say_skipped(record.get("skipped", []))
     model, ann = record["model"], record["ann"]
     say(f"indexed {record['count']} images ({record['dim']} dimensions, layer {model['layer']}) into {output}")
     say("search: exact" if ann is None else f"search: approximate, {ann['kind']}, {ann['nlist']} clusters, "
         f"{ann['nprobe']} visited per query; recall@10 {ann['recall_at_10']:.3f} against exact search on "
         f"{ann['recall_queries']} held-out queries")
+    if record.get("database"):
+        say(f"searched in Milvus: collection {record['database']['collection']} at {record['database']['uri']} "
+            "(--exact searches the local vectors)")
     write_record(json_out, {key: value for key, value in record.items() if key != "paths"})
 
 

@@ -188,7 +188,7 @@ def markdown(record: dict) -> str:
               f"vs {record['stage1']['cached_seconds_per_later_epoch']} s per cached epoch "
               f"({record['stage1']['speedup_per_later_epoch']}x; over 3 epochs including the one feature pass "
               f"{record['stage1']['speedup_over_3_epochs']}x).", "", *train_lines(), *scaling_lines(), *serve_lines(),
-              *search_lines(),
+              *search_lines(), *batch_lines(),
               *gpu_lines(), *zoo_lines()]
     return "\n".join(lines)
 
@@ -271,11 +271,22 @@ def search_lines() -> list[str]:
                     f"{ann['search_p95_ms']} | {ann['batched_ms_per_query']} | {ann['recall_at_10']} | "
                     f"{build['seconds']} s, {build['peak_rss_gb']} GB | {r['serve_startup_seconds']} s; /similar "
                     f"{r['similar_http_p50_ms']} / {r['similar_http_p95_ms']} ms; similar "
-                    f"{r['similar_one_query_seconds']} s |")
+                    f"{r['similar_one_query_seconds']} s" + (f"; /similar/ROW {r['similar_row_http_p50_ms']} / "
+                                                                 f"{r['similar_row_http_p95_ms']} ms"
+                                                                 if "similar_row_http_p50_ms" in r else "") + " |")
         if hnsw:
             rows.append(f"| {r['n']:,} | {r['vectors_gb']} | FAISS HNSW M=32, efSearch {hnsw['efSearch']} "
                         f"(reference) | | {hnsw['search_p50_ms']} / - | | {hnsw['recall_at_10']} | "
                         f"{hnsw['build_seconds']} s, {hnsw['peak_rss_gb']} GB | |")
+        usearch, milvus = r.get("usearch_hnsw"), r.get("milvus_lite")
+        if usearch:
+            rows.append(f"| {r['n']:,} | {r['vectors_gb']} | usearch {usearch['usearch']} HNSW, connectivity 16, "
+                        f"expansion {usearch['expansion_search']} (reference) | | {usearch['search_p50_ms']} / - | | "
+                        f"{usearch['recall_at_10']} | {usearch['build_seconds']} s, {usearch['peak_rss_gb']} GB | |")
+        if milvus:
+            rows.append(f"| {r['n']:,} | {r['vectors_gb']} | milvus-lite (`index --milvus`), through `SearchIndex` "
+                        f"| {milvus['load_seconds']} | {milvus['search_p50_ms']} / - | | {milvus['recall_at_10']} | "
+                        f"push {milvus['push_seconds']} s, {milvus['push_peak_rss_gb']} GB | |")
     return ["## Search at scale", "",
             f"{record['date']}, {record['machine']}: {record['dim']}-dimensional unit vectors, {record['vectors']} "
             "(Gaussian noise scaled per dimension; `python benchmarks/search.py`). Load: `SearchIndex.load` in a fresh "
@@ -283,10 +294,35 @@ def search_lines() -> list[str]:
             "p50 / p95 ms of 200; batched: 500 queries at once, ms per query. Recall@10 against exact search on 500 "
             "held-out vectors. Build: the ANN file from the stored vectors (k-means, filling, choosing nprobe), peak "
             "RSS with memory-mapped pages. Serve: `transfer serve --index` start-up to its first /health, and "
-            "`/similar` with a photo (decode, embed with efficientnet_lite0 at 224, search) p50 / p95 of 50; "
-            "similar: `transfer similar` with one photo, wall time with loading the model.", "",
+            "`/similar` with a photo (decode, embed with efficientnet_lite0 at 224, search) and `/similar/ROW` (an "
+            "indexed image's neighbours: the search alone) p50 / p95 of 50 on one kept-alive connection; "
+            "similar: `transfer similar` with one photo, wall time with loading the model. Up to 100k, usearch and "
+            "FAISS HNSW on the same vectors as reference points, and the index pushed into milvus-lite (pure Python, "
+            "brute force: a stand-in for a Milvus server, measured for the push's cost and to show the path works).",
+            "",
             "| N | vectors GB | search | load s | search ms p50 / p95 | batched ms/query | recall@10 | build "
             "| serve, similar |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
+def batch_lines() -> list[str]:
+    """Batch work at scale, from benchmarks/batch.json (rerun: `python benchmarks/batch.py`)."""
+    record = saved_result("batch.json")
+    if record is None:
+        return []
+    rows = [f"| {r['n']:,} | {r['seconds']} | {r['images_per_s']} | {r['peak_rss_mb']} | {r['first_row_seconds']} | "
+            + (f"killed at {r['killed']['killed_at_rows']:,} rows; resumed in {r['resumed']['seconds']} s "
+               f"({100 * r['resume_fraction_of_full']:.0f}% of the full run), identical: {r['resumed_identical']}"
+               if "resumed" in r else "") + " |" for r in record["rows"]]
+    first = record.get("first_row_of_a_large_folder")
+    tail = [] if first is None else [
+        f"A folder of {first['n']:,} images: the first row was in preds.csv {first['first_row_seconds']} s after "
+        "launch.", ""]
+    return ["## Batch at scale: predict", "",
+            f"{record['date']}, {record['machine']}: `transfer predict DIR --onnx FILE -o preds.csv -q` in a fresh "
+            f"process, {record['model']}, images 64-256 px JPEGs and PNGs (photo crops); `python benchmarks/batch.py`. "
+            "Peak RSS sampled every 50 ms; first row: launch to the first data row in the file.", "",
+            "| images | wall s | images/s | peak RSS MB | first row s | killed and resumed |",
+            "|---|---|---|---|---|---|", *rows, "", *tail]
 
 
 def scaling_lines() -> list[str]:

@@ -257,26 +257,53 @@ class OnnxModel:
     def predict(self, images: Iterable, top_k: int = 5, batch_size: int = 32, progress=None,
                 views: Sequence[tuple[str, str | None, bool]] = tta_views()) -> list[Prediction]:
         """Top-k labels and softmax probabilities per image (several labels per image: every label at or above its
-        threshold, most probable first); unreadable images come back with `error` set.
+        threshold, most probable first); unreadable images come back with `error` set. `iter_predict`, all at once.
 
         `views` (`tta_views`): with more than one, the probabilities are the average over the views (test-time
         augmentation; each view decodes the images again). `progress` advances once per image and view."""
+        return [item for chunk in self.iter_predict(images, top_k, batch_size, progress, views) for item in chunk]
+
+    def iter_predict(self, images: Iterable, top_k: int = 5, batch_size: int = 32, progress=None,
+                     views: Sequence[tuple[str, str | None, bool]] = tta_views(),
+                     batches_per_chunk: int = 8) -> Iterator[list[Prediction]]:
+        """`predict`'s answers in input order, a chunk at a time as each is done: one batch (one view), or
+        `batches_per_chunk` batches (several views, each decoding the chunk again). Chunks start at multiples of
+        `batch_size`, so a run continued from the end of any chunk batches the rest as an uninterrupted run does,
+        and memory holds one chunk, whatever the number of images."""
         self.require_classifier()
         images = list(images)
-        errors_by_row: dict[int, str] = {}
-        probabilities = np.zeros((len(images), len(self.classes)), np.float64)
-        for _, corner, mirror in views:
+        step = batch_size if len(views) == 1 else batch_size * batches_per_chunk
+        if len(views) == 1:
+            _, corner, mirror = views[0]
             for rows, batch, errors in self.iter_batches(images, batch_size, corner=corner):
-                errors_by_row.update(errors)
-                if batch is not None:
-                    logits = self._class_logits(self.mirrored(batch) if mirror else batch)
-                    probabilities[rows] += self.probabilities(logits)
+                probabilities = None if batch is None else self.probabilities(
+                    self._class_logits(self.mirrored(batch) if mirror else batch))
+                yield self._answers(images, rows, probabilities, dict(errors), top_k)
                 if progress is not None:
                     progress(len(rows) + len(errors))
-        probabilities /= len(views)
-        return [Prediction(_name(image), error=errors_by_row[row]) if row in errors_by_row
-                else self.ranked(_name(image), probabilities[row], top_k)
-                for row, image in enumerate(images)]
+            return
+        for start in range(0, len(images), step):
+            chunk = images[start:start + step]
+            errors_by_row: dict[int, str] = {}
+            summed = np.zeros((len(chunk), len(self.classes)), np.float64)
+            for _, corner, mirror in views:
+                for rows, batch, errors in self.iter_batches(chunk, batch_size, corner=corner):
+                    errors_by_row.update(errors)
+                    if batch is not None:
+                        summed[rows] += self.probabilities(self._class_logits(self.mirrored(batch) if mirror
+                                                                              else batch))
+                    if progress is not None:
+                        progress(len(rows) + len(errors))
+            readable = [row for row in range(len(chunk)) if row not in errors_by_row]
+            yield self._answers(chunk, readable, summed[readable] / len(views), errors_by_row, top_k)
+
+    def _answers(self, images: list, rows: list[int], probabilities: np.ndarray | None, errors: dict[int, str],
+                 top_k: int) -> list[Prediction]:
+        """The Predictions of `rows` (their probabilities in that order) and of the unreadable rows, by row."""
+        ranked = {row: self.ranked(_name(images[row]), probabilities[position], top_k)
+                  for position, row in enumerate(rows)}
+        ranked.update({row: Prediction(_name(images[row]), error=reason) for row, reason in errors.items()})
+        return [ranked[row] for row in sorted(ranked)]
 
     def top_k(self, name: str, logits: np.ndarray, top_k: int) -> Prediction:
         """One image's top-k labels and probabilities from its logits (its label set, with several labels)."""

@@ -211,7 +211,7 @@ def test_predict_csv_keeps_labels_with_commas(tmp_path, photo_dir, runner, image
     path = imagenet_lite0_onnx[0]
     out = tmp_path / "p.csv"
     result = runner.invoke(cli.app, ["predict", str(photo_dir / "chelsea.jpg"), "--onnx", str(path), "--top-k", "3",
-                                     "-o", str(out)])
+                                     "-o", str(out), "--show"])
     assert result.exit_code == 0, result.output
     row = next(csv.DictReader(out.open()))
     labels = [row[f"label_{k}"] for k in (1, 2, 3)]

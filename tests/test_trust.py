@@ -444,7 +444,8 @@ def test_non_utf8_file_names_survive_csv_and_json(lenet_run, tmp_path, runner):
         handle.write(source.read_bytes())
     for suffix in (".csv", ".json"):
         out = tmp_path / f"preds{suffix}"
-        result = runner.invoke(cli.app, ["predict", str(folder), "--onnx", str(onnx_path), "--output", str(out)])
+        result = runner.invoke(cli.app, ["predict", str(folder), "--onnx", str(onnx_path), "--output", str(out),
+                                         "--show"])
         assert result.exit_code == 0, result.output
         assert "caf\\xe9.png" in result.output
         if suffix == ".json":

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 from exporters.runtime import OnnxModel, Prediction
 from transfer.core.errors import TransferError
 from transfer.core.io import write_text
 from transfer.core.progress import SILENT, Progress
+from transfer.serving.predictions_file import PredictionsFile, closing, label_columns, render
 
-PREDICTION_FORMATS = (".csv", ".json")
+PREDICTION_FORMATS = (".csv", ".jsonl", ".json")
 PART_SUFFIX = ".transfer-part"  # one shard's predictions, waiting for the others
 
 
@@ -25,31 +25,61 @@ def check_predictions_path(path: str | os.PathLike) -> Path:
 
     path = Path(path)
     if path.suffix not in PREDICTION_FORMATS:
-        raise TransferError(f"--output {path}: use a .csv or .json file")
+        raise TransferError(f"--output {path}: use a .csv, .jsonl or .json file")
     return check_writable(path, "--output")
 
 
-def write_predictions(path: str | os.PathLike, results: list[Prediction]) -> None:
-    """.json (a list of records) or .csv (one row per image: path, label, probability, top-k, error).
+def write_predictions(path: str | os.PathLike, results: list[Prediction], columns: int) -> None:
+    """.json (a list of records), .jsonl (one record per line) or .csv (one row per image: path, `columns`
+    (label, probability) pairs, error), atomically: the bytes `predict_to_file` streams for the same rows.
 
     Paths that are not valid UTF-8 keep their bytes: raw in the CSV, \\udcXX escapes in the JSON (os.fsencode
     restores them)."""
     path = Path(path)
-    if path.suffix == ".json":
-        write_text(path, json.dumps([r.__dict__ for r in results], indent=2) + "\n")
-    elif path.suffix == ".csv":  # one column pair per rank, so labels with commas stay intact
-        k = max([1, *(len(r.labels) for r in results)])
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["path", *(f"{kind}_{rank}" for rank in range(1, k + 1) for kind in ("label", "probability")),
-                         "error"])
-        for r in results:
-            pairs = zip(r.labels, r.probabilities, strict=True)
-            ranked = [value for label, p in pairs for value in (label, f"{p:.6f}")]
-            writer.writerow([r.path, *ranked, *([""] * (2 * k - len(ranked))), r.error or ""])
-        write_text(path, buffer.getvalue())
-    else:
-        raise TransferError(f"--output {path}: use a .csv or .json file")
+    if path.suffix not in PREDICTION_FORMATS:
+        raise TransferError(f"--output {path}: use a .csv, .jsonl or .json file")
+    write_text(path, render(path.suffix, results, columns, first=True) + closing(path.suffix, len(results)))
+
+
+@dataclass
+class PredictedFile:
+    """What `predict_to_file` did: rows in the file, rows kept from an interrupted run, this run's unreadable
+    images, and (with `keep`) this run's predictions."""
+
+    rows: int
+    continued: int
+    not_continued: str | None
+    unreadable: list[Prediction]
+    results: list[Prediction]
+
+
+def predict_to_file(model: OnnxModel, onnx: str | os.PathLike, paths: list, output: str | os.PathLike,
+                    top_k: int = 5, batch_size: int = 32, views=None, progress: Progress = SILENT,
+                    keep: bool = False) -> PredictedFile:
+    """Predict `paths` into `output`, each chunk written as it finishes (`PredictionsFile`), continuing the run a
+    kill interrupted when its resume record matches this job. Memory stays flat in the number of images unless
+    `keep` (the caller shows every row)."""
+    from transfer.core.io import output_lock
+    from transfer.core.preprocess import tta_views
+
+    views = views or tta_views()
+    fingerprint = shard_fingerprint(onnx, paths, top_k, batch_size, 1, len(views))
+    target = PredictionsFile(output, fingerprint, label_columns(len(model.classes), top_k, model.multilabel))
+    unreadable, results = [], []
+    with output_lock(output):
+        try:
+            done = target.start()
+            with progress.task("predicting", total=len(paths) * len(views), unit="images") as advance:
+                advance(done * len(views))
+                for chunk in model.iter_predict(paths[done:], top_k, batch_size, advance, views):
+                    target.write(chunk)
+                    unreadable += [item for item in chunk if item.error]
+                    if keep:
+                        results += chunk
+            target.finish()
+        finally:
+            target.close()
+    return PredictedFile(target.rows, done, target.not_continued, unreadable, results)
 
 
 def shard_fingerprint(onnx: str | os.PathLike, paths: list[Path], top_k: int, batch_size: int, shards: int,
@@ -79,7 +109,7 @@ def foreign_parts(output: str | os.PathLike, fingerprint: str) -> list[Path]:
 
 
 def write_shard(output: str | os.PathLike, results: list[Prediction], shard: int, shards: int,
-                fingerprint: str) -> int:
+                fingerprint: str, columns: int) -> int:
     """Write this shard's predictions beside `output`; whichever shard finds all parts present (under the output's
     lock) merges them, in shard order, into `output` and removes the parts. Returns how many shards are missing
     (0: merged). Shards are contiguous blocks of the inputs, so the merged file is the one-process file."""
@@ -94,7 +124,7 @@ def write_shard(output: str | os.PathLike, results: list[Prediction], shard: int
             return missing
         merged = [Prediction(**record) for part in parts for record in json.loads(part.read_text(
             encoding="utf-8", errors="surrogateescape"))]
-        write_predictions(output, merged)
+        write_predictions(output, merged, columns)
         for part in parts:
             part.unlink()
     return 0
