@@ -315,8 +315,9 @@ def batch_lines() -> list[str]:
                if "resumed" in r else "") + " |" for r in record["rows"]]
     first = record.get("first_row_of_a_large_folder")
     tail = [] if first is None else [
-        f"A folder of {first['n']:,} images: the first row was in preds.csv {first['first_row_seconds']} s after "
-        "launch.", ""]
+        f"A folder of {first['n']:,} images: `predict`'s first row was in preds.csv {first['first_row_seconds']} s "
+        "after launch (it lists the folder and decodes as it goes; `extract`, `index` and `finetune` still decode "
+        "every file to scan it before the first batch).", ""]
     return ["## Batch at scale: predict", "",
             f"{record['date']}, {record['machine']}: `transfer predict DIR --onnx FILE -o preds.csv -q` in a fresh "
             f"process, {record['model']}, images 64-256 px JPEGs and PNGs (photo crops); `python benchmarks/batch.py`. "

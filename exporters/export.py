@@ -37,7 +37,7 @@ from models.registry import get_backbone
 from models.weights import create_backbone
 from transfer.core.errors import ExportError, first_line
 from transfer.core.io import display, output_lock, temp_dir_beside
-from transfer.core.preprocess import Preprocessing, decode_size
+from transfer.core.preprocess import Preprocessing, check_decode_floor, decode_size
 from transfer.core.progress import SILENT, Progress
 from transfer.data.scan import usable_images
 from transfer.training.model import resolve_run_layer
@@ -96,9 +96,7 @@ class _Half(nn.Module):
 
     def forward(self, x: torch.Tensor):
         outputs = self.model(x.half())
-        if isinstance(outputs, tuple):
-            return tuple(o.float() for o in outputs)
-        return outputs.float()
+        return tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float()
 
 
 @dataclass
@@ -129,7 +127,7 @@ def _refuse_unexportable(run: str | os.PathLike | None, backbone: str | None) ->
 
 
 def _source(run: str | os.PathLike | None, backbone: str | None, weights, layers: Sequence[str], pretrained,
-            input_size: int | None) -> _Source:
+            prep_changes: dict) -> _Source:
     """The PyTorch model to export, with its preprocessing, classes and layer names."""
     from transfer.training.runs import load_run
 
@@ -152,8 +150,10 @@ def _source(run: str | os.PathLike | None, backbone: str | None, weights, layers
         prep = spec.preprocessing
         classes = _imagenet_or_index_labels(spec, network)
         verify, validation, validation_labels, thresholds = [], [], {}, None
-    if input_size is not None:
-        prep = replace(prep, input_size=check_input_size(spec.name, input_size))
+    if prep_changes["input_size"] is not None:
+        prep = replace(prep, input_size=check_input_size(spec.name, prep_changes["input_size"]))
+    if prep_changes["draft_factor"] is not None:
+        prep = replace(prep, draft_factor=check_decode_floor(prep_changes["draft_factor"]))
     if layers:
         if run is not None:
             paths = [resolve_run_layer(spec, name, network) for name in layers]
@@ -242,11 +242,12 @@ def export_onnx(
     progress: Progress = SILENT,
     int8_method: str = "nncf",
     max_accuracy_loss: float | None = None,
+    decode_floor: float | None = None,
 ) -> ExportRecord:
-    """Export, verify against PyTorch, and only then move the file to `output`.
-
-    int8 files are refused below MIN_INT8_AGREEMENT top-1 agreement with fp32, or, with `max_accuracy_loss`
-    (percentage points, for a run), when they answer its held-out validation images that much less accurately."""
+    """Export, verify against PyTorch, and only then move the file to `output`; `decode_floor` replaces the run's
+    (or the default) in the file's metadata. int8 files are refused below MIN_INT8_AGREEMENT top-1 agreement with
+    fp32, or, with `max_accuracy_loss` (points, for a run), when they answer its held-out validation images that
+    much less accurately."""
     output = Path(output)
     if output.suffix != ".onnx":
         raise ExportError(f"--output {output}: the file name must end in .onnx")
@@ -261,12 +262,12 @@ def export_onnx(
     check_int8_options(int8, int8_method, max_accuracy_loss, run is not None)
     if not 11 <= opset <= 20:
         raise ExportError(f"--opset {opset}: use 11..20 (18+ with the dynamo exporter, 11..17 with TorchScript)")
-    layers = list(dict.fromkeys(layers))
+    layers, prep_changes = list(dict.fromkeys(layers)), {"input_size": input_size, "draft_factor": decode_floor}
     _refuse_unexportable(run, backbone)
     tracked = mlflow_run_of(run) if run is not None else None
     with output_lock(output):
         record = _export(output, run, backbone, weights, layers, pretrained, opset, fp16, int8, calibration,
-                         embed_preprocessing, input_size, verify_images, progress, int8_method, max_accuracy_loss)
+                         embed_preprocessing, prep_changes, verify_images, progress, int8_method, max_accuracy_loss)
     if tracked is not None:
         try:
             record.mlflow_run_id = log_export(tracked, output, record.to_dict())
@@ -306,11 +307,11 @@ def export_graph(model: nn.Module, dummy: torch.Tensor, path: Path, output_names
 
 
 def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp16, int8, calibration,
-            embed_preprocessing, input_size, verify_images, progress: Progress, int8_method: str,
+            embed_preprocessing, prep_changes: dict, verify_images, progress: Progress, int8_method: str,
             max_accuracy_loss: float | None) -> ExportRecord:
     if embed_preprocessing and opset < MIN_DYNAMO_OPSET:
         raise ExportError(f"--embed-preprocessing needs --opset {MIN_DYNAMO_OPSET} or higher (Resize with antialias)")
-    source = _source(run, backbone, weights, layers, pretrained, input_size)
+    source = _source(run, backbone, weights, layers, pretrained, prep_changes)
     if int8 and source.thresholds is not None and source.output_kind == "logits":
         raise ExportError("--int8 is judged by top-1 agreement, which several labels per image do not have; export "
                           "this run in fp32 (or --fp16 for a GPU)")

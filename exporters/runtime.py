@@ -28,6 +28,7 @@ from transfer.core.interpret import sigmoid, softmax
 from transfer.core.model_metadata import MetadataError, ModelMetadata, read_model_metadata
 from transfer.core.preprocess import (
     Preprocessing,
+    check_decode_floor,
     corner_crop,
     decode_size,
     eval_array,
@@ -103,7 +104,7 @@ class OnnxModel:
     """A `transfer`-exported ONNX file with its preprocessing, ready to run batched on CPU or CUDA."""
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None,
-                 decode_workers: int | None = None, exact_decode: bool = False):
+                 decode_workers: int | None = None, exact_decode: bool = False, decode_floor: float | None = None):
         self.path = Path(path)
         self.exact_decode = exact_decode  # True: full-size JPEG decode (slower; what training saw is the default)
         if not self.path.is_file():
@@ -129,16 +130,21 @@ class OnnxModel:
         except DataError as exc:
             raise DataError(f"{self.path}: {exc}") from None
         self.info = info
-        self.prep = Preprocessing(info.input_size, info.crop_pct, info.interpolation, info.mean, info.std)
+        self.prep = Preprocessing(info.input_size, info.crop_pct, info.interpolation, info.mean, info.std,
+                                  info.draft_factor if decode_floor is None else check_decode_floor(decode_floor))
         self.classes, self.layout, self.output_kind = info.classes, info.layout, info.output_kind
         self.thresholds = None if info.thresholds is None else np.asarray(info.thresholds, dtype=np.float64)
-        self.draft_factor = info.draft_factor
         self.decode_workers = decode_workers or min(8, os.cpu_count() or 1)  # more only fight onnxruntime
 
     @property
     def draft_size(self) -> tuple[int, int] | None:
-        """The JPEG draft request the file's metadata states (None: full-size decode, with exact_decode)."""
-        return None if self.exact_decode else decode_size(self.prep, self.draft_factor)
+        """The JPEG draft request of the file's decode floor, or the one `decode_floor` chose (None: full-size
+        decode, with exact_decode)."""
+        return None if self.exact_decode else decode_size(self.prep)
+
+    @property
+    def draft_factor(self) -> float:
+        return self.prep.draft_factor
 
     @property
     def device(self) -> str:

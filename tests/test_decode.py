@@ -73,3 +73,54 @@ def test_draft_factor_comes_from_the_file():
     for bad in ("0.5", "nan", "many"):
         with pytest.raises(MetadataError, match="transfer.draft_factor"):
             read_draft_factor({"transfer.draft_factor": bad})
+
+
+def test_the_decode_floor_is_a_choice_recorded_where_it_matters(big_jpegs, tmp_path, runner):
+    """--decode-floor: a run records it (and its export writes it into the file), export and predict can replace
+    it, extract records it in its sidecar; 1 takes the DCT's largest reduction, 8 decodes in full, as the file
+    measured in benchmarks/decode.json says."""
+    import json
+
+    import cli
+    from exporters.export import export_onnx
+    from exporters.runtime import OnnxModel
+    from tests.conftest import digits_folder, one_line_error
+
+    folder, _ = big_jpegs
+    digits = digits_folder(tmp_path / "digits", per_class=3, size=32, classes=2)
+    trained = runner.invoke(cli.app, ["finetune", str(digits), "-b", "lenet5", "--epochs-head", "1",
+                                      "--epochs-finetune", "0", "--decode-floor", "1.5", "-o", str(tmp_path / "run"),
+                                      "-q", "--workers", "0", "--batch-size", "4"])
+    assert trained.exit_code == 0, trained.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["preprocessing"]["draft_factor"] == 1.5
+    export_onnx(tmp_path / "run.onnx", run=tmp_path / "run")
+    assert OnnxModel(tmp_path / "run.onnx", device="cpu").metadata["transfer.draft_factor"] == "1.5"
+    export_onnx(tmp_path / "m.onnx", backbone="lenet5", pretrained=False, input_size=96, decode_floor=2.0)
+    assert OnnxModel(tmp_path / "m.onnx", device="cpu").draft_factor == 2.0
+    fastest = OnnxModel(tmp_path / "m.onnx", device="cpu", decode_floor=1.0)
+    full = OnnxModel(tmp_path / "m.onnx", device="cpu", decode_floor=8.0)
+    exact = OnnxModel(tmp_path / "m.onnx", device="cpu", exact_decode=True)
+    resize = fastest.prep.resize
+    assert fastest.draft_size == (resize, resize) and full.draft_size == (8 * resize, 8 * resize)
+    wide = str(folder / "wide.jpg")  # 2000 x 1500: 8 x 109 covers it, so a floor of 8 decodes it whole
+    assert np.array_equal(full.preprocess_one(wide), exact.preprocess_one(wide))
+    assert not np.array_equal(fastest.preprocess_one(wide), exact.preprocess_one(wide))
+    predicted = runner.invoke(cli.app, ["predict", wide, "--onnx", str(tmp_path / "m.onnx"), "--decode-floor", "8",
+                                        "-o", str(tmp_path / "p.jsonl"), "-q"])
+    assert predicted.exit_code == 0, predicted.output
+    logits = exact.run(exact.preprocess_one(wide)[None])[0][0]
+    assert json.loads((tmp_path / "p.jsonl").read_text())["probabilities"][0] == pytest.approx(
+        float(exact.probabilities(logits[None])[0].max()), abs=1e-6)
+    extracted = runner.invoke(cli.app, ["extract", str(folder), "-b", "lenet5", "--no-pretrained", "--input-size",
+                                        "96", "--decode-floor", "4", "-o", str(tmp_path / "f.npy"), "-q"])
+    assert extracted.exit_code == 0, extracted.output
+    assert json.loads((tmp_path / "f.json").read_text())["preprocessing"]["draft_factor"] == 4.0
+    refused = runner.invoke(cli.app, ["predict", wide, "--onnx", str(tmp_path / "m.onnx"), "--decode-floor", "0.5"])
+    assert refused.exit_code == 2 and "--decode-floor" in refused.output
+    from transfer.core.errors import DataError
+
+    with pytest.raises(DataError, match="--decode-floor 9.0: must be between 1 and 8"):
+        export_onnx(tmp_path / "bad.onnx", backbone="lenet5", pretrained=False, decode_floor=9.0)
+    assert one_line_error(runner.invoke(cli.app, ["index", "-o", str(tmp_path / "idx"), "--remove",
+                                                  "--decode-floor", "2"])).endswith("--input-size/--decode-floor")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,8 @@ def run_split(model_path: Path, metadata: dict | None = None) -> dict[str, set[P
 def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_size: int = 32,
              device: str = "auto", progress: Progress = SILENT, tta: bool = False,
              top_losses_plot: str | os.PathLike | None = None, tta_crops: bool = False, split: str = "all",
-             workers: int | None = None, labels: LabelsFile | None = None) -> dict:
+             workers: int | None = None, labels: LabelsFile | None = None,
+             decode_floor: float | None = None) -> dict:
     """Evaluate a run directory (PyTorch, best weights) or a .onnx classifier (onnxruntime) on a labelled folder.
 
     The folder's classes are matched to the model's by name; a class the model does not know is an error. The
@@ -58,7 +60,8 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_s
     When the model's run recorded its split, `training_images` counts the images the run trained on (their accuracy
     says little about new images), and `split="val"` keeps only the run's validation images. `labels` reads the
     labels from a file instead of class folders. A model with several labels per image is judged at its stored
-    thresholds with the multi-label metrics (`multilabel_report`).
+    thresholds with the multi-label metrics (`multilabel_report`). `decode_floor` replaces the model's own (the
+    run's or the file's) for JPEG decoding.
     """
     model_path = Path(model_path)
     check_int(batch_size, "--batch-size", 1)
@@ -67,7 +70,7 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_s
     if model_path.suffix == ".onnx":
         from exporters.runtime import OnnxModel
 
-        onnx_model = OnnxModel(model_path, device=device, decode_workers=workers or None)
+        onnx_model = OnnxModel(model_path, device=device, decode_workers=workers or None, decode_floor=decode_floor)
         onnx_model.require_classifier()
         classes, thresholds = onnx_model.classes, onnx_model.thresholds
         known_split = run_split(model_path, onnx_model.metadata)
@@ -78,7 +81,7 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, batch_s
         from transfer.training.runs import load_run_config
 
         load_run_config(model_path)  # a damaged or missing run fails before the folder is scanned
-        view_logits, classes, thresholds = _run_model(model_path, batch_size, device, workers)
+        view_logits, classes, thresholds = _run_model(model_path, batch_size, device, workers, decode_floor)
         known_split = run_split(model_path)
     if thresholds is not None and top_losses_plot is not None:
         raise DataError("--output: the plot of the worst mistakes is for one label per image; this model predicts "
@@ -147,7 +150,8 @@ def _multilabel_result(outputs: list[np.ndarray], samples, mapping: np.ndarray, 
     return result
 
 
-def _run_model(run_dir: Path, batch_size: int, device: str, workers: int | None = None):
+def _run_model(run_dir: Path, batch_size: int, device: str, workers: int | None = None,
+               decode_floor: float | None = None):
     """(logits of paths for a view, class names, thresholds or None) of a run's best weights on `device`, loaded
     once."""
     import torch
@@ -162,6 +166,8 @@ def _run_model(run_dir: Path, batch_size: int, device: str, workers: int | None 
     target = resolve_device(device)
     model.to(target)
     prep = Preprocessing.from_dict(config["preprocessing"])
+    if decode_floor is not None:
+        prep = replace(prep, draft_factor=decode_floor)
 
     def run_logits(paths: list[Path], corner: str | None, mirror: bool, advance=None) -> np.ndarray:
         loader = make_loader(eval_dataset([Sample(p, None) for p in paths], prep, corner), batch_size,

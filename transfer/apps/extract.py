@@ -24,7 +24,7 @@ from models.weights import create_backbone
 from transfer.core.errors import DataError, TransferError
 from transfer.core.io import atomic_path, output_lock, temp_dir_beside, write_json
 from transfer.core.options import check_int
-from transfer.core.preprocess import Preprocessing
+from transfer.core.preprocess import Preprocessing, check_decode_floor
 from transfer.core.progress import SILENT, Progress
 from transfer.core.world import DEFAULT_TIMEOUT_S, World
 from transfer.data.datasets import eval_dataset, make_loader
@@ -33,8 +33,7 @@ from transfer.data.scan import Sample, Skipped, check_image, expand_inputs
 from transfer.training import collectives
 from transfer.training.model import resolve_run_layer
 
-POOLS = ("none", "avg", "max")
-LAYOUTS = ("nchw", "nhwc")
+POOLS, LAYOUTS = ("none", "avg", "max"), ("nchw", "nhwc")
 
 
 @dataclass
@@ -121,8 +120,7 @@ class _NpyStream:
         np.ascontiguousarray(batch, dtype="<f4").tofile(self.handle)
 
     def close(self) -> None:
-        if not self.handle.closed:
-            self.handle.close()
+        self.handle.close()  # closing twice is harmless
 
 
 def extract(
@@ -144,6 +142,7 @@ def extract(
     seed: int = 0,
     dist_timeout: float = DEFAULT_TIMEOUT_S,
     labels: LabelsFile | None = None,
+    decode_floor: float | None = None,
 ) -> ExtractResult:
     """Features of `layers` for every usable image; in memory, or streamed to `output` (.npy one layer, .npz more).
 
@@ -151,8 +150,7 @@ def extract(
     exported feature extractor with onnxruntime (its outputs are the layers). A backbone without pretrained weights
     (`pretrained=False`, or a net that has none) is initialised from `seed`: the same features every time and on
     every torchrun rank. `labels` takes the images and their labels from a labels file instead of class folders.
-    """
-
+    `decode_floor` replaces the model's own for JPEG decoding (recorded in the sidecar's preprocessing)."""
     if run is not None and onnx is not None:
         raise TransferError("--run and --onnx exclude each other; give one model")
     if pool not in POOLS:
@@ -167,7 +165,8 @@ def extract(
     check_int(batch_size, "--batch-size", 1)
     if workers is not None:
         check_int(workers, "--workers", 0, 64)
-
+    if decode_floor is not None:
+        check_decode_floor(decode_floor)
     output = Path(output) if output is not None else None
     if output is not None:
         check_sidecar(output)
@@ -178,7 +177,7 @@ def extract(
         with output_lock(output) if output is not None and world.main else contextlib.nullcontext():
             return _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size,
                             output, batch_size, device, workers, progress if world.main else SILENT, world, seed,
-                            labels)
+                            labels, decode_floor)
     except RuntimeError as exc:
         lost = collectives.lost_peer(world, exc, dist_timeout)
         if lost is None:
@@ -191,12 +190,12 @@ def extract(
 
 def _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrained, input_size, output,
              batch_size, device, workers, progress, world: World, seed: int,
-             labels_file: LabelsFile | None = None) -> ExtractResult:
+             labels_file: LabelsFile | None = None, decode_floor: float | None = None) -> ExtractResult:
     if onnx is not None:
-        make_batches, metadata = _onnx_batches(onnx, layers, batch_size, device, input_size)
+        make_batches, metadata = _onnx_batches(onnx, layers, batch_size, device, input_size, decode_floor)
     else:
         make_batches, metadata = _torch_batches(backbone, layers, weights, run, pretrained, input_size,
-                                                batch_size, device, workers, seed)
+                                                batch_size, device, workers, seed, decode_floor)
     samples, classes, skipped = collect_samples(images, progress, labels_file)
     mine = world.batch_block(len(samples), batch_size)
     metadata.update(pool=pool, layout=layout)
@@ -283,7 +282,8 @@ def _join_parts(temp_dir: Path, name: str, ranks: int, shape: list[int]) -> None
             part.unlink()
 
 
-def _torch_batches(backbone, layers, weights, run, pretrained, input_size, batch_size, device, workers, seed):
+def _torch_batches(backbone, layers, weights, run, pretrained, input_size, batch_size, device, workers, seed,
+                   decode_floor=None):
     """The model and its layers, resolved before any image is read; returns `batches(samples)` yielding
     (batch length, [array per layer]) from a registry backbone or a run, tapped with `FeatureTap`."""
     from transfer.training.device import resolve_device
@@ -302,6 +302,7 @@ def _torch_batches(backbone, layers, weights, run, pretrained, input_size, batch
         paths_in_model = [resolve_layer(spec, name, network) for name in layers]
     if input_size is not None:
         prep = replace(prep, input_size=check_input_size(spec.name, input_size))
+    prep = prep if decode_floor is None else replace(prep, draft_factor=decode_floor)
     target = resolve_device(device)
     tap = FeatureTap(network.eval().to(target), paths_in_model, stop_early=True)
     metadata = {"backbone": spec.name, "weights": source, "layers": dict(zip(layers, paths_in_model, strict=True)),
@@ -310,8 +311,7 @@ def _torch_batches(backbone, layers, weights, run, pretrained, input_size, batch
         metadata["seed"] = seed
 
     def generate(samples):
-        loader = make_loader(eval_dataset(samples, prep), batch_size, workers=workers,
-                             device=target.type)
+        loader = make_loader(eval_dataset(samples, prep), batch_size, workers=workers, device=target.type)
         with torch.no_grad():
             for images_batch, _ in loader:
                 outputs = tap(images_batch.to(target))
@@ -321,12 +321,12 @@ def _torch_batches(backbone, layers, weights, run, pretrained, input_size, batch
     return generate, metadata
 
 
-def _onnx_batches(onnx, layers, batch_size, device, input_size):
+def _onnx_batches(onnx, layers, batch_size, device, input_size, decode_floor=None):
     """(batch length, [array per layer]) from an exported feature extractor run by onnxruntime."""
     from exporters.runtime import OnnxModel
     from transfer.core.errors import UnknownNameError
 
-    runtime = OnnxModel(onnx, device=device)
+    runtime = OnnxModel(onnx, device=device, decode_floor=decode_floor)
     if runtime.output_kind != "features":
         raise TransferError(f"--onnx {onnx} is a classifier (its output is logits): export an extractor with "
                             "`transfer export -b NAME --layer LAYER` (or `--run RUN_DIR --layer LAYER`), or use "

@@ -19,6 +19,7 @@ from models.registry import get_backbone
 from transfer.apps.extract import ExtractResult, collect_samples, extract
 from transfer.core.errors import DataError, TransferError
 from transfer.core.io import OutputError, display, file_sha256, write_json
+from transfer.core.preprocess import check_decode_floor
 from transfer.core.progress import SILENT, Progress
 from transfer.core.rundir import run_fingerprint
 from transfer.core.world import World
@@ -40,11 +41,13 @@ from transfer.serving.search import (
 from transfer.serving.vectordb import collection_name, database_uri, default_collection, push
 
 
-def _model_spec(backbone: str | None, run, onnx, layer: str | None, input_size: int | None) -> dict:
-    """Which model embeds images for this index; the layer defaults to the pooled features."""
+def _model_spec(backbone: str | None, run, onnx, layer: str | None, input_size: int | None,
+                decode_floor: float | None = None) -> dict:
+    """Which model embeds images for this index (queries later too); the layer defaults to the pooled features."""
     if sum(x is not None for x in (run, onnx)) > 1:
         raise TransferError("--run and --onnx exclude each other; give one model")
-    spec: dict = {"backbone": None, "run": None, "onnx": None, "onnx_sha256": None, "input_size": input_size}
+    spec: dict = {"backbone": None, "run": None, "onnx": None, "onnx_sha256": None, "input_size": input_size,
+                  "decode_floor": None if decode_floor is None else check_decode_floor(decode_floor)}
     if onnx is not None:
         model = OnnxModel(onnx, device="cpu")
         if model.output_kind != "features":
@@ -81,7 +84,8 @@ def embed(images, spec: dict, batch_size: int = 32, device: str = "auto", worker
     output = None if scratch is None else scratch / "features.npy"
     result = extract(images, backbone=spec["backbone"] or "vgg16", layers=[spec["layer"]], pool="avg",
                      run=spec["run"], onnx=spec["onnx"], input_size=spec["input_size"], batch_size=batch_size,
-                     device=device, workers=workers, progress=progress, labels=labels, output=output)
+                     device=device, workers=workers, progress=progress, labels=labels, output=output,
+                     decode_floor=spec.get("decode_floor"))
     if output is None:
         return normalise(result.features[spec["layer"]]), result
     if not World.from_env().main:  # under torchrun rank 0 alone reads the joined features
@@ -110,22 +114,23 @@ def build_index(images, output: str | os.PathLike, backbone: str | None = None, 
                 layer: str | None = None, input_size: int | None = None, batch_size: int = 32,
                 device: str = "auto", workers: int | None = None, progress: Progress = SILENT,
                 labels: LabelsFile | None = None, exact: bool = False,
-                database: tuple[str, str | None] | None = None) -> dict | None:
+                database: tuple[str, str | None] | None = None, decode_floor: float | None = None) -> dict | None:
     """Embed `images` and write the index folder `output` in one step (a new or empty folder, or an index to
     replace whole); returns its index.json record. Whatever is refused is refused before any image is embedded.
     `labels`: the images and labels a labels file names in the folder, instead of its class sub-folders. From
     `ann.ANN_MIN_ROWS` images the index gets an approximate-search file (record["ann"]) unless `exact`.
     `database`: (Milvus URI, collection or None) to copy the index into once written (`publish_index`).
+    `decode_floor` (recorded; queries are decoded alike) replaces the model's own for JPEG decoding.
     Under torchrun every process embeds its block of the images into its part of the features file, as `extract`
     does, and rank 0 writes the index; the other ranks return None."""
     database = _checked_database(database)
     if not World.from_env().main:
         check_index_folder(Path(output))  # refused on every rank alike, before any image is embedded
-        embed(images, _model_spec(backbone, run, onnx, layer, input_size), batch_size, device, workers, SILENT,
-              labels, Path(output).with_name(f".{Path(output).name}.embedding"))
+        embed(images, _model_spec(backbone, run, onnx, layer, input_size, decode_floor), batch_size, device,
+              workers, SILENT, labels, Path(output).with_name(f".{Path(output).name}.embedding"))
         return None
     with index_folder(output) as folder, embedding_scratch(folder) as scratch:
-        spec = _model_spec(backbone, run, onnx, layer, input_size)
+        spec = _model_spec(backbone, run, onnx, layer, input_size, decode_floor)
         vectors, result = embed(images, spec, batch_size, device, workers, progress, labels, scratch)
         record = index_record(spec, vectors, result)
         write_index(folder, record, [vectors], exact=exact, progress=progress)

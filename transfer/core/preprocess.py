@@ -16,11 +16,13 @@ from PIL import Image
 
 from transfer.core.errors import DataError
 from transfer.core.model_metadata import (  # noqa: F401 (LAYOUTS, OUTPUT_KINDS: the names callers know)
+    DRAFT_FACTOR_RANGE,
     LAYOUTS,
     MAX_INPUT_SIZE,
     MAX_RESIZE,
     OUTPUT_KINDS,
     MetadataError,
+    read_draft_factor,
     read_size,
     read_triple,
 )
@@ -47,6 +49,7 @@ class Preprocessing:
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    draft_factor: float = DRAFT_FACTOR  # the decode floor: JPEGs decode to at least this x the resize length
 
     @property
     def resize(self) -> int:
@@ -66,8 +69,9 @@ class Preprocessing:
                 interpolation=str(data["interpolation"]),
                 mean=tuple(float(v) for v in data["mean"]),
                 std=tuple(float(v) for v in data["std"]),
+                draft_factor=float(data.get("draft_factor", DRAFT_FACTOR)),  # runs before it was recorded: 3.0
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DataError(f"preprocessing: missing or malformed value ({type(exc).__name__}: {exc})") from None
         prep.check("preprocessing.")
         return prep
@@ -88,6 +92,7 @@ class Preprocessing:
                 raise DataError(f"{prefix}{name} {list(values)}: needs 3 finite numbers (R, G, B)")
         if not all(v > 0 for v in self.std):
             raise DataError(f"{prefix}std {list(self.std)}: every value must be > 0")
+        check_decode_floor(self.draft_factor, f"{prefix}draft_factor")
 
     def to_metadata(self) -> dict[str, str]:
         """The `transfer.*` ONNX metadata keys describing this preprocessing (values are strings)."""
@@ -100,7 +105,7 @@ class Preprocessing:
             "transfer.mean": json.dumps(list(self.mean)),
             "transfer.std": json.dumps(list(self.std)),
             "transfer.decoder": DECODER,
-            "transfer.draft_factor": repr(DRAFT_FACTOR),
+            "transfer.draft_factor": repr(self.draft_factor),
         }
 
     @classmethod
@@ -110,20 +115,29 @@ class Preprocessing:
         try:
             size, crop_pct = read_size(meta)
             mean, std = read_triple(meta, "transfer.mean"), read_triple(meta, "transfer.std")
+            draft_factor = read_draft_factor(meta)
         except MetadataError as exc:
             raise DataError(str(exc)) from None
         prep = cls(input_size=size, crop_pct=crop_pct, interpolation=meta.get("transfer.interpolation", ""),
-                   mean=mean, std=std)
+                   mean=mean, std=std, draft_factor=draft_factor)
         prep.check("metadata transfer.")  # the same rules as a run's config.json, named by metadata key
         return prep
 
 
+def check_decode_floor(value: float, flag: str = "--decode-floor") -> float:
+    """A decode floor inside DRAFT_FACTOR_RANGE (1: the fastest decode; 8: in effect a full-size decode)."""
+    low, high = DRAFT_FACTOR_RANGE
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+        raise DataError(f"{flag} {value}: must be between {low:g} and {high:g} (times the resize length)")
+    return float(value)
+
+
 def decode_size(prep: Preprocessing, factor: float | None = None) -> tuple[int, int]:
     """The JPEG draft request of the evaluation path: PIL picks the largest DCT reduction (1/2, 1/4, 1/8) that
-    keeps both sides >= `factor` x the resize length, so the resize that follows never upsamples what the DCT
-    dropped. Training evaluation, extract and the ONNX runtime all decode with it (and training's augmentation).
-    benchmarks/decode.json measures the factor's cost in speed and agreement."""
-    side = math.ceil(prep.resize * (DRAFT_FACTOR if factor is None else factor))
+    keeps both sides >= `factor` (default: the preprocessing's decode floor) x the resize length, so the resize
+    that follows never upsamples what the DCT dropped. Training, evaluation, extract and the ONNX runtime all decode
+    with it. benchmarks/decode.json measures the floor's cost in speed and agreement."""
+    side = math.ceil(prep.resize * (prep.draft_factor if factor is None else factor))
     return (side, side)
 
 

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from exporters.runtime import Prediction
-from transfer.core.io import display, write_json
+from transfer.core.io import OutputError, display, os_error_message
 
 RESUME_SUFFIX = ".transfer-resume"
 
@@ -140,6 +140,7 @@ class PredictionsFile:
         os.fsync(self.handle.fileno())
         self.handle.close()
         self.record_path.unlink(missing_ok=True)
+        self.record_path.with_name(self.record_path.name + ".next").unlink(missing_ok=True)
 
     def close(self) -> None:
         """Stop without finishing (an error or a kill): the file and its record stay, to be continued."""
@@ -147,8 +148,17 @@ class PredictionsFile:
             self.handle.close()
 
     def _save_state(self) -> None:
-        write_json(self.record_path, {"fingerprint": self.fingerprint, "rows": self.rows, "bytes": self.size,
-                                      "sha256": self.digest.hexdigest(), "written_by": "transfer predict"})
+        """The record replaced whole (a new file renamed over it) after every chunk. Not fsynced: a kill leaves the
+        page cache, so record and file agree; after a power loss that lost the file's tail, the recorded SHA-256
+        no longer matches and the run starts over, which is safe."""
+        state = {"fingerprint": self.fingerprint, "rows": self.rows, "bytes": self.size,
+                 "sha256": self.digest.hexdigest(), "written_by": "transfer predict"}
+        fresh = self.record_path.with_name(self.record_path.name + ".next")
+        try:
+            fresh.write_text(json.dumps(state) + "\n")
+            os.replace(fresh, self.record_path)
+        except OSError as exc:
+            raise OutputError(f"cannot write {display(self.record_path)}: {os_error_message(exc)}") from None
 
 
 def _head_digest(path: Path, size: int):

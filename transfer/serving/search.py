@@ -319,7 +319,7 @@ class SearchIndex:
 
 def spec_for_embedding(model: dict) -> dict:
     """The index's model record as `embed` takes it."""
-    return {key: model.get(key) for key in ("backbone", "run", "onnx", "layer", "input_size")}
+    return {key: model.get(key) for key in ("backbone", "run", "onnx", "layer", "input_size", "decode_floor")}
 
 
 def check_model_unchanged(model: dict, index) -> None:

@@ -136,10 +136,11 @@ HIDDEN_METADATA = ("transfer.classes", "transfer.run", "transfer.source")  # lis
 
 
 def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16, max_wait_ms: float = 5.0,
-               limits: ServeLimits | None = None, index: str | Path | None = None, docs: bool = False):
+               limits: ServeLimits | None = None, index: str | Path | None = None, docs: bool = False,
+               decode_floor: float | None = None):
     """The FastAPI application serving `model_path` (and `index` for /similar)."""
     limits = (limits or ServeLimits()).check()
-    model = OnnxModel(model_path, device=device)
+    model = OnnxModel(model_path, device=device, decode_floor=decode_floor)  # a floor given replaces the file's
     search = None
     if index is not None:
         from transfer.serving.search import SearchIndex
@@ -312,13 +313,14 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           max_batch: int = 16, max_wait_ms: float = 5.0, limits: ServeLimits | None = None,
-          index: str | Path | None = None, announce=None, docs: bool = False) -> None:
+          index: str | Path | None = None, announce=None, docs: bool = False,
+          decode_floor: float | None = None) -> None:
     """Run the app with uvicorn until SIGINT/SIGTERM; `announce()` is called once the model (and index) loaded and
     the port is bound. A shutdown waits at most `limits.shutdown_timeout_s` for requests in flight."""
     import uvicorn
 
     limits = (limits or ServeLimits()).check()
-    app = create_app(model_path, device, max_batch, max_wait_ms, limits, index, docs)
+    app = create_app(model_path, device, max_batch, max_wait_ms, limits, index, docs, decode_floor)
     sock = listening_socket(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=5,
                                            timeout_graceful_shutdown=max(1, math.ceil(limits.shutdown_timeout_s))))

@@ -39,6 +39,7 @@ class FinetuneConfig:
     weights: str | None = None
     input_size: int | None = None
     crop_pct: float | None = None
+    decode_floor: float | None = None  # JPEGs decode to >= this x the resize length; None: DRAFT_FACTOR (3.0)
     seed: int = 0
     patience: int = 5
     weight_decay: float = 1e-4
@@ -79,6 +80,8 @@ class FinetuneConfig:
         check_input_size(spec.name, self.input_size)
         if self.crop_pct is not None:
             check_float(self.crop_pct, "--crop-pct", 0.1, 1.0)
+        if self.decode_floor is not None:
+            check_float(self.decode_floor, "--decode-floor", 1.0, 8.0)
         check_int(self.seed, "--seed", 0, 2**32 - 1)
         check_int(self.patience, "--patience", 1)
         check_float(self.weight_decay, "weight_decay", 0.0, 1.0)

@@ -81,7 +81,8 @@ class Trainer:
         self.sample_weights = sampling_weights(self.train_samples, classes) if config.sampler == "balanced" else None
         base = self.spec.preprocessing
         self.prep = replace(base, input_size=base.input_size if config.input_size is None else config.input_size,
-                            crop_pct=base.crop_pct if config.crop_pct is None else config.crop_pct)
+                            crop_pct=base.crop_pct if config.crop_pct is None else config.crop_pct,
+                            draft_factor=base.draft_factor if config.decode_floor is None else config.decode_floor)
         self.classes = list(self.scan.classes)
         self.rows: list[dict] = []
         self.last_good_epoch: int | None = None  # epoch of the checkpoint on disk
