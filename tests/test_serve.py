@@ -402,4 +402,39 @@ def test_metadata_shows_no_server_paths(tmp_path, photos):
     with TestClient(create_app(extractor, device="cpu", index=tmp_path / "idx")) as client:
         text = client.get("/metadata").text
         assert client.get("/docs").status_code == 404
-    assert str(tmp_path) not in text and json.loads(text)["index"] == {"images": 6, "dim": 120, "layer": "fc1"}
+    assert str(tmp_path) not in text and json.loads(text)["index"] == {"images": 6, "dim": 120, "layer": "fc1",
+                                                                       "search": "exact"}
+
+
+def test_a_server_reads_its_ann_file_whole_in_the_background(tmp_path):
+    """Serving starts on the memory-mapped ANN file; a copy read whole (faster to scan) replaces it in the
+    background, with the same answers; /metadata says which one answers."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from tests.test_search import clustered_unit_vectors
+    from transfer.core.io import file_sha256
+    from transfer.serving.search import SearchIndex, index_folder, write_index
+    from transfer.serving.serve import create_app
+
+    extractor = tmp_path / "extractor.onnx"
+    export_onnx(extractor, backbone="lenet5", pretrained=False, layers=["fc1"])
+    vectors = clustered_unit_vectors(2_000, 120, 20, seed=4)
+    record = {"format": 3, "count": 2_000, "dim": 120, "paths": [f"/nowhere/{i}.png" for i in range(2_000)],
+              "classes": [], "model": {"backbone": None, "run": None, "onnx": str(extractor),
+                                       "onnx_sha256": file_sha256(extractor), "layer": "fc1", "input_size": None}}
+    with index_folder(tmp_path / "idx") as folder:
+        write_index(folder, record, vectors, ann_min_rows=1_000)
+    mapped = SearchIndex.load(tmp_path / "idx")
+    expected = [hit["row"] for hit in mapped.nearest(vectors[7], 10)]
+    with TestClient(create_app(extractor, device="cpu", index=tmp_path / "idx")) as client:
+        kinds = set()
+        for _ in range(200):  # bounded: at most 20 s for a 1 MB file
+            kinds.add(client.get("/metadata").json()["index"]["search"])
+            if "approximate, in memory" in kinds:
+                break
+            time.sleep(0.1)
+        answer = client.get("/similar/7?k=10").json()["similar"][0]
+    assert "approximate, in memory" in kinds and kinds <= {"approximate, memory-mapped", "approximate, in memory"}
+    assert [hit["row"] for hit in answer["neighbours"]] == expected and answer["neighbours"][0]["row"] == 7

@@ -4,6 +4,7 @@ as the local index, the same top-10, and every identity check of a local index."
 from __future__ import annotations
 
 import json
+import socket
 
 import numpy as np
 import pytest
@@ -166,3 +167,10 @@ def test_similar_and_serve_search_milvus_with_the_index_model(tmp_path, runner):
     assert one_line_error(lonely) == "error: --collection names a Milvus collection: give --milvus URI too"
     nothing = runner.invoke(cli.app, ["index", "-o", str(tmp_path / "none.idx"), "--milvus", str(database)])
     assert "no index there to copy" in one_line_error(nothing) and not (tmp_path / "none.idx").exists()
+    with socket.socket() as probe:  # a port nobody listens on: refused before any image is embedded
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    unreachable = runner.invoke(cli.app, ["index", str(digits), "--onnx", str(extractor), "-o",
+                                          str(tmp_path / "u.idx"), "--milvus", f"http://127.0.0.1:{port}"])
+    assert f"Milvus at http://127.0.0.1:{port}: cannot connect" in one_line_error(unreachable)
+    assert not (tmp_path / "u.idx").exists()

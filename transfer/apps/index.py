@@ -38,7 +38,7 @@ from transfer.serving.search import (
     spec_for_embedding,
     write_index,
 )
-from transfer.serving.vectordb import collection_name, database_uri, default_collection, push
+from transfer.serving.vectordb import collection_name, connect, database_uri, default_collection, push
 
 
 def _model_spec(backbone: str | None, run, onnx, layer: str | None, input_size: int | None,
@@ -151,11 +151,13 @@ def publish_index(output: str | os.PathLike, uri: str, collection: str | None = 
 
 
 def _checked_database(database: tuple[str, str | None] | None) -> tuple[str, str | None] | None:
-    """The Milvus URI and collection name checked before any image is embedded (a bad one is one line)."""
+    """The Milvus URI and collection name checked, and the server reached, before any image is embedded (each
+    failure is one line)."""
     if database is None:
         return None
-    uri, collection = database
-    return database_uri(uri), collection_name(collection) if collection else None
+    uri, collection = database_uri(database[0]), collection_name(database[1]) if database[1] else None
+    connect(uri).close()
+    return uri, collection
 
 
 def _publish(folder: Path, uri: str, collection: str | None, progress: Progress) -> dict:
