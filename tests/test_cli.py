@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,8 @@ def test_resume_with_more_epochs_adds_exactly_those_epochs(tmp_path, runner):
     assert runner.invoke(cli.app, base).exit_code == 0
     rows = read_metrics(run_dir / "metrics.csv")
     assert len(rows) == 3
+    created = json.loads((run_dir / "config.json").read_text())["created"]
+    time.sleep(1.1)  # config times have one-second resolution
     more = runner.invoke(cli.app, ["finetune", str(data), "--resume", str(run_dir), "--epochs-finetune", "3",
                                    "--workers", "0"])
     assert more.exit_code == 0, more.output
@@ -91,6 +94,7 @@ def test_resume_with_more_epochs_adds_exactly_those_epochs(tmp_path, runner):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["settings"]["epochs_finetune"] == 3 and config["stages"][1]["epochs"] == 3
     assert config["extensions"][0]["stage_epochs_after"]["finetune"] == 3
+    assert config["created"] == created and config["updated"] > created  # a resume does not move `created`
     assert torch.load(run_dir / "last.ckpt", weights_only=True)["epoch"] == 4
 
     changed = runner.invoke(cli.app, ["finetune", str(data), "--resume", str(run_dir), "--lr-finetune", "0.01"])

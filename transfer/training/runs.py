@@ -38,7 +38,7 @@ def write_config(trainer, stages: list, source: str, previous: dict | None = Non
 
     from transfer import __version__
 
-    history = []
+    history, now = [], datetime.now().isoformat(timespec="seconds")
     if previous is not None:
         history = previous.get("extensions", []) + [{
             "at_epoch": trainer.last_good_epoch, "when": datetime.now().isoformat(timespec="seconds"),
@@ -55,7 +55,8 @@ def write_config(trainer, stages: list, source: str, previous: dict | None = Non
         "stages": [asdict(s) for s in stages],
         "weights_source": source,
         "settings": asdict(trainer.config),
-        "created": datetime.now().isoformat(timespec="seconds"),
+        "created": (previous or {}).get("created", now),  # kept on resume; `updated` says when it last changed
+        **({"updated": now} if previous is not None else {}),
         "versions": {"transfer": __version__, "torch": torch.__version__, "timm": timm.__version__},
         **({"extensions": history} if history else {}),
         **({"lr_find": trainer.lr_found} if trainer.lr_found else {}),
