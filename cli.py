@@ -965,7 +965,6 @@ def predict(
     where = f"shard {index}/{shards}: " if shards > 1 else ""
     say(f"{onnx}: {onnx_model.provider}, {where}{len(paths)} image(s)", err=True)
     views = tta_views(tta, tta_crops)
-    columns = label_columns(len(onnx_model.classes), top_k, onnx_model.multilabel)
     if output is not None and shards == 1:
         written = predict_to_file(onnx_model, onnx, paths, output, top_k, batch_size, views, progress_for(quiet),
                                   keep=show)
@@ -989,6 +988,7 @@ def predict(
         results = onnx_model.predict(paths, top_k=top_k, batch_size=batch_size, progress=advance, views=views)
     if shards > 1 and output is not None:
         fingerprint = shard_fingerprint(onnx, all_paths, top_k, batch_size, shards, len(views))
+        columns = label_columns(len(onnx_model.classes), top_k, onnx_model.multilabel)
         missing = write_shard(output, results, index, shards, fingerprint, columns)
         unreadable = sum(1 for r in results if r.error)
         done = f"{where}{len(paths)} image(s)" + (f" ({unreadable} unreadable)" if unreadable else "")
@@ -1135,15 +1135,14 @@ def index_command(
     source = labels_file(labels, path_column, label_column, split_column, label_sep, multi_label)
     inputs = None if not images else images if len(images) > 1 else images[0]
     database = None if milvus is None else (milvus, collection)
-    if milvus and not (images or add or remove):
-        if backbone or run or onnx or layer or input_size or decode_floor:
-            raise OptionError("--milvus without IMAGES copies the index as it is; drop -b/--run/--onnx/--layer/"
-                              "--input-size/--decode-floor")
+    copy_only = milvus and not (images or add or remove)
+    if (copy_only or add or remove) and (backbone or run or onnx or layer or input_size or decode_floor):
+        why = ("--milvus without IMAGES copies the index as it is" if copy_only else
+               "--add/--remove embed with the index's own model")
+        raise OptionError(f"{why}; drop -b/--run/--onnx/--layer/--input-size/--decode-floor")
+    if copy_only:
         record = publish_index(output, milvus, collection, progress=progress_for(quiet))
     elif add or remove:
-        if backbone or run or onnx or layer or input_size or decode_floor:
-            raise OptionError("--add/--remove embed with the index's own model; drop -b/--run/--onnx/--layer/"
-                              "--input-size/--decode-floor")
         record = update_index(inputs if add else None, output, add=add, remove=remove, batch_size=batch_size,
                               device=device.value, workers=workers, progress=progress_for(quiet), labels=source,
                               exact=exact, database=database)

@@ -278,7 +278,6 @@ class OnnxModel:
         and memory holds one chunk, whatever the number of images."""
         self.require_classifier()
         images = list(images)
-        step = batch_size if len(views) == 1 else batch_size * batches_per_chunk
         if len(views) == 1:
             _, corner, mirror = views[0]
             for rows, batch, errors in self.iter_batches(images, batch_size, corner=corner):
@@ -288,6 +287,7 @@ class OnnxModel:
                 if progress is not None:
                     progress(len(rows) + len(errors))
             return
+        step = batch_size * batches_per_chunk
         for start in range(0, len(images), step):
             chunk = images[start:start + step]
             errors_by_row: dict[int, str] = {}

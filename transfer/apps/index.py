@@ -24,7 +24,7 @@ from transfer.core.progress import SILENT, Progress
 from transfer.core.rundir import run_fingerprint
 from transfer.core.world import World
 from transfer.data.labels import LabelsFile
-from transfer.serving.index_checks import INDEX_FILE, file_stamp, image_status
+from transfer.serving.index_checks import INDEX_FILE, VECTORS_FILE, file_stamp, image_status
 from transfer.serving.search import (
     INDEX_FORMAT,
     RowSelection,
@@ -93,12 +93,17 @@ def embed(images, spec: dict, batch_size: int = 32, device: str = "auto", worker
     return UnitRows(np.load(output, mmap_mode="r")), result
 
 
+def embedding_path(folder: str | os.PathLike) -> Path:
+    """Where an index's features stream while it builds: `.NAME.embedding` beside it (see `embedding_scratch`)."""
+    return Path(folder).with_name(f".{Path(folder).name}.embedding")
+
+
 @contextmanager
 def embedding_scratch(folder: Path):
     """`.NAME.embedding` beside the index: the features stream there (every torchrun rank its part, joined by
     `extract`) before they become the index's vectors; made empty first (a killed build may have left one) and
     removed after."""
-    scratch = folder.with_name(f".{folder.name}.embedding")
+    scratch = embedding_path(folder)
     if scratch.is_symlink() or (scratch.exists() and not scratch.is_dir()):
         raise OutputError(f"--output {display(folder)}: {display(scratch)} is in the way (a file `transfer index` "
                           "streams features into while it builds); move it")
@@ -127,7 +132,7 @@ def build_index(images, output: str | os.PathLike, backbone: str | None = None, 
     if not World.from_env().main:
         check_index_folder(Path(output))  # refused on every rank alike, before any image is embedded
         embed(images, _model_spec(backbone, run, onnx, layer, input_size, decode_floor), batch_size, device,
-              workers, SILENT, labels, Path(output).with_name(f".{Path(output).name}.embedding"))
+              workers, SILENT, labels, embedding_path(output))
         return None
     with index_folder(output) as folder, embedding_scratch(folder) as scratch:
         spec = _model_spec(backbone, run, onnx, layer, input_size, decode_floor)
@@ -135,7 +140,7 @@ def build_index(images, output: str | os.PathLike, backbone: str | None = None, 
         record = index_record(spec, vectors, result)
         write_index(folder, record, [vectors], exact=exact, progress=progress)
         if database is not None:
-            record = _publish(folder, *database, progress)
+            _publish(folder, record, *database, progress)
     return record
 
 
@@ -146,8 +151,11 @@ def publish_index(output: str | os.PathLike, uri: str, collection: str | None = 
     if not (Path(output) / INDEX_FILE).is_file():  # before index_folder, which would make missing parent folders
         raise DataError(f"--output {display(output)}: no index there to copy; build one with `transfer index "
                         "IMAGES -o DIR`")
+    database = _checked_database((uri, collection))
     with index_folder(output) as folder:
-        return _publish(folder, uri, collection, progress)
+        search = SearchIndex.load(folder, exact=True)  # validated before it is copied anywhere
+        _publish(folder, search.record, *database, progress, vectors=search.vectors)
+        return search.record
 
 
 def _checked_database(database: tuple[str, str | None] | None) -> tuple[str, str | None] | None:
@@ -160,14 +168,15 @@ def _checked_database(database: tuple[str, str | None] | None) -> tuple[str, str
     return uri, collection
 
 
-def _publish(folder: Path, uri: str, collection: str | None, progress: Progress) -> dict:
-    """Push the index in `folder` (under its lock) to Milvus and record where in its index.json."""
-    search = SearchIndex.load(folder, exact=True)
-    record = search.record
-    record["database"] = push(record, search.vectors, database_uri(uri),
-                              collection_name(collection) if collection else default_collection(folder), progress)
+def _publish(folder: Path, record: dict, uri: str, collection: str | None, progress: Progress,
+             vectors: np.ndarray | None = None) -> None:
+    """Push the index in `folder` (its index.json `record`, under its lock) to Milvus at a checked `uri`
+    (`_checked_database`) and record where in `record` and index.json. `vectors`: the stored ones, memory-mapped
+    from the folder unless given (an index just written needs no second check)."""
+    if vectors is None:
+        vectors = np.load(folder / VECTORS_FILE, mmap_mode="r")
+    record["database"] = push(record, vectors, uri, collection or default_collection(folder), progress)
     write_json(folder / INDEX_FILE, record)
-    return record
 
 
 def check_same_weights(model: dict, result: ExtractResult, where: str) -> None:
@@ -222,8 +231,7 @@ def update_index(images, output: str | os.PathLike, add: bool = True, remove: bo
         if database is None and merged.get("database"):
             database = merged["database"]["uri"], merged["database"]["collection"]
         if database is not None:
-            merged = {**_publish(folder, *database, progress),
-                      **{key: merged[key] for key in ("embedded", "replaced", "removed", "skipped", "updated")}}
+            _publish(folder, merged, *database, progress)
     return merged
 
 
