@@ -116,3 +116,17 @@ def test_show_prints_the_table_and_bad_suffixes_are_refused(lenet_file, tmp_path
     refused = runner.invoke(cli.app, ["predict", str(data / "1"), "--onnx", str(model), "-o", str(tmp_path / "p.txt")])
     assert refused.exit_code == 2 and "use a .csv, .jsonl or .json file" in refused.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]  # no lock, record or temp file left
+
+
+def test_no_images_still_make_a_whole_file(lenet_file, tmp_path):
+    """Nothing to predict: each format is still a complete file, the one write_predictions makes for no rows."""
+    from transfer.serving.predict import predict_to_file, write_predictions
+
+    model = OnnxModel(lenet_file[0], device="cpu")
+    for suffix in (".csv", ".jsonl", ".json"):
+        written = predict_to_file(model, lenet_file[0], [], tmp_path / f"none{suffix}", top_k=3)
+        write_predictions(tmp_path / f"expected{suffix}", [], 3)
+        assert written.rows == 0
+        assert (tmp_path / f"none{suffix}").read_bytes() == (tmp_path / f"expected{suffix}").read_bytes()
+    assert json.loads((tmp_path / "none.json").read_text()) == []
+    assert (tmp_path / "none.csv").read_text().startswith("path,label_1,probability_1,")

@@ -132,9 +132,10 @@ class PredictionsFile:
         self._save_state()
 
     def finish(self) -> None:
-        """Close the file whole (the JSON list's end; a CSV header even with no rows), then drop the record."""
-        if self.size == 0 and self.path.suffix == ".csv":
-            self.handle.write(csv_header(self.columns).encode())
+        """Close the file whole (the JSON list's end; with no rows at all, what `render` opens a file with: the CSV
+        header, the JSON list's opening), then drop the record."""
+        if self.size == 0:
+            self.handle.write(render(self.path.suffix, [], self.columns, first=True).encode())
         self.handle.write(closing(self.path.suffix, self.rows).encode())
         self.handle.flush()
         os.fsync(self.handle.fileno())
