@@ -205,7 +205,8 @@ class HeadOptimizer(str, Enum):
     sgd = "sgd"
 
 
-BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="registry name (see `transfer backbones`)")]
+BACKBONE_HELP = "a curated backbone or any timm name or tag (`transfer backbones [--all]`)"
+BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help=BACKBONE_HELP)]
 RunOpt = Annotated[Path | None, typer.Option("--run", help="a run directory written by `transfer finetune`")]
 OnnxOpt = Annotated[Path | None, typer.Option("--onnx", help="a .onnx file written by `transfer export`")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="also write the machine-readable record to FILE")]
@@ -399,6 +400,8 @@ def scan(
         table.add_row(display(name), *(str(counts[split].get(name, 0)) for split in counts))
     console.print(table)
     say_skipped(report.skipped, "row(s)" if labels else "file(s)", json_hint=False)
+    for note in report.notes:
+        say(f"note: {note}")
     say(f"{len(report.skipped)} {'row(s)' if labels else 'file(s)'} skipped"
         + (" (--json FILE lists every one with its reason)" if len(report.skipped) > SKIPPED_SHOWN else ""))
     write_record(json_out, report.to_dict())
@@ -562,8 +565,9 @@ def runs(
         "runs"),
     json_out: JsonOpt = None,
 ) -> None:
-    """The runs under a folder: backbone, data, epochs, best validation loss and accuracy, created, status (running,
-    finished, interrupted) and whether --resume can continue it. Reads the run directories only."""
+    """The runs under a folder: backbone, data, epochs, best validation loss and accuracy, created (a resume keeps
+    it), status (running, finished, interrupted, damaged, with the problem named) and whether --resume can continue
+    it. Reads the run directories only."""
     from transfer.apps.run_list import list_runs
 
     check_json_path(json_out)
@@ -817,23 +821,27 @@ def extract(
                          dist_timeout=dist_timeout, labels=source, decode_floor=decode_floor)
     if not World.from_env().main:  # under torchrun rank 0 reports for all
         return
+    if result.not_continued:
+        say(f"started {display(output)} afresh: an interrupted run's features are there, but {result.not_continued}")
     for name, shape in result.metadata["shapes"].items():
         module = result.metadata["layers"][name]
         say(f"{name} ({module}): {tuple(shape)}")
     say_skipped(result.skipped)
-    say(f"wrote {output} and {sidecar_path(output)} ({len(result.paths)} images)")
+    kept = f"; {result.continued} kept from the interrupted run" if result.continued else ""
+    say(f"wrote {output} and {sidecar_path(output)} ({len(result.paths)} images{kept})")
     write_record(json_out, {"output": str(output), "sidecar": str(sidecar_path(output)), "images": len(result.paths),
+                            "continued": result.continued,
                             "shapes": result.metadata["shapes"], "layers": result.metadata["layers"],
                             "skipped": [{"path": s.path, "reason": s.reason} for s in result.skipped]})
 
 
 @app.command(epilog=examples("transfer export --run runs/flowers -o flowers.onnx --json record.json",
                              "transfer export -b vgg16 --layer block4_pool -o vgg_block4.onnx",
-                             "transfer export --run runs/flowers --int8 --calibration ./mydata/train -o f.int8.onnx"))
+                             "transfer export --run runs/flowers --int8 --calibration ./mydata -o f.int8.onnx"))
 @cli_errors
 def export(
     run: RunOpt = None,
-    backbone: Annotated[str | None, typer.Option("--backbone", "-b", help="export a registry backbone")] = None,
+    backbone: Annotated[str | None, typer.Option("--backbone", "-b", help=BACKBONE_HELP)] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="the .onnx file to write")] = Path("model.onnx"),
     weights: WeightsOpt = None,
     layer: Annotated[list[str] | None, typer.Option(help="feature extractor: one output per layer")] = None,
@@ -1038,7 +1046,8 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     max_batch: Annotated[int, typer.Option(min=1, max=1024, help="images per model run, at most")] = 16,
     max_wait_ms: Annotated[float, typer.Option(min=0, max=1000,
-                                               help="how long an image waits for others to batch with")] = 5.0,
+                                               help="how long an image also waits for others to batch with "
+                                                    "(0: it runs with those queued meanwhile)")] = 0.0,
     max_upload_mb: Annotated[float, typer.Option(min=0.001, max=4096, help="largest upload per image")] = 20.0,
     max_request_mb: Annotated[float, typer.Option(min=0.001, max=65536, help="largest request body; a longer one "
                                                   "is cut off with 413 while it streams")] = 100.0,
@@ -1090,12 +1099,13 @@ def index_command(
     add: Annotated[bool, typer.Option("--add", help="keep the index and embed only the images it does not hold yet "
                                       "(or whose file changed), with the index's own model")] = False,
     remove: Annotated[bool, typer.Option("--remove", help="drop the rows whose image files are gone")] = False,
-    backbone: Annotated[str | None, typer.Option("--backbone", "-b", help="registry name (default "
-                                                 "efficientnet_lite0)")] = None,
+    backbone: Annotated[str | None, typer.Option("--backbone", "-b", help=f"{BACKBONE_HELP}; default "
+                                                 "efficientnet_lite0")] = None,
     run: RunOpt = None,
     onnx: OnnxOpt = None,
-    layer: Annotated[str | None, typer.Option(help="default: avg_pool (the backbone's feature layer where it has "
-                                              "none), a run's avg_pool, an extractor's output")] = None,
+    layer: Annotated[str | None, typer.Option(help="the one layer whose pooled output is the vector; default: "
+                                              "avg_pool (the backbone's feature layer where it has none), a run's "
+                                              "avg_pool, an extractor's output")] = None,
     input_size: Annotated[int | None, typer.Option(help="input side (default: the model's)")] = None,
     decode_floor: DecodeFloorOpt = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,

@@ -188,7 +188,7 @@ def markdown(record: dict) -> str:
               f"vs {record['stage1']['cached_seconds_per_later_epoch']} s per cached epoch "
               f"({record['stage1']['speedup_per_later_epoch']}x; over 3 epochs including the one feature pass "
               f"{record['stage1']['speedup_over_3_epochs']}x).", "", *train_lines(), *scaling_lines(), *serve_lines(),
-              *search_lines(), *batch_lines(),
+              *search_lines(), *batch_lines(), *busy_lines(),
               *gpu_lines(), *zoo_lines()]
     return "\n".join(lines)
 
@@ -266,7 +266,8 @@ def search_lines() -> list[str]:
         ann, build, exact, hnsw = r["ann"], r["build"], r["exact"], r.get("faiss_hnsw")
         rows.append(f"| {r['n']:,} | {r['vectors_gb']} | exact | {exact['load_seconds']} | {exact['search_p50_ms']} / "
                     f"{exact['search_p95_ms']} | {exact['batched_ms_per_query']} | {exact['recall_at_10']} | | |")
-        rows.append(f"| {r['n']:,} | {r['vectors_gb']} | IVF-Flat, nlist {build['ann']['nlist']}, nprobe "
+        kind = "IVF-SQ8 + exact re-ranking" if "SQ8" in build["ann"]["kind"] else "IVF-Flat"
+        rows.append(f"| {r['n']:,} | {r['vectors_gb']} | {kind}, nlist {build['ann']['nlist']}, nprobe "
                     f"{build['ann']['nprobe']} | {ann['load_seconds']} | {ann['search_p50_ms']} / "
                     f"{ann['search_p95_ms']} | {ann['batched_ms_per_query']} | {ann['recall_at_10']} | "
                     f"{build['seconds']} s, {build['peak_rss_gb']} GB | {r['serve_startup_seconds']} s"
@@ -297,8 +298,8 @@ def search_lines() -> list[str]:
             "held-out vectors. Build: the ANN file from the stored vectors (k-means, filling, choosing nprobe), peak "
             "RSS with memory-mapped pages. Serve: `transfer serve --index` start-up to its first /health, and "
             "`/similar` with a photo (decode, embed with efficientnet_lite0 at 224, search) and `/similar/ROW` (an "
-            "indexed image's neighbours: the search alone) p50 / p95 of 50 on one kept-alive connection, once the "
-            "server has read its ANN file into memory (it serves from the mapped file meanwhile); "
+            "indexed image's neighbours: the search alone) p50 / p95 of 50 (after 5 to warm up) on one kept-alive "
+            "connection, once the server has read its ANN file into memory (it serves from the mapped file meanwhile); "
             "similar: `transfer similar` with one photo, wall time with loading the model. Up to 100k, usearch and "
             "FAISS HNSW on the same vectors as reference points, and the index pushed into milvus-lite (pure Python, "
             "brute force: a stand-in for a Milvus server, measured for the push's cost and to show the path works).",
@@ -316,17 +317,40 @@ def batch_lines() -> list[str]:
             + (f"killed at {r['killed']['killed_at_rows']:,} rows; resumed in {r['resumed']['seconds']} s "
                f"({100 * r['resume_fraction_of_full']:.0f}% of the full run), identical: {r['resumed_identical']}"
                if "resumed" in r else "") + " |" for r in record["rows"]]
-    first = record.get("first_row_of_a_large_folder")
+    first, started = record.get("first_row_of_a_large_folder"), saved_result("first_batch.json")
     tail = [] if first is None else [
         f"A folder of {first['n']:,} images: `predict`'s first row was in preds.csv {first['first_row_seconds']} s "
-        "after launch (it lists the folder and decodes as it goes; `extract`, `index` and `finetune` still decode "
-        "every file to scan it before the first batch).", ""]
+        "after launch (it lists the folder and decodes as it goes)."
+        + ("" if started is None else
+           f" {started['date']}, {started['machine']}, {started['files']:,} files (`python benchmarks/first_batch.py`):"
+           f" `extract`'s first batch was on disk {started['extract_first_batch_seconds']} s after launch and "
+           f"`index`'s {started['index_first_batch_seconds']} s; their scan reads headers only "
+           f"({started['scan_headers_seconds']} s for the whole folder; on 10,000 of its files "
+           f"{started['scan_10k_headers_seconds']} s against {started['scan_10k_full_decode_seconds']} s for the full "
+           "decode they did before and training still does)."), ""]
     return ["## Batch at scale: predict", "",
             f"{record['date']}, {record['machine']}: `transfer predict DIR --onnx FILE -o preds.csv -q` in a fresh "
             f"process, {record['model']}, images 64-256 px JPEGs and PNGs (photo crops); `python benchmarks/batch.py`. "
             "Peak RSS sampled every 50 ms; first row: launch to the first data row in the file.", "",
             "| images | wall s | images/s | peak RSS MB | first row s | killed and resumed |",
             "|---|---|---|---|---|---|", *rows, "", *tail]
+
+
+def busy_lines() -> list[str]:
+    """A busy machine, from benchmarks/busy.json (rerun: `python benchmarks/busy.py`)."""
+    record = saved_result("busy.json")
+    if record is None:
+        return []
+    return ["## A busy machine", "",
+            f"{record['date']}, {record['machine']} ({record['usable_cpus']} usable): idle, and with two other "
+            "processes each spinning a core (`python benchmarks/busy.py`; its docstring has the setup).", "",
+            "| work | idle | busy | busy / idle |", "|---|---|---|---|",
+            f"| stage 1 on cached features, s per epoch | {record['stage1_epoch_seconds_idle']} | "
+            f"{record['stage1_epoch_seconds_busy']} | {record['stage1_busy_over_idle']}x |",
+            f"| the tour's finetune, s | {record['tour_finetune_seconds_idle']} | "
+            f"{record['tour_finetune_seconds_busy']} | {record['tour_busy_over_idle']}x |", "",
+            "The same day with OpenMP's default wait policy (threads spin between parallel regions): 8.8x and 3.15x; "
+            "with one thread (`OMP_NUM_THREADS=1`): 2.08x and 1.4x, but stage 1 idle 1.5x slower.", ""]
 
 
 def scaling_lines() -> list[str]:

@@ -442,3 +442,28 @@ def test_many_skipped_rows_print_a_bounded_summary_and_the_json_has_them_all(tmp
     assert sum(line.startswith("  ") and "gone/" in line for line in lines) == 3 and len(lines) < 40
     assert "340 row(s) skipped (--json FILE lists every one with its reason)" in result.output
     assert len(json.loads(out.read_text())["skipped"]) == 340
+
+
+def test_labels_that_look_like_space_separated_tags_get_a_note(tmp_path, runner):
+    """Kaggle-style tags ('0 1', '0 2', ...) without --multi-label became combination classes with no word said;
+    now `scan` (and finetune's log) says so in one line and how to read them as tags, and real names with a space
+    ('golden retriever') get no note."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    tags = ["0 1", "0 2", "1 2", "0 1", "2", "0 2"]
+    for index in range(len(tags)):
+        Image.new("RGB", (16, 16), (index * 40, 0, 0)).save(folder / f"{index}.png")
+    write_csv(tmp_path / "tags.csv", ["image,tags", *(f"{i}.png,{tag}" for i, tag in enumerate(tags))])
+    report = read_labels(folder, LabelsFile(str(tmp_path / "tags.csv")))
+    assert report.task == "single" and len(report.classes) == 4 and len(report.notes) == 1
+    assert "--multi-label" in report.notes[0] and "'0 1'" in report.notes[0]
+    scanned = runner.invoke(cli.app, ["scan", str(folder), "--labels", str(tmp_path / "tags.csv")],
+                            terminal_width=200)
+    assert scanned.exit_code == 0 and "note: --labels" in scanned.output and "add --multi-label" in scanned.output
+    as_tags = read_labels(folder, LabelsFile(str(tmp_path / "tags.csv"), multi_label=True))
+    assert as_tags.task == "multilabel" and as_tags.classes == ["0", "1", "2"] and as_tags.notes == []
+    names = ["golden retriever", "tabby cat", "labrador retriever", "tabby cat", "tabby cat", "golden retriever"]
+    write_csv(tmp_path / "names.csv", ["image,label", *(f"{i}.png,{name}" for i, name in enumerate(names))])
+    assert read_labels(folder, LabelsFile(str(tmp_path / "names.csv"))).notes == []

@@ -153,3 +153,24 @@ def test_small_outputs_say_what_they_are(tmp_path, digits, runner):
     predicted = runner.invoke(cli.app, ["predict", str(digits), "--onnx", str(model), "-o", str(tmp_path / "p.csv"),
                                         "-q", "--workers", "1"])
     assert predicted.exit_code == 0 and f"wrote {tmp_path / 'p.csv'} (18 rows)" in predicted.output
+
+
+def test_help_texts_say_what_the_readme_says(runner):
+    """Help had drifted from the README: `-b` was a "registry name" (it takes any timm name), `runs -h` left out
+    "damaged", `index --layer` did not say it takes one layer, the int8 example named a folder the tour never makes."""
+    text = (ROOT / "README.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `-b, --backbone NAME` |"))
+    described = row.split("|")[2].strip()
+    assert described == cli.BACKBONE_HELP
+    for name, command in commands().items():
+        for param in command.params:
+            if "--backbone" in param.opts:
+                assert param.help.startswith(cli.BACKBONE_HELP), (name, param.help)
+    assert "`index`: one" in next(line for line in text.splitlines() if line.startswith("| `--layer NAME` |"))
+    layer = next(p for p in commands()["index"].params if "--layer" in p.opts)
+    assert not layer.multiple and "the one layer" in layer.help
+    runs_help = runner.invoke(cli.app, ["runs", "-h"], terminal_width=200).output
+    assert "damaged" in runs_help and "created (a resume keeps" in runs_help
+    export_help = runner.invoke(cli.app, ["export", "-h"], terminal_width=200).output
+    assert "--calibration ./mydata -o" in export_help and "mydata/train" not in export_help
+    assert "python -m transfer.data.samples digits ./mydata" in text  # the tour's folder the example names

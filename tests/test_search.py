@@ -164,9 +164,10 @@ def clustered_unit_vectors(count: int, dim: int, clusters: int, seed: int) -> np
 
 
 def test_approximate_search_is_measured_and_agrees_with_exact(tmp_path):
-    """A collection past the threshold gets a FAISS IVF-Flat file whose nprobe was chosen for recall@10 >= 0.95
+    """A collection past the threshold gets a FAISS IVF-SQ8 file whose nprobe was chosen for recall@10 >= 0.95
     against exact search; held-out queries (not in the index) checked here against numpy's brute force reach it
-    too, one query and a batch answer alike, and --exact ignores the file."""
+    too, with exact cosines as scores (the candidates are re-scored with the stored vectors), one query and a batch
+    answer alike, and --exact ignores the file."""
     from transfer.serving.ann import TARGET_RECALL
     from transfer.serving.search import index_folder, write_index
 
@@ -176,7 +177,8 @@ def test_approximate_search_is_measured_and_agrees_with_exact(tmp_path):
     with index_folder(tmp_path / "big.idx") as folder:
         write_index(folder, record, vectors, ann_min_rows=1_000)
     saved = json.loads((tmp_path / "big.idx" / "index.json").read_text())["ann"]
-    assert saved["kind"] == "faiss IVF-Flat (inner product)" and saved["nlist"] == 63  # round(sqrt(4000))
+    assert saved["kind"].startswith("faiss IVF-SQ8") and saved["nlist"] == 63  # round(sqrt(4000))
+    assert (tmp_path / "big.idx" / "ann.faiss").stat().st_size < vectors.nbytes / 3  # 8-bit codes, not float32
     assert saved["recall_at_10"] >= TARGET_RECALL and saved["tried"][str(saved["nprobe"])] == saved["recall_at_10"]
     assert all(recall < TARGET_RECALL for nprobe, recall in saved["tried"].items() if int(nprobe) < saved["nprobe"])
     approximate, exact = SearchIndex.load(tmp_path / "big.idx"), SearchIndex.load(tmp_path / "big.idx", exact=True)
@@ -187,6 +189,10 @@ def test_approximate_search_is_measured_and_agrees_with_exact(tmp_path):
     recall = np.mean([len({hit["row"] for hit in hits} & set(expected.tolist())) / 10
                       for hits, expected in zip(found, truth, strict=True)])
     assert recall >= 0.95, recall
+    scores = np.array([[hit["score"] for hit in hits] for hits in found])
+    rows = np.array([[hit["row"] for hit in hits] for hits in found])
+    assert np.allclose(scores, np.einsum("qkd,qd->qk", vectors[rows], queries), atol=1e-5)  # exact cosines
+    assert (np.diff(scores, axis=1) <= 0).all()
     exact_found = exact.nearest_many(queries, 10)
     assert [[hit["row"] for hit in hits] for hits in exact_found] == truth.tolist()
     assert [hit["row"] for hit in approximate.nearest(queries[7], 10)] == [hit["row"] for hit in found[7]]
@@ -196,6 +202,33 @@ def test_approximate_search_is_measured_and_agrees_with_exact(tmp_path):
     with pytest.raises(DataError, match="ann.faiss unreadable"):
         SearchIndex.load(tmp_path / "big.idx")
     assert SearchIndex.load(tmp_path / "big.idx", exact=True).nearest_many(queries[:3], 10) == exact_found[:3]
+
+
+def test_an_ivf_flat_file_from_the_earlier_version_still_searches(tmp_path):
+    """Indexes built before IVF-SQ8 hold an IVF-Flat ann.faiss: it loads and answers through the same re-ranking,
+    with the same rows as exact search where nprobe covers every list."""
+    import faiss
+
+    from transfer.serving.search import index_folder, write_index
+
+    vectors = clustered_unit_vectors(2_000, 32, 20, seed=1)
+    record = {"format": 3, "count": len(vectors), "dim": 32, "model": {"backbone": "efficientnet_lite0",
+              "layer": "avg_pool"}, "paths": [f"/nowhere/{i}.jpg" for i in range(len(vectors))], "classes": []}
+    with index_folder(tmp_path / "old.idx") as folder:
+        write_index(folder, record, vectors, ann_min_rows=10_000)  # exact: the ANN file is added below
+    flat = faiss.IndexIVFFlat(faiss.IndexFlatIP(32), 32, 16, faiss.METRIC_INNER_PRODUCT)
+    flat.train(vectors)
+    flat.add(vectors)
+    faiss.write_index(flat, str(tmp_path / "old.idx" / "ann.faiss"))
+    saved = json.loads((tmp_path / "old.idx" / "index.json").read_text())
+    saved["ann"] = {"kind": "faiss IVF-Flat (inner product)", "nlist": 16, "nprobe": 16, "recall_at_10": 1.0,
+                    "file": "ann.faiss"}
+    (tmp_path / "old.idx" / "index.json").write_text(json.dumps(saved))
+    old, exact = SearchIndex.load(tmp_path / "old.idx"), SearchIndex.load(tmp_path / "old.idx", exact=True)
+    assert old.ann is not None
+    queries = clustered_unit_vectors(2_050, 32, 20, seed=1)[2_000:]
+    assert [[hit["row"] for hit in hits] for hits in old.nearest_many(queries, 10)] == \
+        [[hit["row"] for hit in hits] for hits in exact.nearest_many(queries, 10)]
 
 
 def test_vector_check_refuses_damage_in_float32(tmp_path):

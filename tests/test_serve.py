@@ -345,6 +345,50 @@ def test_one_failing_image_fails_only_its_own_request():
     assert [float(r[0]) for i, r in enumerate(results) if i != 2] == [12.0 * i for i in (0, 1, 3, 4, 5)]
 
 
+def test_with_no_wait_what_queued_meanwhile_runs_together_and_a_lone_row_runs_at_once():
+    """The default `--max-wait-ms 0` must still batch: rows queued while a batch runs form the next batch (up to
+    max_batch), and a lone row is not held back for others (a 5 ms wait cost every lone /similar that much)."""
+    import time
+
+    import numpy as np
+
+    from transfer.serving.serve import BatchStats, DynamicBatcher
+
+    class Model:
+        def __init__(self):
+            self.sizes = []
+
+        def run(self, batch):
+            self.sizes.append(len(batch))
+            time.sleep(0.05)  # a model run long enough for the next requests to queue behind it
+            return [batch.sum(axis=(1, 2, 3))]
+
+    async def scenario(model, stats):
+        batcher = DynamicBatcher(model, max_batch=4, max_wait_ms=0, stats=stats)
+        batcher.start()
+        lone = await batcher.outputs(np.ones((3, 2, 2), np.float32))
+        first = asyncio.ensure_future(batcher.outputs(np.zeros((3, 2, 2), np.float32)))
+        await asyncio.sleep(0.01)  # the first row is running alone; six more arrive meanwhile
+        rows = [np.full((3, 2, 2), float(i), np.float32) for i in range(1, 7)]
+        results = await asyncio.gather(first, *(batcher.outputs(row) for row in rows))
+        await batcher.stop()
+        return lone, results
+
+    model, stats = Model(), BatchStats()
+    lone, results = asyncio.run(scenario(model, stats))
+    assert float(lone[0]) == 12.0 and [float(r[0]) for r in results] == [12.0 * i for i in range(7)]
+    assert model.sizes == [1, 1, 4, 2] and stats.batches == 4 and stats.largest_batch == 4
+
+
+def test_onnxruntime_threads_sleep_between_runs(classifier):
+    """A spinning intra-op pool took the cores a search or decode needed right after a run (6x slower search on
+    2 cores) and starves itself on a busy machine: spinning is off in every session transfer opens."""
+    from exporters.runtime import OnnxModel
+
+    options = OnnxModel(classifier, device="cpu").session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_sigterm_ends_the_server_while_a_client_stalls_mid_upload(classifier):
     """SIGTERM never ended `serve` while one client held an unfinished upload (alive after 40 s)."""
     running = Server("--onnx", str(classifier), "--read-timeout", "3", "--shutdown-timeout", "2", "--device", "cpu")

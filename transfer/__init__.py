@@ -14,9 +14,11 @@ pyproject.toml): `core` (torch-free base), `data`, `training`, `serving` (torch-
 
 from __future__ import annotations
 
+from transfer.core.cpus import size_thread_pools
 from transfer.core.privacy import opt_out_of_telemetry
 
 opt_out_of_telemetry()  # before anything can import onnxruntime (transfer.core.privacy)
+size_thread_pools()  # before torch, FAISS or OpenBLAS size their pools from the host's cores (transfer.core.cpus)
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,5 @@
-"""The apps that may need torch: `extract` (features by Keras layer name), `evaluate`, `bench` (PyTorch eager next
+"""The apps that may need torch: `extract` (features by Keras layer name; `feature_parts`, its streamed and
+resumable parts, torch-free), `evaluate`, `bench` (PyTorch eager next
 to onnxruntime), `index` (builds a search index through `extract`) and `catalog` (the backbone and layer tables).
 
 May import everything below them: `transfer.serving`, `transfer.training`, `transfer.data`, `models`,

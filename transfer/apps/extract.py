@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import shutil
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,11 +20,22 @@ import torch
 from models.layers import FeatureTap, check_input_size, resolve_layer
 from models.registry import get_backbone
 from models.weights import create_backbone
+from transfer.apps.feature_parts import (
+    RankParts,
+    check_sidecar,
+    finalize,
+    job_fingerprint,
+    join_parts,
+    open_partial,
+    partial_path,
+    sidecar_path,
+)
 from transfer.core.errors import DataError, TransferError
-from transfer.core.io import atomic_path, output_lock, temp_dir_beside, write_json
+from transfer.core.io import file_sha256, output_lock, write_json
 from transfer.core.options import check_int
 from transfer.core.preprocess import Preprocessing, check_decode_floor
 from transfer.core.progress import SILENT, Progress
+from transfer.core.rundir import run_fingerprint
 from transfer.core.world import DEFAULT_TIMEOUT_S, World
 from transfer.data.datasets import eval_dataset, make_loader
 from transfer.data.labels import LabelsFile, scan_data
@@ -47,19 +57,23 @@ class ExtractResult:
     metadata: dict
     skipped: list[Skipped] = field(default_factory=list)
     output: Path | None = None
+    continued: int = 0  # images an interrupted run of the same job had done (not extracted again)
+    not_continued: str | None = None  # why an interrupted run's partial folder was emptied instead
 
 
 def collect_samples(images: str | os.PathLike | Sequence[str | os.PathLike], progress: Progress = SILENT,
                     labels: LabelsFile | None = None) -> tuple[list[Sample], list[str], list[Skipped]]:
     """One folder (flat, or class sub-folders giving labels; or with `labels`, the images a labels file names in
-    it), or files, folders and glob patterns (unlabelled) -> usable samples, classes, skipped files with reasons."""
+    it), or files, folders and glob patterns (unlabelled) -> usable samples, classes, skipped files with reasons.
+    Only headers are read here (seconds for 100,000 files): an image whose body fails to decode is skipped, with
+    the same reasons, when it is extracted."""
     items = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     if not items:
         raise DataError("no images given")
     if labels is not None and (len(items) != 1 or not Path(items[0]).is_dir()):
         raise DataError("--labels reads the images of one folder: give that folder as the only input")
     if len(items) == 1 and Path(items[0]).is_dir():
-        report = scan_data(items[0], labels, progress=progress)
+        report = scan_data(items[0], labels, progress=progress, decode=False)
         if not report.samples:
             raise DataError(f"{items[0]}: no usable images found")
         return report.samples, report.classes, report.skipped
@@ -67,7 +81,7 @@ def collect_samples(images: str | os.PathLike | Sequence[str | os.PathLike], pro
     paths = expand_inputs(items)
     with progress.task("checking images", total=len(paths), unit="files") as advance:
         for path in paths:
-            reason = check_image(path)
+            reason = check_image(path, decode=False)
             if reason is None:
                 samples.append(Sample(path, None))
             else:
@@ -106,21 +120,6 @@ def _post_process(array: np.ndarray, pool: str, layout: str) -> np.ndarray:
         elif layout == "nhwc":
             array = array.transpose(0, 2, 3, 1)
     return np.ascontiguousarray(array)
-
-
-class _NpyStream:
-    """Writes a float32 .npy of known shape batch by batch with plain file writes (bounded memory)."""
-
-    def __init__(self, path: Path, shape: tuple[int, ...]):
-        self.shape = shape
-        self.handle = open(path, "wb")
-        np.lib.format.write_array_header_1_0(self.handle, {"descr": "<f4", "fortran_order": False, "shape": shape})
-
-    def write(self, batch: np.ndarray) -> None:
-        np.ascontiguousarray(batch, dtype="<f4").tofile(self.handle)
-
-    def close(self) -> None:
-        self.handle.close()  # closing twice is harmless
 
 
 def extract(
@@ -200,86 +199,83 @@ def _extract(images, backbone, layers, pool, layout, weights, run, onnx, pretrai
     mine = world.batch_block(len(samples), batch_size)
     metadata.update(pool=pool, layout=layout)
     with contextlib.ExitStack() as stack:
-        temp_dir = None
-        if output is not None:  # rank 0 makes the scratch folder beside the output; every rank streams into it
-            made = stack.enter_context(temp_dir_beside(output)) if world.main else None
-            temp_dir = Path(collectives.all_gather(world, str(made) if made else None)[0])
+        parts, not_continued = None, None
+        if output is not None:  # rank 0 finds or makes the job's partial folder; every rank streams into it
+            fingerprint = job_fingerprint(_model_digest(weights, run, onnx), metadata,
+                                          [str(s.path) for s in samples], batch_size, world.size)
+            found = open_partial(output, fingerprint) if world.main else None
+            folder, not_continued = collectives.all_gather(world, found and (str(found[0]), found[1]))[0]
+            parts = RankParts(Path(folder), world.rank, layers)
+            stack.callback(parts.close)
+        done = parts.resume() if parts is not None else 0
         advance = stack.enter_context(progress.task("extracting", total=len(samples), unit="images"))
-        parts = _run_block(make_batches(samples[mine.start:mine.stop]) if len(mine) else iter(()), len(mine),
-                           layers, pool, layout, temp_dir, world.rank, advance)
-        shapes = [shape for shape in collectives.all_gather(world, parts.shapes) if shape]
+        advance(done)
+        todo = samples[mine.start + done:mine.stop]
+        arrays, failed = _run_block(make_batches(todo) if todo else iter(()), layers, pool, layout, parts, advance)
+        failed = [tuple(f) for rank_failed in collectives.all_gather(world, failed) for f in rank_failed]
+        shapes = [shape for shape in collectives.all_gather(world, parts.shapes if parts else
+                                                            {n: list(a.shape[1:]) for n, a in arrays.items()}) if shape]
         if not shapes:
-            raise DataError("no features were produced")
+            raise DataError("no features were produced" + (f" (every image failed to decode; first: {failed[0][0]}: "
+                                                           f"{failed[0][1]})" if failed else ""))
+        gone = {path for path, _ in failed}
+        samples = [s for s in samples if str(s.path) not in gone]
+        skipped = sorted(skipped + [Skipped(path, reason) for path, reason in failed], key=lambda s: s.path)
         metadata["shapes"] = {name: [len(samples), *shapes[0][name]] for name in layers}
         if output is None:
-            gathered = collectives.all_gather(world, parts.arrays)
+            gathered = collectives.all_gather(world, arrays)
             features: dict[str, np.ndarray | None] = {
                 name: np.concatenate([part[name] for part in gathered if part]) for name in layers}
         else:
+            parts.finish()
+            collectives.barrier(world)  # every part is complete before rank 0 joins them
             if world.main:
                 for name in layers:
-                    _join_parts(temp_dir, name, world.size, metadata["shapes"][name])
-                _finalize(output, temp_dir, layers)
+                    join_parts(parts.folder, name, world.size, metadata["shapes"][name])
+                finalize(output, parts.folder, layers)
             features = {name: None for name in layers}
     labels = [list(s.labels) if s.labels else s.label for s in samples] if classes else None  # label sets: multi
-    result = ExtractResult(features, [str(s.path) for s in samples], labels, classes, metadata, skipped, output)
+    result = ExtractResult(features, [str(s.path) for s in samples], labels, classes, metadata, skipped, output,
+                           done, not_continued)
     if output is not None and world.main:
         write_json(sidecar_path(output), {
             "output": output.name, **metadata, "paths": result.paths, "labels": labels, "classes": classes,
             "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
         })
+        shutil.rmtree(partial_path(output), ignore_errors=True)
     collectives.barrier(world)  # every rank returns once the output exists
     return result
 
 
-@dataclass
-class _Part:
-    """One rank's features: arrays in memory, or the shape of what it streamed to TEMP/NAME.partRANK.npy."""
+def _model_digest(weights, run, onnx) -> str:
+    """What names the model's numbers for a resumed job: the ONNX file's or run's content, a weights file's bytes
+    (a registry backbone's pretrained weights are named by the settings: backbone and source)."""
+    if onnx is not None:
+        return file_sha256(onnx)
+    if run is not None:
+        return run_fingerprint(run)
+    return file_sha256(weights) if weights is not None and Path(weights).is_file() else ""
 
-    arrays: dict[str, np.ndarray]
-    shapes: dict[str, list[int]]
 
-
-def _run_block(batches, rows: int, layers: list[str], pool: str, layout: str, temp_dir: Path | None, rank: int,
-               advance) -> _Part:
-    """Features of this rank's `rows` images: kept in memory, or streamed to TEMP/NAME.partRANK.npy."""
+def _run_block(batches, layers: list[str], pool: str, layout: str, parts: RankParts | None,
+               advance) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+    """Features of this rank's images, streamed to its parts (or kept in memory when `parts` is None), and the
+    images that failed to decode (path, reason): skipped, as a scan would have."""
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in layers}
-    streams: dict[str, _NpyStream] = {}
-    try:
-        for count, outputs in batches:
-            for name, raw in zip(layers, outputs, strict=True):
-                array = _post_process(raw, pool, layout)
-                if temp_dir is None:
-                    chunks[name].append(array)
-                    continue
-                if name not in streams:
-                    streams[name] = _NpyStream(temp_dir / f"{name}.part{rank}.npy", (rows, *array.shape[1:]))
-                streams[name].write(array)
-            advance(count)
-    finally:
-        for stream in streams.values():
-            stream.close()
-    if temp_dir is not None:
-        return _Part({}, {name: list(stream.shape[1:]) for name, stream in streams.items()})
-    arrays = {name: np.concatenate(chunks[name]) for name in layers if chunks[name]}
-    return _Part(arrays, {name: list(a.shape[1:]) for name, a in arrays.items()})
-
-
-def _join_parts(temp_dir: Path, name: str, ranks: int, shape: list[int]) -> None:
-    """TEMP/NAME.part0.npy, part1, ... -> TEMP/NAME.npy in rank order, streamed (one part's data at a time)."""
-    parts = [temp_dir / f"{name}.part{rank}.npy" for rank in range(ranks)]
-    parts = [part for part in parts if part.exists()]
-    if len(parts) == 1:
-        os.replace(parts[0], temp_dir / f"{name}.npy")
-        return
-    with open(temp_dir / f"{name}.npy", "wb") as joined:
-        np.lib.format.write_array_header_1_0(joined, {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)})
-        for part in parts:
-            with open(part, "rb") as handle:
-                np.lib.format.read_magic(handle)
-                np.lib.format.read_array_header_1_0(handle)
-                shutil.copyfileobj(handle, joined, 1 << 22)
-            part.unlink()
+    failed: list[tuple[str, str]] = []
+    for count, outputs, batch_failed in batches:
+        arrays = {name: _post_process(raw, pool, layout) for name, raw in zip(layers, outputs, strict=True)
+                  if raw is not None}
+        failed += batch_failed
+        if parts is not None:
+            parts.write(arrays, count, batch_failed)
+        else:
+            for name, array in arrays.items():
+                chunks[name].append(array)
+        advance(count)
+    if parts is not None:
+        return {}, [tuple(f) for f in parts.failed]
+    return {name: np.concatenate(chunks[name]) for name in layers if chunks[name]}, failed
 
 
 def _torch_batches(backbone, layers, weights, run, pretrained, input_size, batch_size, device, workers, seed,
@@ -311,11 +307,20 @@ def _torch_batches(backbone, layers, weights, run, pretrained, input_size, batch
         metadata["seed"] = seed
 
     def generate(samples):
-        loader = make_loader(eval_dataset(samples, prep), batch_size, workers=workers, device=target.type)
+        """(images in the batch, [array per layer of those that decoded, or None], [(path, reason) that failed])"""
+        loader = make_loader(eval_dataset(samples, prep, report_bad=True), batch_size, workers=workers,
+                             device=target.type)
+        done = 0
         with torch.no_grad():
-            for images_batch, _ in loader:
-                outputs = tap(images_batch.to(target))
-                yield len(images_batch), [t.float().cpu().numpy() for t in outputs]
+            for images_batch, _, reasons in loader:
+                good = [i for i, reason in enumerate(reasons) if not reason]
+                failed = [(str(samples[done + i].path), reason) for i, reason in enumerate(reasons) if reason]
+                done += len(reasons)
+                if not good:
+                    yield len(reasons), [None] * len(layers), failed
+                    continue
+                outputs = tap(images_batch[good].to(target))
+                yield len(reasons), [t.float().cpu().numpy() for t in outputs], failed
         tap.close()
 
     return generate, metadata
@@ -343,51 +348,13 @@ def _onnx_batches(onnx, layers, batch_size, device, input_size, decode_floor=Non
                 "input_size": runtime.prep.input_size, "preprocessing": runtime.prep.to_dict()}
 
     def generate(samples):
+        """(images in the batch, [array per layer of those that decoded, or None], [(path, reason) that failed])"""
         for rows, batch, errors in runtime.iter_batches([s.path for s in samples], batch_size):
-            if errors:
-                index, reason = errors[0]
-                raise DataError(f"{samples[index].path}: {reason}")
-            outputs = runtime.run(batch)
-            yield len(rows), [outputs[i] for i in indices]
+            failed = [(str(samples[index].path), reason) for index, reason in errors]
+            outputs = runtime.run(batch) if rows else None
+            yield len(rows) + len(errors), [outputs[i] if outputs else None for i in indices], failed
 
     return generate, metadata
-
-
-def sidecar_path(output: str | os.PathLike) -> Path:
-    """features.npy -> features.json: ordered file paths, labels and metadata of the rows."""
-    return Path(output).with_suffix(".json")
-
-
-def check_sidecar(output: Path) -> None:
-    """feats.npz must not take the sidecar of feats.npy (both would be feats.json): refused before any work."""
-    sidecar = sidecar_path(output)
-    if not sidecar.is_file():
-        return
-    try:
-        owner = json.loads(sidecar.read_text()).get("output")
-    except (OSError, ValueError, AttributeError):
-        owner = None
-    if owner is None:  # written by an earlier version, or not ours: the other features file beside it tells
-        other = output.with_suffix(".npz" if output.suffix == ".npy" else ".npy")
-        owner = other.name if other.exists() else None
-    if owner is not None and owner != output.name:
-        raise TransferError(f"--output {output}: its sidecar {sidecar.name} belongs to {owner}, which would be left "
-                            f"without it; choose another name (for example {output.stem}_2{output.suffix})")
-
-
-def _finalize(output: Path, temp_dir: Path, names: list[str]) -> None:
-    """Move one .npy into place, or pack several into an uncompressed .npz (streamed from disk)."""
-    with atomic_path(output) as temp:
-        if output.suffix == ".npy":
-            os.replace(temp_dir / f"{names[0]}.npy", temp)
-        else:
-            with zipfile.ZipFile(temp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-                for name in names:  # a fixed timestamp: the same features give the same bytes
-                    source = temp_dir / f"{name}.npy"
-                    entry = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                    with open(source, "rb") as handle, archive.open(
-                            entry, "w", force_zip64=source.stat().st_size >= zipfile.ZIP64_LIMIT) as target:
-                        shutil.copyfileobj(handle, target, 1 << 22)
 
 
 def load_features(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:

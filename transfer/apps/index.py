@@ -101,18 +101,15 @@ def embedding_path(folder: str | os.PathLike) -> Path:
 @contextmanager
 def embedding_scratch(folder: Path):
     """`.NAME.embedding` beside the index: the features stream there (every torchrun rank its part, joined by
-    `extract`) before they become the index's vectors; made empty first (a killed build may have left one) and
-    removed after."""
+    `extract`) before they become the index's vectors. Removed once the index is written; an interrupted build
+    leaves it, and the same build run again continues its extraction where it stopped (`feature_parts`)."""
     scratch = embedding_path(folder)
     if scratch.is_symlink() or (scratch.exists() and not scratch.is_dir()):
         raise OutputError(f"--output {display(folder)}: {display(scratch)} is in the way (a file `transfer index` "
                           "streams features into while it builds); move it")
+    scratch.mkdir(exist_ok=True)
+    yield scratch
     shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
-    try:
-        yield scratch
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def build_index(images, output: str | os.PathLike, backbone: str | None = None, run=None, onnx=None,

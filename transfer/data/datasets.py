@@ -6,7 +6,6 @@ module only wraps it in a tensor.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -14,7 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from transfer.core.images import open_image
+from transfer.core.cpus import usable_cpus
+from transfer.core.images import BadImageError, open_image
 from transfer.core.preprocess import (
     INTERPOLATIONS,
     Preprocessing,
@@ -58,22 +58,30 @@ def train_transform(prep: Preprocessing, augment: Augment | None) -> Transform:
 
 class ImageDataset(Dataset):
     """Samples -> (tensor, target): the class index (-1 for unlabelled images), or with `multilabel_classes` a
-    multi-hot float row of that width (several labels per image)."""
+    multi-hot float row of that width (several labels per image). With `bad_shape` (a tensor's shape) an image
+    that fails to decode does not raise: the item is (zeros of that shape, target, reason), and a good one's reason
+    is "" (for work that scanned headers only and skips, with its reason, an image whose body is broken)."""
 
     def __init__(self, samples: Sequence[Sample], transform: Transform, draft_size: tuple[int, int] | None = None,
-                 multilabel_classes: int | None = None):
+                 multilabel_classes: int | None = None, bad_shape: tuple[int, ...] | None = None):
         self.samples, self.transform, self.draft_size = list(samples), transform, draft_size
-        self.multilabel_classes = multilabel_classes
+        self.multilabel_classes, self.bad_shape = multilabel_classes, bad_shape
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple:
         sample = self.samples[index]
-        image = open_image(sample.path, draft_size=self.draft_size)
         if self.multilabel_classes is not None:
-            return self.transform(image), multi_hot(sample.label_set, self.multilabel_classes)
-        return self.transform(image), -1 if sample.label is None else sample.label
+            target = multi_hot(sample.label_set, self.multilabel_classes)
+        else:
+            target = -1 if sample.label is None else sample.label
+        if self.bad_shape is None:
+            return self.transform(open_image(sample.path, draft_size=self.draft_size)), target
+        try:
+            return self.transform(open_image(sample.path, draft_size=self.draft_size)), target, ""
+        except BadImageError as exc:
+            return torch.zeros(self.bad_shape), target, exc.reason
 
 
 def multi_hot(labels: Sequence[int], classes: int) -> torch.Tensor:
@@ -84,21 +92,23 @@ def multi_hot(labels: Sequence[int], classes: int) -> torch.Tensor:
 
 
 def eval_dataset(samples: Sequence[Sample], prep: Preprocessing, corner: str | None = None,
-                 multilabel_classes: int | None = None) -> ImageDataset:
+                 multilabel_classes: int | None = None, report_bad: bool = False) -> ImageDataset:
     """THE evaluation input pipeline (reduced-scale JPEG decode, resize, centre crop, normalize): training's
     validation, `evaluate` and `extract` use it, and the ONNX runtime decodes the same way. `corner`: a
-    test-time-augmentation view, that corner of the decoded image (`corner_crop`) before the rest."""
+    test-time-augmentation view, that corner of the decoded image (`corner_crop`) before the rest. `report_bad`:
+    items carry the reason an image failed to decode instead of raising (see `ImageDataset`)."""
     plain = eval_transform(prep)
 
     def cornered(image: Image.Image) -> torch.Tensor:
         return plain(corner_crop(image, corner))
 
     return ImageDataset(samples, plain if corner is None else cornered, draft_size=decode_size(prep),
-                        multilabel_classes=multilabel_classes)
+                        multilabel_classes=multilabel_classes,
+                        bad_shape=(3, prep.input_size, prep.input_size) if report_bad else None)
 
 
 def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
+    return min(4, usable_cpus())
 
 
 class GlobalBatchSampler(Sampler[list[int]]):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,16 +50,18 @@ class LabelsFile:
 
 
 def scan_data(root: str | os.PathLike, labels: LabelsFile | None = None, strict: bool = False,
-              progress: Progress = SILENT, workers: int = 4) -> ScanReport:
-    """The data a command trains or evaluates on: `root`'s class folders, or `labels` read against `root`."""
+              progress: Progress = SILENT, workers: int = 4, decode: bool = True) -> ScanReport:
+    """The data a command trains or evaluates on: `root`'s class folders, or `labels` read against `root`.
+    `decode` off: headers only (see `scan_folder`)."""
     if labels is None:
-        return scan_folder(root, strict=strict, workers=workers, progress=progress)
-    return read_labels(root, labels, strict=strict, progress=progress, workers=workers)
+        return scan_folder(root, strict=strict, workers=workers, progress=progress, decode=decode)
+    return read_labels(root, labels, strict=strict, progress=progress, workers=workers, decode=decode)
 
 
 def read_labels(root: str | os.PathLike, labels: LabelsFile, strict: bool = False, progress: Progress = SILENT,
-                workers: int = 4) -> ScanReport:
-    """Rows of `labels` whose image exists under `root` and decodes; every other row skipped with its reason."""
+                workers: int = 4, decode: bool = True) -> ScanReport:
+    """Rows of `labels` whose image exists under `root` and decodes (with `decode` off: whose header is an
+    image's); every other row skipped with its reason."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"folder not found: {root}")
@@ -101,7 +104,8 @@ def read_labels(root: str | os.PathLike, labels: LabelsFile, strict: bool = Fals
         entries.append((path, names, split))
     classes = sorted({name for _, names, _ in entries for name in names})
     index = {name: i for i, name in enumerate(classes)}
-    reasons = check_images([entry[0] for entry in entries], f"checking the images of {where}", workers, progress)
+    reasons = check_images([entry[0] for entry in entries], f"checking the images of {where}", workers, progress,
+                           decode=decode)
     samples = []
     for (path, names, split), reason in zip(entries, reasons, strict=True):
         if reason is not None:
@@ -112,10 +116,27 @@ def read_labels(root: str | os.PathLike, labels: LabelsFile, strict: bool = Fals
             samples.append(Sample(path, index[names[0]], split))
     used = {i for s in samples for i in (s.labels if multi else (s.label,))}
     report = ScanReport(root, "csv", classes, samples, skipped, [c for c in classes if index[c] not in used],
-                        task="multilabel" if multi else "single", labels_file=str(labels.path))
+                        task="multilabel" if multi else "single", labels_file=str(labels.path),
+                        notes=[] if multi else _tag_note(classes, labels))
     if strict and skipped:
         raise DataError(f"{len(skipped)} unusable row(s) (--strict); first: {skipped[0].path}: {skipped[0].reason}")
     return report
+
+
+def _tag_note(classes: list[str], labels: LabelsFile) -> list[str]:
+    """A note when one-label values look like space-separated tags: half of them or more hold spaces, and most of
+    their words recur across values ('0 1', '0 2', '1 2': three classes made of three tags; in 'golden retriever',
+    'labrador retriever', 'tabby cat' one word of five does), which fastai and Kaggle files mean as several labels
+    per image. Each value stays one class (what the user asked for) and the note says how to get tags."""
+    spaced = [name for name in classes if " " in name.strip()]
+    uses = Counter(word for name in spaced for word in set(name.split()))
+    words = set(uses)
+    recurring = sum(count > 1 for count in uses.values())
+    if len(spaced) < 2 or 2 * len(spaced) < len(classes) or 2 * recurring < len(words):
+        return []
+    return [f"--labels {display(labels.path)}: {len(spaced)} of the {len(classes)} label values hold spaces and "
+            f"share {len(words)} words (e.g. {spaced[0]!r}), so each combination is a class of its own; if they are "
+            "tags, add --multi-label (space-separated, as fastai and Kaggle write them)"]
 
 
 def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:

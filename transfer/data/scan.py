@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transfer.core.errors import DataError
-from transfer.core.images import DEFAULT_MAX_PIXELS, BadImageError, open_image
+from transfer.core.images import DEFAULT_MAX_PIXELS, BadImageError, open_image, read_header
 from transfer.core.progress import SILENT, Progress
 
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
@@ -56,6 +56,7 @@ class ScanReport:
     empty_classes: list[str] = field(default_factory=list)
     task: str = "single"  # "single": one label per image; "multilabel": several (from a labels file)
     labels_file: str | None = None
+    notes: list[str] = field(default_factory=list)  # one line each, for the user: what looks unintended
 
     def counts(self) -> dict[str, dict[str, int]]:
         """{split: {class: images}}; the split is 'all' when the data is not pre-split. With several labels per
@@ -93,6 +94,7 @@ class ScanReport:
             "empty_classes": self.empty_classes,
             "task": self.task,
             "labels_file": self.labels_file,
+            "notes": self.notes,
         }
 
 
@@ -154,22 +156,26 @@ def _subfolders(folder: Path, skipped: list[Skipped] | None = None) -> list[Path
     return [Path(e.path) for e in _visible_entries(folder, skipped) if _entry_kind(e)[0] == "dir"]
 
 
-def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
-    """None when `path` decodes fully as an image, else the reason it cannot be used."""
+def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = True) -> str | None:
+    """None when `path` decodes fully as an image (with `decode` off: when its header is an image's within the
+    limits, see `read_header`), else the reason it cannot be used."""
     try:
-        open_image(path, max_pixels=max_pixels, draft_size=(64, 64))
+        if decode:
+            open_image(path, max_pixels=max_pixels, draft_size=(64, 64))
+        else:
+            read_header(path, max_pixels=max_pixels)
     except BadImageError as exc:
         return exc.reason
     return None
 
 
 def check_images(paths: list[Path], description: str, workers: int = 4, progress: Progress = SILENT,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> list[str | None]:
-    """`check_image` of every path, decoded in `workers` threads with one progress task: the reasons, in order."""
+                 max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = True) -> list[str | None]:
+    """`check_image` of every path, in `workers` threads with one progress task: the reasons, in order."""
     reasons: list[str | None] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
             progress.task(description, total=len(paths), unit="files") as advance:
-        for reason in pool.map(lambda path: check_image(path, max_pixels), paths):
+        for reason in pool.map(lambda path: check_image(path, max_pixels, decode), paths):
             reasons.append(reason)
             advance(1)
     return reasons
@@ -182,8 +188,11 @@ def scan_folder(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int = 4,
     progress: Progress = SILENT,
+    decode: bool = True,
 ) -> ScanReport:
-    """Scan `root`; every file is decoded once (in threads) to sort usable images from bad ones.
+    """Scan `root`; every file is decoded once (in threads) to sort usable images from bad ones, or with `decode`
+    off only its header is read (for work that decodes every image anyway and skips, with the same reasons, one
+    that fails then: `extract` and `index`).
 
     `labelled=None` infers the layout; `strict` turns any skipped file into a `DataError`.
     """
@@ -218,7 +227,7 @@ def scan_folder(
         skipped += [Skipped(str(p), "outside any class folder") for p in _loose_files(root)]
         skipped += _bad_entries(root) if layout == "classes" else []
 
-    reasons = check_images([c[0] for c in candidates], f"scanning {root}", workers, progress, max_pixels)
+    reasons = check_images([c[0] for c in candidates], f"scanning {root}", workers, progress, max_pixels, decode)
     index = {name: i for i, name in enumerate(class_names)}
     samples = []
     for (path, class_name, split), reason in zip(candidates, reasons, strict=True):

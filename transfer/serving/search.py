@@ -13,9 +13,9 @@ key of index.json, finite unit-length vectors): a damaged index is one line nami
 Replacing an index is two renames (old aside as `.NAME.previous-index`, new in); a build killed between them
 leaves the old index readable there, and the next build or load recovers it. Search is exact for collections under
 `ann.ANN_MIN_ROWS` (a matrix product over chunks of rows, every query of a batch at once) and approximate above it
-(`ann.faiss`, FAISS IVF-Flat with its measured recall@10 in index.json; `exact=True` keeps exact search). Loading
-reads no vector into memory: vectors.npy and ann.faiss are memory-mapped (a server then reads ann.faiss whole in
-the background, for twice the search speed), and the vector check runs in float32.
+(`ann.faiss`, FAISS IVF-SQ8 re-ranked exactly, its measured recall@10 in index.json; `exact=True` keeps exact
+search). Loading reads no vector into memory: vectors.npy and ann.faiss are memory-mapped (a server then reads
+ann.faiss whole in the background, for twice the search speed), and the vector check runs in float32.
 This module imports no torch: `transfer.apps.index` embeds images (through `transfer.apps.extract`) and hands the
 vectors here.
 """
@@ -314,7 +314,7 @@ class SearchIndex:
         if self.database is not None:
             return self.database.nearest_many(queries, k)
         if self.ann is not None:
-            scores, rows = search_ann(self.ann, queries, k)
+            scores, rows = search_ann(self.ann, self.vectors, queries, k)
         else:
             scores, rows = exact_top_k(self.vectors, queries, k, file_reads=False)
         return [[self._hit(row, score) for row, score in zip(row_ids.tolist(), row_scores.tolist(), strict=True)

@@ -1,7 +1,9 @@
 """`transfer serve`: an exported ONNX file behind HTTP (FastAPI on uvicorn), with dynamic batching. No torch.
 
-Requests that arrive together are run together: the images of one request are queued at once, each waits at most
-`max_wait_ms` for others, and up to `max_batch` go through one `session.run` (decoding runs in threads meanwhile).
+Requests that arrive together are run together: the images of one request are queued at once, and everything queued
+while the previous batch ran goes into the next one, up to `max_batch` per `session.run` (decoding runs in threads
+meanwhile). `max_wait_ms` (default 0, Triton's default queue delay) makes an image also wait that long for others:
+on a CPU it buys no throughput (benchmarks/serve_load.py) and costs every lone request that much latency.
 If a batch fails, its images run one by one, so a bad image fails only its own request.
 
 Limits bound the work, not just the pixels (`ServeLimits`): the request body is cut off with 413 as soon as it
@@ -89,6 +91,8 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self.queue.get()]
+            while len(batch) < self.max_batch and not self.queue.empty():  # what queued while the last batch ran
+                batch.append(self.queue.get_nowait())
             deadline = loop.time() + self.max_wait
             while len(batch) < self.max_batch:
                 timeout = deadline - loop.time()
@@ -137,7 +141,7 @@ def page_html() -> str:
 HIDDEN_METADATA = ("transfer.classes", "transfer.run", "transfer.source")  # listed once, or server paths
 
 
-def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16, max_wait_ms: float = 5.0,
+def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16, max_wait_ms: float = 0.0,
                limits: ServeLimits | None = None, index: str | Path | None = None, docs: bool = False,
                decode_floor: float | None = None):
     """The FastAPI application serving `model_path` (and `index` for /similar)."""
@@ -180,14 +184,17 @@ def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16,
         if len(files) > limits.max_images:
             raise HTTPException(413, f"{len(files)} images in one request; the limit is {limits.max_images}")
 
+        def prepared(data: bytes, name: str) -> np.ndarray:
+            image = decode_upload(data, name, limits, draft)
+            try:
+                return model.preprocess_one(image)
+            except BadImageError as exc:  # the model's own preprocessing refused it: this image's fault, not ours
+                raise RejectedImage(413 if exc.too_large else 422, f"{name}: {exc.reason}") from None
+
         async def decoded(upload: UploadFile) -> tuple[str, np.ndarray]:
             data = await upload.read(limits.max_upload_bytes + 1)
             name = upload.filename or "upload"
-            image = await run_in_threadpool(decode_upload, data, name, limits, draft)
-            try:
-                return name, await run_in_threadpool(model.preprocess_one, image)
-            except BadImageError as exc:  # the model's own preprocessing refused it: this image's fault, not ours
-                raise RejectedImage(413 if exc.too_large else 422, f"{name}: {exc.reason}") from None
+            return name, await run_in_threadpool(prepared, data, name)
 
         try:
             rows = list(await asyncio.gather(*(decoded(upload) for upload in files)))
@@ -278,7 +285,7 @@ def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16,
         results = []
         for (name, _), outputs in zip(rows, await outputs_of(rows), strict=True):
             vector = search.vector(dict(zip(model.output_names, outputs, strict=True)))
-            results.append({"filename": name, "neighbours": search.nearest(vector, k)})
+            results.append({"filename": name, "neighbours": await run_in_threadpool(search.nearest, vector, k)})
         return {"similar": results}
 
     @app.get("/similar/{row}")
@@ -291,7 +298,7 @@ def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16,
             raise HTTPException(404, f"no indexed image {row}: rows are 0..{search.record['count'] - 1}")
         query = np.asarray(search.vectors[row], dtype=np.float32)
         return {"similar": [{"row": row, "path": search.record["paths"][row],
-                             "neighbours": search.nearest(query, k)}]}
+                             "neighbours": await run_in_threadpool(search.nearest, query, k)}]}
 
     return app
 
@@ -335,7 +342,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
-          max_batch: int = 16, max_wait_ms: float = 5.0, limits: ServeLimits | None = None,
+          max_batch: int = 16, max_wait_ms: float = 0.0, limits: ServeLimits | None = None,
           index: str | Path | None = None, announce=None, docs: bool = False,
           decode_floor: float | None = None) -> None:
     """Run the app with uvicorn until SIGINT/SIGTERM; `announce()` is called once the model (and index) loaded and

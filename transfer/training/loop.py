@@ -276,6 +276,8 @@ class Trainer:
         self.log(f"{self.spec.name}: weights from {source}; {len(self.classes)} classes, "
                  f"{len(self.train_samples)} train / {len(self.val_samples)} val images, "
                  f"{len(self.scan.skipped)} skipped; device {self.device}")
+        for note in self.scan.notes:
+            self.log(f"note: {note}")
         state = self.state = self.start_state(stages, source, resume_state, saved)
         self.tracker = open_trackers(self, state["epoch"])
         for stage_index in range(state["stage_index"], len(stages)):
