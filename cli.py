@@ -104,6 +104,13 @@ def say(text: str, err: bool = False) -> None:
 SKIPPED_SHOWN = 20  # more skipped files than this: a summary by reason and the first rows of each kind
 
 
+def tool_command(name: str) -> str:
+    """How to start a tool installed with transfer: its script beside this Python (the venv `make` builds, whose bin
+    folder need not be on PATH), else its bare name."""
+    script = Path(sys.executable).parent / name
+    return display(script) if script.is_file() else name
+
+
 def say_skipped(items, noun: str = "file(s)", json_hint: bool = True) -> None:
     """Every skipped file with its reason, or past SKIPPED_SHOWN a count per kind of reason and the first three of
     each (a million-row labels file must not print a million lines); the whole list is in the --json record."""
@@ -550,9 +557,13 @@ def finetune(
 
     tracked = json.loads((result.run_dir / "config.json").read_text())["settings"].get("log", [])
     if "tensorboard" in tracked:
-        say(f"TensorBoard: tensorboard --logdir {display(result.run_dir / 'tensorboard')}")
+        say(f"TensorBoard: {tool_command('tensorboard')} --logdir {display(result.run_dir / 'tensorboard')}")
     if "mlflow" in tracked:
-        say("MLflow: mlflow ui (in the folder that holds mlflow.db, or with --backend-store-uri $MLFLOW_TRACKING_URI)")
+        try:  # the store the run wrote to (tracking.json), so the command shows that run wherever it is typed
+            store = json.loads((result.run_dir / "tracking.json").read_text())["mlflow"]["tracking_uri"]
+        except (OSError, ValueError, KeyError, TypeError):
+            store = None
+        say(f"MLflow: {tool_command('mlflow')} ui" + (f" --backend-store-uri {store}" if store else ""))
     write_record(json_out, {"run_dir": str(result.run_dir), "best_val_loss": result.best_val_loss,
                             "best_val_accuracy": result.best_val_acc, "epochs": result.epochs_run,
                             "stopped": result.stopped})

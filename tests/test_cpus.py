@@ -63,7 +63,8 @@ def test_a_process_allowed_one_cpu_sizes_every_pool_to_one(imagenet_lite0_onnx):
                             env={**env, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"}, cwd=ROOT, timeout=300)
     assert chosen.returncode == 0, chosen.stderr
     record = json.loads(chosen.stdout.strip().splitlines()[-1])
-    assert record["omp"] == "2" and record["torch"] == 2 and record["onnxruntime"] == 2 and record["wait"] == "ACTIVE"
+    # ours are left alone (PyTorch itself may still cap its pool at the affinity mask: 1 or 2, both seen)
+    assert record["omp"] == "2" and record["onnxruntime"] == 2 and record["wait"] == "ACTIVE"
     free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=300)
     assert free.returncode == 0 and json.loads(free.stdout.strip().splitlines()[-1])["omp"] is None

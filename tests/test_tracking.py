@@ -228,3 +228,52 @@ def test_a_tracker_that_dies_mid_run_never_ends_the_training(tmp_path, monkeypat
     exported = runner.invoke(cli.app, ["export", "--run", str(run_dir), "-o", str(tmp_path / "m.onnx")])
     assert exported.exit_code == 0, exported.output
     assert (tmp_path / "m.onnx").is_file() and "MLflow run" not in exported.output
+
+
+@pytest.mark.slow  # starts MLflow's own server (about 10 s)
+def test_mlflow_ui_in_the_test_venv_serves_the_run_a_finetune_just_wrote(tmp_path, monkeypatch, runner):
+    """`mlflow ui` crashed in the venv `make` builds (the test extra brought mlflow-skinny, without Flask) though
+    finetune told the user to run it. The extras now resolve to one MLflow with its UI: the exact command finetune
+    prints serves the run it wrote (its page and the run's metrics through MLflow's REST API), on loopback."""
+    import shlex
+    import subprocess
+    import time
+
+    import httpx
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    data = digits_folder(tmp_path / "digits", per_class=4, size=32, classes=2)
+    result = runner.invoke(cli.app, ["finetune", str(data), "-b", "lenet5", "--epochs", "2", "--log", "mlflow",
+                                     "--device", "cpu", "--no-augment", "--workers", "0", "-o", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    hint = next(line for line in result.output.splitlines() if line.startswith("MLflow: "))
+    command = shlex.split(hint.removeprefix("MLflow: "))
+    assert command[1:3] == ["ui", "--backend-store-uri"] and command[3] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = json.loads((tmp_path / "run" / "tracking.json").read_text())["mlflow"]["run_id"]
+    port = _free_port()
+    server = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        deadline, answer = time.monotonic() + 120, None
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get", params={"run_id": run_id},
+                                   timeout=5)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert answer is not None, server.stderr.read().decode()[-2000:] if server.poll() is not None else "no answer"
+        assert answer.status_code == 200, answer.text
+        metrics = {m["key"]: m["value"] for m in answer.json()["run"]["data"]["metrics"]}
+        assert math.isclose(metrics["val_loss"], read_metrics(tmp_path / "run" / "metrics.csv")[-1]["val_loss"],
+                            rel_tol=1e-6)
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

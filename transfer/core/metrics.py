@@ -119,8 +119,10 @@ def save_figure(figure, path: str | os.PathLike) -> None:
     write_atomic(path, lambda temp: figure.savefig(temp, format="png", dpi=110))
 
 
-def plot_curves(rows: Sequence[dict], path: str | os.PathLike, title: str = "training curves") -> None:
-    """Loss and accuracy per epoch, train and validation, with a dashed line at each stage boundary."""
+def plot_curves(rows: Sequence[dict], path: str | os.PathLike, title: str = "training curves",
+                multilabel: bool = False) -> None:
+    """Loss and accuracy per epoch, train and validation, with a dashed line at each stage boundary. With several
+    labels per image the losses are binary cross-entropy and the accuracy is the exact-match ratio."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -128,7 +130,9 @@ def plot_curves(rows: Sequence[dict], path: str | os.PathLike, title: str = "tra
     figure.suptitle(title)
     epochs = [row["epoch"] for row in rows]
     boundaries = [rows[i]["epoch"] - 0.5 for i in range(1, len(rows)) if rows[i]["stage"] != rows[i - 1]["stage"]]
-    for index, (metric, name) in enumerate((("loss", "loss (cross-entropy)"), ("acc", "accuracy"))):
+    names = (("loss", "loss (binary cross-entropy)"), ("acc", "exact match (every label right at 0.5)")) \
+        if multilabel else (("loss", "loss (cross-entropy)"), ("acc", "accuracy"))
+    for index, (metric, name) in enumerate(names):
         axes = figure.add_subplot(1, 2, index + 1)
         axes.plot(epochs, [row[f"train_{metric}"] for row in rows], "o-", label="train")
         axes.plot(epochs, [row[f"val_{metric}"] for row in rows], "o-", label="validation")

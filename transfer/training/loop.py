@@ -383,9 +383,10 @@ class Trainer:
             write_metrics(self.run_dir / "metrics.csv", self.rows)
             self.tracker.epoch(row, lrs, stage_index)
         self.last_good_epoch = epoch
+        acc = "exact" if self.multilabel else "acc"  # several labels: every label right at probability 0.5
         self.log(f"[{stage.name} {stage_epoch}/{stage.epochs}] epoch {epoch}: train loss {train_loss:.4f} "
-                 f"acc {train_acc:.3f} | val loss {val_loss:.4f} acc {val_acc:.3f} | "
-                 + (f"EMA val loss {ema_loss:.4f} acc {ema_acc:.3f} | " if self.ema is not None else "")
+                 f"{acc} {train_acc:.3f} | val loss {val_loss:.4f} {acc} {val_acc:.3f} | "
+                 + (f"EMA val loss {ema_loss:.4f} {acc} {ema_acc:.3f} | " if self.ema is not None else "")
                  + f"lr {lr:.2e} | {row['seconds']:.1f}s" + (f" (+{caching:.1f}s caching features)" if caching else "")
                  + (" *" if improved else "")
                  + (" (EMA weights)" if improved and source == "ema" else ""))

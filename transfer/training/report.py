@@ -20,6 +20,7 @@ from transfer.core.metrics import (
     plot_confusion,
     plot_curves,
 )
+from transfer.core.multilabel_errors import label_errors, multilabel_top_losses, plot_label_errors
 from transfer.training import collectives
 from transfer.training.checkpoints import load_weights
 from transfer.training.config import FinetuneConfig
@@ -40,7 +41,8 @@ def write_report(trainer, model: TransferModel, state: dict, finished: bool = Tr
     """Reload the best weights, then write report.json, confusion.png, curves.png and top_losses.png (rank 0). An
     interrupted run (`finished=False`) writes them too, for the epochs it completed, and says so in report.json.
     With several labels per image: per-label thresholds chosen on the validation images (stored in config.json),
-    the multi-label metrics, and no confusion matrix or top losses (they are defined for one label)."""
+    the multi-label metrics, label_errors.png (missed and wrongly given, per label) and top_losses.png (the images
+    with the largest loss, their labels predicted and true)."""
     collectives.barrier(trainer.world)  # rank 0's best.safetensors is complete
     load_weights(model, trainer.run_dir / "best.safetensors")
     logits, labels = trainer.sharded_forward(model, trainer.val_samples, pooled=False,
@@ -51,6 +53,13 @@ def write_report(trainer, model: TransferModel, state: dict, finished: bool = Tr
         probabilities = torch.sigmoid(logits).numpy()
         thresholds = choose_thresholds(labels.numpy(), probabilities)
         report = multilabel_report(labels.numpy(), probabilities, thresholds, classes)
+        errors = label_errors(labels.numpy(), probabilities, thresholds, classes)
+        worst = multilabel_top_losses(labels.numpy(), probabilities, thresholds, classes,
+                                      [s.path for s in trainer.val_samples])
+        for name, counts in errors.items():
+            report["per_class"][name].update(false_negatives=counts["false_negatives"],
+                                             false_positives=counts["false_positives"])
+        report.update(top_losses=worst)
     else:
         report = classification_report(labels.tolist(), logits.argmax(1).tolist(), classes)
         worst = top_losses(logits.numpy(), labels.numpy(), classes, [s.path for s in trainer.val_samples])
@@ -65,11 +74,14 @@ def write_report(trainer, model: TransferModel, state: dict, finished: bool = Tr
     run_dir = trainer.run_dir
     write_json(run_dir / "report.json", report)
     name = f"{trainer.spec.name} on {trainer.data_dir.name} ({run_dir.name})"
-    plot_curves(trainer.rows, run_dir / "curves.png", title=f"{name}: loss and accuracy per epoch")
+    plot_curves(trainer.rows, run_dir / "curves.png", multilabel=trainer.multilabel,
+                title=f"{name}: loss and {'exact match' if trainer.multilabel else 'accuracy'} per epoch")
     kept = " (kept the EMA weights: they validated better)" if report["best_weights"] == "ema" else ""
     if trainer.multilabel:
         config = json.loads((run_dir / "config.json").read_text())
         write_json(run_dir / "config.json", config | {"thresholds": thresholds})
+        plot_label_errors(errors, run_dir / "label_errors.png", title=f"{name}: validation errors per label")
+        plot_top_losses(worst, run_dir / "top_losses.png", title=f"{name}: largest losses (validation)")
         trainer.log(f"best val loss {state['best_val_loss']:.4f}{kept}, macro F1 {report['macro_f1']:.4f}, exact "
                     f"match {report['exact_match']:.4f} at per-label thresholds; run saved in {run_dir}")
         return result
