@@ -17,20 +17,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_cgroup_quota_is_read_from_v2_and_v1_files(tmp_path):
+    """The process's own cgroup (from /proc/self/cgroup) and its parents: the tightest limit wins."""
+    membership = tmp_path / "cgroup"
     v2 = tmp_path / "v2"
-    v2.mkdir()
-    (v2 / "cpu.max").write_text("150000 100000\n")
-    assert cgroup_cpu_quota(v2) == 1.5
-    (v2 / "cpu.max").write_text("max 100000\n")
-    assert cgroup_cpu_quota(v2) is None
+    (v2 / "job" / "step").mkdir(parents=True)
+    membership.write_text("0::/job/step\n")
+    (v2 / "job" / "step" / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(v2, membership) is None
+    (v2 / "job" / "cpu.max").write_text("150000 100000\n")  # the parent's limit binds the child
+    assert cgroup_cpu_quota(v2, membership) == 1.5
+    (v2 / "job" / "step" / "cpu.max").write_text("50000 100000\n")
+    assert cgroup_cpu_quota(v2, membership) == 0.5
     v1 = tmp_path / "v1"
-    (v1 / "cpu").mkdir(parents=True)
-    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
-    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert cgroup_cpu_quota(v1) == 1.0
-    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
-    assert cgroup_cpu_quota(v1) is None
-    assert cgroup_cpu_quota(tmp_path / "nothing") is None
+    (v1 / "cpu" / "docker" / "abc").mkdir(parents=True)
+    membership.write_text("4:memory:/docker/abc\n1:cpu:/docker/abc\n0::/\n")
+    for folder, quota in ((v1 / "cpu" / "docker" / "abc", "100000"), (v1 / "cpu", "-1")):
+        (folder / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+        (folder / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(v1, membership) == 1.0
+    (v1 / "cpu" / "docker" / "abc" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(v1, membership) is None
+    assert cgroup_cpu_quota(tmp_path / "nothing", membership) is None
 
 
 PROBE = """
@@ -68,3 +75,27 @@ def test_a_process_allowed_one_cpu_sizes_every_pool_to_one(imagenet_lite0_onnx):
     free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=300)
     assert free.returncode == 0 and json.loads(free.stdout.strip().splitlines()[-1])["omp"] is None
+
+
+CPU_CGROUPS = Path("/sys/fs/cgroup/cpu")
+
+
+@pytest.mark.skipif(not os.access(CPU_CGROUPS, os.W_OK) or (os.cpu_count() or 1) < 2,
+                    reason="needs a writable cgroup v1 cpu hierarchy (root) and 2 CPUs")
+def test_a_cgroup_quota_of_one_cpu_sizes_every_pool_to_one(imagenet_lite0_onnx):
+    """A real cgroup with a quota of one CPU's time (what `docker --cpus 1` makes), every CPU still in the affinity
+    mask: the pools use 1."""
+    group = CPU_CGROUPS / f"transfer-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text("100000")
+        env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+        code = PROBE.format(model=str(imagenet_lite0_onnx[0]))
+        limited = subprocess.run(["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" -c "$1"', sys.executable,
+                                  code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        assert limited.returncode == 0, limited.stderr
+        assert json.loads(limited.stdout.strip().splitlines()[-1]) == {"omp": "1", "wait": "PASSIVE", "torch": 1,
+                                                                        "onnxruntime": 1, "decode": 1, "loader": 1}
+    finally:
+        group.rmdir()  # its process has exited, so the group is empty

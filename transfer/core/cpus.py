@@ -28,18 +28,45 @@ def usable_cpus() -> int:
     return max(1, min(mask, math.ceil(quota)) if quota else mask)
 
 
-def cgroup_cpu_quota(root: Path | None = None) -> float | None:
-    """CPUs' worth of time the cgroup allows (cgroup v2 `cpu.max`, or v1 `cpu.cfs_quota_us / cpu.cfs_period_us`),
-    or None when unlimited or unknown."""
+def cgroup_cpu_quota(root: Path | None = None, membership: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs' worth of time this process's cgroup allows, the tightest of its own and its parents' limits (cgroup v2
+    `cpu.max`, v1 `cpu.cfs_quota_us / cpu.cfs_period_us`), or None when unlimited or unknown. The cgroup comes from
+    `membership` (/proc/self/cgroup); inside a container that is the container's own, mounted at the root."""
     root = root or CGROUP_ROOT
     try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = ["0::/", "1:cpu:/"]
+    limits = []
+    for line in lines:
+        _, controllers, own = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # cgroup v2 (unified hierarchy)
+            limits += [_v2_quota(folder) for folder in _up(root, own)]
+        elif "cpu" in controllers.split(","):
+            for mount in (root / "cpu", root / "cpu,cpuacct"):
+                limits += [_v1_quota(folder) for folder in _up(mount, own)]
+    limits = [limit for limit in limits if limit]
+    return min(limits) if limits else None
+
+
+def _up(base: Path, own: str) -> list[Path]:
+    """`base`/`own` and each of its parents up to `base` (a parent's limit binds its children too)."""
+    folder = base / own.strip("/")
+    return [folder, *(parent for parent in folder.parents if parent == base or base in parent.parents)]
+
+
+def _v2_quota(folder: Path) -> float | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
-        pass
+        return None
+
+
+def _v1_quota(folder: Path) -> float | None:
     try:
-        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+        period_us = int((folder / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):
         return None
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
