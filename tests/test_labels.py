@@ -176,8 +176,12 @@ def test_several_labels_per_image_train_past_any_single_label_head(tmp_path, run
         given = sum(name not in t and name in p for t, p in zip(truth_sets, torch_sets, strict=True))
         assert (report["per_class"][name]["false_negatives"], report["per_class"][name]["false_positives"]) == \
             (missed, given), name
-    wrong = {s.path.name for s, t, p in zip(val, truth_sets, torch_sets, strict=True) if t != p}
-    assert report["top_losses"] and {Path(item["path"]).name for item in report["top_losses"]} <= wrong
+    wrong = {s.path.name: (t, p) for s, t, p in zip(val, truth_sets, torch_sets, strict=True) if t != p}
+    assert report["top_losses"] and {Path(item["path"]).name for item in report["top_losses"]} <= set(wrong)
+    for item in report["top_losses"]:  # its caption names its own labels, as the model gave them
+        truth, given = wrong[Path(item["path"]).name]
+        assert item["caption"].startswith(f"predicted {', '.join(sorted(given)) or 'none'}; true "
+                                          f"{', '.join(sorted(truth))}\n"), item["caption"]
     assert [item["loss"] for item in report["top_losses"]] == sorted((i["loss"] for i in report["top_losses"]),
                                                                      reverse=True)
     for picture in ("label_errors.png", "top_losses.png"):

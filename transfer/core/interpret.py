@@ -48,7 +48,7 @@ def top_losses(logits: np.ndarray, y_true: Sequence[int], classes: Sequence[str]
 
 def plot_top_losses(items: Sequence[dict], path: str | os.PathLike, title: str = "most confidently wrong") -> None:
     """A grid of the images in `items`, each titled with the predicted class and its probability, the true class
-    and its probability, and the loss (an empty grid says there were none)."""
+    and its probability, and the loss, or with the item's own `caption` (an empty grid says there were none)."""
     from matplotlib.figure import Figure
 
     from transfer.core.images import BadImageError, open_image
@@ -66,7 +66,7 @@ def plot_top_losses(items: Sequence[dict], path: str | os.PathLike, title: str =
             axes.imshow(np.asarray(image))
         except BadImageError:
             axes.text(0.5, 0.5, "unreadable", ha="center")
-        axes.set_title(f"predicted {item['predicted']} ({item['probability']:.2f})\ntrue {item['true']} "
-                       f"({item['true_probability']:.2f}), loss {item['loss']:.2f}", fontsize=9)
+        axes.set_title(item.get("caption") or f"predicted {item['predicted']} ({item['probability']:.2f})\ntrue "
+                       f"{item['true']} ({item['true_probability']:.2f}), loss {item['loss']:.2f}", fontsize=9)
         axes.axis("off")
     save_figure(figure, path)

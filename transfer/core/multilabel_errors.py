@@ -26,7 +26,7 @@ def multilabel_top_losses(truth: np.ndarray, probabilities: np.ndarray, threshol
                           classes: Sequence[str], paths: Sequence, limit: int = 9) -> list[dict]:
     """The wrongly answered images (any label on the wrong side of its threshold) with the largest binary
     cross-entropy, summed over labels: what they got, what they are, the most confident wrong label's probability
-    and the least confident true label's."""
+    and the least confident true label's, and a caption naming the worst label given and the worst missed."""
     truth = np.asarray(truth) > 0.5
     probabilities = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1 - 1e-12)
     predicted = probabilities >= np.asarray(thresholds, dtype=float)[None, :]
@@ -39,11 +39,18 @@ def multilabel_top_losses(truth: np.ndarray, probabilities: np.ndarray, threshol
 
     items = []
     for i in order:
-        false_positive = np.flatnonzero(predicted[i] & ~truth[i])
+        given = np.flatnonzero(predicted[i] & ~truth[i])  # false positives, most confident first
+        given = given[np.argsort(-probabilities[i, given], kind="stable")]
+        missed = np.flatnonzero(truth[i] & ~predicted[i])  # false negatives, least confident first
+        missed = missed[np.argsort(probabilities[i, missed], kind="stable")]
+        errors = [f"{classes[j]} given at {probabilities[i, j]:.2f}" for j in given[:1]] + \
+                 [f"{classes[j]} missed at {probabilities[i, j]:.2f}" for j in missed[:1]]
         items.append({"path": str(paths[i]), "true": names(truth[i]), "predicted": names(predicted[i]),
-                      "probability": float(probabilities[i, false_positive].max()) if len(false_positive) else 0.0,
+                      "probability": float(probabilities[i, given[0]]) if len(given) else 0.0,
                       "true_probability": float(probabilities[i, truth[i]].min()) if truth[i].any() else 1.0,
-                      "loss": float(losses[i])})
+                      "loss": float(losses[i]),
+                      "caption": f"predicted {names(predicted[i])}; true {names(truth[i])}\n"
+                                 f"{'; '.join(errors)}\nloss {losses[i]:.2f}"})
     return items
 
 
