@@ -161,7 +161,7 @@ def join_parts(folder: Path, name: str, ranks: int, shape: list[int]) -> Path:
         os.replace(parts[0], joined)
         return joined
     with open(joined, "wb") as target:
-        np.lib.format.write_array_header_1_0(target, {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)})
+        target.write(npy_header(tuple(shape)))
         for part in parts:
             with open(part, "rb") as handle:
                 np.lib.format.read_magic(handle)

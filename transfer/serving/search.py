@@ -268,8 +268,9 @@ class SearchIndex:
 
     def read_ann_whole(self) -> None:
         """Swap the memory-mapped ANN file for a copy read whole: FAISS scans in-memory lists about twice as fast
-        (`ann.load_ann`), but reading 5 GB takes seconds, so a server starts on the mapped file and calls this in
-        the background; searches meanwhile use the mapped one (the swap is one assignment)."""
+        (`ann.load_ann`), but reading the file (1.3 GB at a million vectors) takes seconds, so a server starts on
+        the mapped file and calls this in the background; searches meanwhile use the mapped one (the swap is one
+        assignment)."""
         if self.ann is not None and self.ann_file is not None and not self.ann_in_memory:
             self.ann = load_ann(self.ann_file, self.record["ann"]["nprobe"], in_memory=True)
             self.ann_in_memory = True
