@@ -206,6 +206,21 @@ class Int8Method(str, Enum):
     onnxruntime = "onnxruntime"
 
 
+class CamClasses(str, Enum):
+    top = "top"
+    all = "all"
+
+
+class CamMethod(str, Enum):
+    gradcam = "gradcam"
+    gradcam_pp = "gradcam++"
+    hirescam = "hirescam"
+    xgradcam = "xgradcam"
+    layercam = "layercam"
+    eigencam = "eigencam"
+    scorecam = "scorecam"
+
+
 class HeadOptimizer(str, Enum):
     adamw = "adamw"
     rmsprop = "rmsprop"
@@ -871,6 +886,11 @@ def export(
     input_size: Annotated[int | None, typer.Option(help="input side (default: the model's)")] = None,
     decode_floor: DecodeFloorOpt = None,
     verify_images: Annotated[Path | None, typer.Option(help="folder of images to verify against PyTorch")] = None,
+    cam: Annotated[bool, typer.Option("--cam", help="add the class activation map as a second output `cam` (for a "
+                                      "head of global pooling then one linear layer, where it is exact)")] = False,
+    cam_classes: Annotated[CamClasses | None, typer.Option(
+        help="with --cam: the top class's map, or every class's (default: top; all for several labels per image)")
+    ] = None,
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -886,7 +906,8 @@ def export(
                          pretrained=pretrained, opset=opset, fp16=fp16, int8=int8, calibration=calibration,
                          embed_preprocessing=embed_preprocessing, input_size=input_size, verify_images=verify_images,
                          progress=progress_for(quiet), int8_method=int8_method.value,
-                         max_accuracy_loss=max_accuracy_loss, decode_floor=decode_floor)
+                         max_accuracy_loss=max_accuracy_loss, decode_floor=decode_floor,
+                         cam=(cam_classes.value if cam_classes else "auto") if cam or cam_classes else None)
     size_mib = record.size_bytes / 2**20
     say(f"wrote {record.path} ({size_mib:.1f} MiB, {record.precision}, opset {record.opset}, {record.exporter})")
     say(f"input {record.input_name} {record.input_dtype} {record.input_shape}; outputs "
@@ -899,6 +920,9 @@ def export(
         say(f"max difference vs PyTorch ({name}, batch {record.batch_sizes_checked}, {record.verify_images}): "
             f"relative {record.max_rel_diff[name]:.3g}, {verdict} (absolute {record.max_abs_diff[name]:.3g}, "
             "for reference)")
+    if "transfer.cam" in record.metadata:
+        say(f"cam: the {record.metadata['transfer.cam']} class activation map(s) at the input size; the logits are "
+            "their spatial mean (checked), so the map is exact (`transfer predict --cam DIR` draws it)")
     if record.preprocessing_in_graph is not None:
         check = record.preprocessing_in_graph
         same = f"; same top-1 on {check['same_top1']}" if check["same_top1"] else ""
@@ -951,6 +975,9 @@ def predict(
     workers: Annotated[int | None, typer.Option(min=0, max=64, help="decoding threads (default min(8, cores))")
                        ] = None,
     decode_floor: DecodeFloorOpt = None,
+    cam: Annotated[Path | None, typer.Option("--cam", metavar="DIR", help="also draw each image's class activation "
+                                             "map (a file exported with --cam) into DIR, with DIR/heatmaps.json")
+                   ] = None,
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -978,6 +1005,8 @@ def predict(
     index, shards = parse_shard(shard) or (world.rank, world.size)
     onnx_model = OnnxModel(onnx, device=device.value, decode_workers=workers or None, decode_floor=decode_floor)
     onnx_model.require_classifier()
+    if cam is not None:
+        predict_cam_checks(onnx_model, shard, world.size, tta or tta_crops)
     all_paths = expand_inputs(images)
     block = World(index, shards).batch_block(len(all_paths), batch_size)
     paths = all_paths[block.start:block.stop]
@@ -998,10 +1027,12 @@ def predict(
                 "reason in its error field")
         kept = f"; {written.continued} kept from the interrupted run" if written.continued else ""
         say(f"wrote {output} ({written.rows} rows{kept})")
+        heatmaps = draw_cam(onnx_model, paths, cam, top_k, batch_size, quiet)
         write_record(json_out, {"model": str(onnx), "images": written.rows, "continued": written.continued,
                                 "unreadable": [{"path": item.path, "reason": item.error}
                                                for item in written.unreadable], "top_k": top_k,
-                                "views": [name for name, _, _ in views], "output": str(output)})
+                                "views": [name for name, _, _ in views], "output": str(output),
+                                **({"cam": heatmaps} if cam is not None else {})})
         return
     with progress_for(quiet).task("predicting", total=len(paths) * len(views), unit="images") as advance:
         results = onnx_model.predict(paths, top_k=top_k, batch_size=batch_size, progress=advance, views=views)
@@ -1023,9 +1054,36 @@ def predict(
     bad = [r for r in results if r.error]
     if bad:
         say(f"{len(bad)} unreadable image(s)")
+    heatmaps = draw_cam(onnx_model, paths, cam, top_k, batch_size, quiet)
     write_record(json_out, {"model": str(onnx), "images": len(results), "unreadable": len(bad), "top_k": top_k,
                             "views": [name for name, _, _ in views], "output": None,
-                            "predictions": [r.__dict__ for r in results]})
+                            "predictions": [r.__dict__ for r in results],
+                            **({"cam": heatmaps} if cam is not None else {})})
+
+
+def predict_cam_checks(model, shard: str | None, world_size: int, tta: bool) -> None:
+    """--cam: a file with the map, one process, the plain view."""
+    from transfer.serving.cam import require_cam
+
+    require_cam(model)
+    if shard is not None or world_size > 1:
+        raise OptionError("--cam draws every image in one process: leave out --shard (and torchrun)")
+    if tta:
+        raise OptionError("--cam draws the plain view's map: leave out --tta and --tta-crops")
+
+
+def draw_cam(model, paths: list, folder: Path | None, top_k: int, batch_size: int, quiet: bool) -> list[dict]:
+    """predict --cam: the overlays and heatmaps.json in `folder` (nothing without it)."""
+    if folder is None:
+        return []
+    from transfer.serving.cam import write_cam_folder
+
+    with progress_for(quiet).task("drawing class activation maps", total=len(paths), unit="images") as advance:
+        records = write_cam_folder(model, paths, folder, top_k, min(batch_size, 8), advance)
+    drawn = sum(len(r.get("files", [])) for r in records)
+    say(f"wrote {drawn} heatmap(s) of {len(records)} image(s) to {display(folder)} (peaks and boxes in "
+        f"{display(folder / 'heatmaps.json')})")
+    return records
 
 
 def print_predictions(results: list, multilabel: bool, top_k: int) -> None:
@@ -1235,6 +1293,102 @@ def similar(
     contact_sheet(results, output, title=f"nearest images in {display(index.name)} (cosine similarity)")
     say(f"wrote {output}")
     write_record(json_out, {"index": str(index), "k": k, "results": results})
+
+
+@app.command(epilog=examples("transfer explain cat.jpg -b efficientnet_lite0 -o seen",
+                             "transfer explain ./photos --run runs/flowers --top-k 2 --json heat.json",
+                             "transfer explain cat.jpg -b vgg16 --kernels --layer features.0 --layer block1_conv1 "
+                             "--layer block1_pool",
+                             "transfer explain ./photos --onnx flowers_cam.onnx -o seen"))
+@cli_errors
+def explain(
+    images: Annotated[list[str] | None, typer.Argument(help="image files, folders or globs (none for --kernels)")
+                      ] = None,
+    run: RunOpt = None,
+    backbone: Annotated[str | None, typer.Option("--backbone", "-b", help=BACKBONE_HELP)] = None,
+    onnx: Annotated[Path | None, typer.Option("--onnx", help="a classifier exported with --cam (heatmaps only)")
+                    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder for the pictures")] = Path("explain"),
+    kernels: Annotated[bool, typer.Option("--kernels", help="draw the first convolution's kernels, as they are and "
+                                          "blurred")] = False,
+    kernel_layer: Annotated[str | None, typer.Option(help="draw this convolution's kernels (Keras name or timm "
+                                                     "path)")] = None,
+    layer: Annotated[list[str] | None, typer.Option(help="draw this layer's most active feature maps for each "
+                                                    "image; repeat for a row per layer")] = None,
+    heatmaps: Annotated[bool | None, typer.Option("--heatmaps/--no-heatmaps", help="class-activation heatmaps "
+                                                  "(default: on unless --kernels or --layer is given)")] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="heatmaps for this many top classes")] = 1,
+    class_name: Annotated[list[str] | None, typer.Option("--class", help="a heatmap for this class (repeatable)")
+                          ] = None,
+    method: Annotated[CamMethod | None, typer.Option(
+        help="pytorch-grad-cam's method (default gradcam; the layer follows the family: CNN, ViT or Swin)")] = None,
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = None,
+    input_size: Annotated[int | None, typer.Option(help="input side (default: the model's)")] = None,
+    device: DeviceOpt = Device.auto,
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """See what the network sees: heatmaps of where it looked, its kernels and its feature maps."""
+    images = images or []
+    check_json_path(json_out)
+    if sum(x is not None for x in (run, backbone, onnx)) != 1:
+        raise OptionError("explain needs one model: --run RUN_DIR, -b NAME or --onnx FILE")
+    if onnx is not None:
+        explain_onnx(images, onnx, output, kernels or kernel_layer is not None or bool(layer), top_k, class_name,
+                     json_out, quiet, device.value)
+        return
+    from transfer.apps.explain import explain as run_explain
+    from transfer.apps.explain import write_records
+
+    result = run_explain(images, output, run=run, backbone=backbone, weights=weights, pretrained=pretrained,
+                         input_size=input_size, kernels=kernels, kernel_layer=kernel_layer, layers=layer or [],
+                         heatmaps_wanted=heatmaps, top_k=top_k, class_names=class_name or [],
+                         method=method.value if method else None, progress=progress_for(quiet),
+                         device=device.value)
+    if result.kernels is not None:
+        module, values = result.kernels
+        say(f"kernels of {module} ({values.shape[0]} kernels {values.shape[2]}x{values.shape[3]} over "
+            f"{values.shape[1]} input channels): {display(output / 'kernels.png')}")
+    if result.maps is not None:
+        say(f"feature maps of {', '.join(layer or [])} for {len(result.maps)} image(s): "
+            f"{display(output / 'feature_maps')}")
+    if result.heat is not None:
+        heat = result.heat
+        say(f"heatmaps: {heat.method} on {heat.layer} ({heat.family}) for {len(heat.records)} image(s): "
+            f"{display(output / 'heatmaps')} (contact sheet contact_sheet.png)")
+        for record in heat.records[:SKIPPED_SHOWN]:
+            say(f"  {display(record['path'])}: " + "; ".join(
+                f"{item['class']} {item['probability']:.2f} peak ({item['peak'][0]:g}, {item['peak'][1]:g})"
+                for item in record["classes"]))
+        say_skipped(heat.skipped)
+        if json_out is not None:
+            write_records(heat, json_out)
+            say(f"wrote {display(json_out)}")
+
+
+def explain_onnx(images: list[str], onnx: Path, output: Path, wants_weights: bool, top_k: int,
+                 class_names: list[str] | None, json_out: Path | None, quiet: bool, device: str) -> None:
+    """explain --onnx: the file's own class activation map, with onnxruntime alone."""
+    from exporters.runtime import OnnxModel
+    from transfer.data.scan import expand_inputs
+
+    if wants_weights:
+        raise OptionError("--kernels and --layer read the weights in PyTorch: use --run RUN_DIR or -b NAME")
+    if class_names:
+        raise OptionError("--class needs the maps of every class: use --run or -b (Grad-CAM)")
+    if not images:
+        raise OptionError("heatmaps need images: give files, folders or globs")
+    model = OnnxModel(onnx, device=device)
+    from transfer.serving.cam import require_cam
+
+    require_cam(model)
+    paths = expand_inputs(images)
+    records = draw_cam(model, paths, output / "heatmaps", top_k, 8, quiet)
+    for record in records:
+        if "error" in record:
+            say(f"skipped {display(record['path'])}: {record['error']}")
+    write_record(json_out, {"method": "cam (in the ONNX file)", "images": records})
 
 
 @app.command(epilog=examples("transfer bench --onnx model.onnx", "transfer bench --onnx model.onnx "

@@ -1,4 +1,5 @@
-"""How soon `extract` and `index` start work on a 100,000-file folder, now that their scan reads headers only.
+"""How soon `extract`, `index` and `finetune` start work on a 100,000-file folder, now that their scans read headers
+only.
 
     python benchmarks/first_batch.py                  # 100,000 files (about 10 minutes, most of it writing them)
     python benchmarks/first_batch.py --files 20000
@@ -6,9 +7,12 @@
 Images as in benchmarks/batch.py (crops of scikit-image's photos, 64-256 px, JPEG and PNG). Model: an
 efficientnet_lite0 `avg_pool` extractor exported as `transfer export --layer avg_pool` writes it. Each command runs in a
 fresh process (`-q`, batch 32); its first batch is done when its job record (`rank0.json` in the partial folder,
-written after every batch) appears: the seconds from launch to then, after which the process is killed. Also, in
+written after every batch) appears: the seconds from launch to then, after which the process is killed. `finetune`
+(the same files hard-linked into two class folders; efficientnet_lite0, `--epochs-head 0 --epochs-finetune 1`, so
+the first batch is a training step, not stage 1's feature cache) runs in a fresh process too, its first batch done
+when the loop's `on_batch` hook fires after the first optimisation step. Also, in
 this process: the scan itself, headers only (what `extract` and `index` do) and with a full decode of every file
-(what they did before, and what training still does) on the first 10,000 files. Writes benchmarks/first_batch.json.
+(what they, and training, did before) on the first 10,000 files. Writes benchmarks/first_batch.json.
 """
 
 from __future__ import annotations
@@ -48,6 +52,26 @@ def first_batch(command: list[str], record: Path, timeout: float = 600) -> float
         process.wait()
 
 
+FINETUNE_PROBE = """
+import sys
+from pathlib import Path
+from transfer.training import FinetuneConfig, finetune
+
+def first(description, done, total):
+    Path(sys.argv[3]).write_text(description)
+    raise SystemExit(0)
+
+config = FinetuneConfig(backbone="efficientnet_lite0", epochs_head=0, epochs_finetune=1, batch_size=32)
+finetune(sys.argv[1], config, output=sys.argv[2], device="cpu", log=lambda line: None, on_batch=first)
+"""
+
+
+def finetune_first_batch(classes: Path, work: Path) -> float:
+    """Seconds from launching a finetune process on `classes` to its first training step done."""
+    marker = work / "finetune_first_batch"
+    return first_batch([sys.executable, "-c", FINETUNE_PROBE, str(classes), str(work / "run"), str(marker)], marker)
+
+
 def scan_seconds(folder: Path, decode: bool) -> float:
     from transfer.data.scan import scan_folder
 
@@ -76,6 +100,11 @@ def main() -> None:
         sample.mkdir()
         for path in sorted(images.iterdir())[:10_000]:
             os.link(path, sample / path.name)
+        classes = work / "classes"
+        for index, path in enumerate(sorted(images.iterdir())):
+            folder = classes / ("even" if index % 2 == 0 else "odd")
+            folder.mkdir(parents=True, exist_ok=True)
+            os.link(path, folder / path.name)
         row = {"files": args.files, "made_seconds": made,
                "extract_first_batch_seconds": first_batch(
                    [TRANSFER, "extract", str(images), "--onnx", str(model), "-o", str(work / "f.npy"), "-q"],
@@ -83,10 +112,12 @@ def main() -> None:
                "index_first_batch_seconds": first_batch(
                    [TRANSFER, "index", str(images), "--onnx", str(model), "-o", str(work / "a.idx"), "-q"],
                    work / ".a.idx.embedding" / ".features.npy.transfer-partial" / "rank0.json"),
+               "finetune_first_batch_seconds": finetune_first_batch(classes, work),
                "scan_headers_seconds": scan_seconds(images, decode=False),
                "scan_10k_headers_seconds": scan_seconds(sample, decode=False),
                "scan_10k_full_decode_seconds": scan_seconds(sample, decode=True)}
         shutil.rmtree(images)
+        shutil.rmtree(classes)
         print(json.dumps(row), flush=True)
     record = {"machine": machine_name(), "date": time.strftime("%Y-%m-%d"),
               "model": "efficientnet_lite0 avg_pool extractor (offline ImageNet weights), 224 px, fp32 ONNX", **row}

@@ -189,8 +189,9 @@ def main() -> int:
         out.write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {out}")
         return 0
-    from exporters.export import export_onnx, run_validation_samples
+    from exporters.export import export_onnx
     from exporters.int8 import cpu_flags, kernel_plan
+    from exporters.run_data import run_validation_samples
     from models.registry import get_backbone
     from transfer.core.images import open_image
     from transfer.core.preprocess import Preprocessing, eval_array

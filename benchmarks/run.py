@@ -188,7 +188,7 @@ def markdown(record: dict) -> str:
               f"vs {record['stage1']['cached_seconds_per_later_epoch']} s per cached epoch "
               f"({record['stage1']['speedup_per_later_epoch']}x; over 3 epochs including the one feature pass "
               f"{record['stage1']['speedup_over_3_epochs']}x).", "", *train_lines(), *scaling_lines(), *serve_lines(),
-              *search_lines(), *batch_lines(), *busy_lines(),
+              *search_lines(), *batch_lines(), *busy_lines(), *explain_lines(),
               *gpu_lines(), *zoo_lines()]
     return "\n".join(lines)
 
@@ -324,10 +324,13 @@ def batch_lines() -> list[str]:
         + ("" if started is None else
            f" {started['date']}, {started['machine']}, {started['files']:,} files (`python benchmarks/first_batch.py`):"
            f" `extract`'s first batch was on disk {started['extract_first_batch_seconds']} s after launch and "
-           f"`index`'s {started['index_first_batch_seconds']} s; their scan reads headers only "
-           f"({started['scan_headers_seconds']} s for the whole folder; on 10,000 of its files "
-           f"{started['scan_10k_headers_seconds']} s against {started['scan_10k_full_decode_seconds']} s for the full "
-           "decode they did before and training still does)."), ""]
+           f"`index`'s {started['index_first_batch_seconds']} s"
+           + (f", and `finetune`'s first training step (efficientnet_lite0, the files in two class folders) ended "
+              f"{started['finetune_first_batch_seconds']} s after launch" if "finetune_first_batch_seconds" in started
+              else "")
+           + f"; their scans read headers only ({started['scan_headers_seconds']} s for the whole folder; on 10,000 of "
+           f"its files {started['scan_10k_headers_seconds']} s against {started['scan_10k_full_decode_seconds']} s for "
+           "the full decode they did before)."), ""]
     return ["## Batch at scale: predict", "",
             f"{record['date']}, {record['machine']}: `transfer predict DIR --onnx FILE -o preds.csv -q` in a fresh "
             f"process, {record['model']}, images 64-256 px JPEGs and PNGs (photo crops); `python benchmarks/batch.py`. "
@@ -351,6 +354,33 @@ def busy_lines() -> list[str]:
             f"{record['tour_finetune_seconds_busy']} | {record['tour_busy_over_idle']}x |", "",
             "The same day with OpenMP's default wait policy (threads spin between parallel regions): 8.8x and 3.15x; "
             "with one thread (`OMP_NUM_THREADS=1`): 2.08x and 1.4x, but stage 1 idle 1.5x slower.", ""]
+
+
+def explain_lines() -> list[str]:
+    """The pointing game, from benchmarks/explain.json (rerun: `python benchmarks/explain.py`)."""
+    record = saved_result("explain.json")
+    if record is None:
+        return []
+    rows = []
+    for canvas, row in record["by_canvas"].items():
+        for model, label in (("trained_run", f"run trained on composites, {row['run_input_size']} px"),
+                             ("imagenet_classifier", "ImageNet classifier, 224 px")):
+            scores = row[model]
+            accuracy = f", accuracy {scores['accuracy']}" if "accuracy" in scores else ""
+            rows.append(f"| {canvas} | {label}{accuracy} | {scores['explain_gradcam_hits']} | "
+                        f"{scores['onnx_cam_hits']} | {row['chance']} ({row['chance_in_view']} of the view) | "
+                        f"{scores['explain_seconds_per_image']} / {scores['onnx_cam_seconds_per_image']} |")
+    first = next(iter(record["by_canvas"].values()))
+    return ["## Seeing inside the model: the pointing game", "",
+            f"{record['date']}, {record['machine']}: {first['held_out']} held-out composites per canvas (a real "
+            f"photo of one object, long side {record['object_long_side'][0]}-{record['object_long_side'][1]} px, "
+            f"pasted at random on a {record['canvas']} px canvas; `python benchmarks/explain.py`, its docstring has "
+            f"the setup), {record['model']}. A hit: the predicted class's heatmap peak lies inside the pasted box.",
+            "", "| canvas | model | explain (Grad-CAM) hits | ONNX CAM hits | chance | s per image (explain / ONNX) |",
+            "|---|---|---|---|---|---|", *rows, "",
+            "With a linear head Grad-CAM and CAM put the peak on the same pixel for every composite (their maps "
+            "differ only by a positive scale). The ImageNet classifier often names something else for these crops "
+            "(a rocket becomes a candle), and points where that class's evidence is.", ""]
 
 
 def scaling_lines() -> list[str]:

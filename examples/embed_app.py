@@ -1,6 +1,7 @@
 """Classify images with a `transfer`-exported ONNX file, using only onnxruntime, numpy and pillow.
 
     python examples/embed_app.py model.onnx cat.jpg cup.png
+    python examples/embed_app.py model_cam.onnx cat.jpg --cam heatmaps/   # a file exported with --cam
 
 Everything the model needs is in the file's metadata: classes, input size, resize/crop, interpolation,
 mean/std and input layout (and, for several labels per image, each label's threshold: the app prints label sets).
@@ -8,7 +9,8 @@ The metadata is read by `model_metadata.py`, the very checks `transfer` runs (st
 that one file beside itself), so a damaged or hand-edited file is refused here as it is there: one line, exit 2.
 This is the whole integration an app needs (no torch, no `transfer`), and it decodes exactly as `transfer predict`
 does (tests/test_surfaces.py compares the two on 16-bit, transparent, palette, CMYK, EXIF-rotated and animated
-images).
+images). A file exported with `--cam` also says where the model looked: each answer's heatmap peak (x, y) in the
+image's own pixels, and with `--cam DIR` the heatmap over the image as DIR/NAME.cam.png.
 """
 
 import importlib.util
@@ -90,13 +92,43 @@ def preprocess(path: str, meta) -> np.ndarray:
     return ((pixels.astype(np.float32) / np.float32(255.0) - mean) / std).transpose(2, 0, 1).copy()
 
 
+def upright_size(path: str) -> tuple[int, int]:
+    """The image's (width, height) after its EXIF rotation, from the header."""
+    with Image.open(path) as image:
+        turned = image.getexif().get(0x0112) in (5, 6, 7, 8)
+        return (image.height, image.width) if turned else image.size
+
+
+def cam_peak(path: str, meta, heat: np.ndarray, folder: str | None) -> str:
+    """The heatmap's peak in the image's pixels (the map covers the centre crop of the resized image, as
+    `preprocess` cuts it), and with `folder` the heatmap blended over that part of the image there."""
+    width, height = upright_size(path)
+    new_long = int(meta.resize * max(width, height) / min(width, height))
+    new_width, new_height = (meta.resize, new_long) if width <= height else (new_long, meta.resize)
+    left, top = round((new_width - meta.input_size) / 2), round((new_height - meta.input_size) / 2)
+    scale_x, scale_y = width / new_width, height / new_height
+    top_rows, top_cols = np.nonzero(heat >= heat.max() - 1e-6 * (heat.max() - heat.min()))
+    row, col = top_rows.mean(), top_cols.mean()  # the middle of the top: an upsampled edge cell is flat
+    if folder is not None:
+        unit = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)  # blue low, red high
+        colours = Image.fromarray((np.stack([unit, 0.2 + 0 * unit, 1 - unit], axis=-1) * 255).astype(np.uint8))
+        box = (round(left * scale_x), round(top * scale_y), round((left + meta.input_size) * scale_x),
+               round((top + meta.input_size) * scale_y))
+        image = decode(path, max(width, height))
+        region = image.crop(box)
+        image.paste(Image.blend(region, colours.resize(region.size), 0.5), box[:2])
+        os.makedirs(folder, exist_ok=True)
+        image.save(os.path.join(folder, Path(path).stem + ".cam.png"))
+    return f"peak {(left + col + 0.5) * scale_x:.0f},{(top + row + 0.5) * scale_y:.0f}"
+
+
 def fail(message: str) -> None:
     """One line on stderr and exit code 2, as `transfer` answers a file it refuses."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
-def main(model_path: str, image_paths: list[str]) -> None:
+def main(model_path: str, image_paths: list[str], cam_folder: str | None = None) -> None:
     session = ort.InferenceSession(model_path, providers=ort.get_available_providers())
     try:
         meta = model_metadata.read_model_metadata(session.get_modelmeta().custom_metadata_map)
@@ -107,23 +139,39 @@ def main(model_path: str, image_paths: list[str]) -> None:
     classes = meta.classes
     rows = [preprocess(path, meta) for path in image_paths]
     name = session.get_inputs()[0].name
+    outputs = ["logits", "cam"] if meta.cam else ["logits"]  # a file exported with --cam also gives its heatmaps
     if all(row.shape == rows[0].shape for row in rows):
-        logits = session.run(["logits"], {name: np.stack(rows)})[0]
+        answers = session.run(outputs, {name: np.stack(rows)})
     else:  # decoded images of several sizes: one at a time
-        logits = np.concatenate([session.run(["logits"], {name: row[None]})[0] for row in rows])
+        each = [session.run(outputs, {name: row[None]}) for row in rows]
+        answers = [np.concatenate(parts) for parts in zip(*each, strict=True)]
+    logits = answers[0]
+
+    def where(index: int, class_index: int) -> str:
+        if not meta.cam:
+            return ""
+        heat = answers[1][index, 0 if meta.cam == "top" else class_index]
+        return "\t" + cam_peak(image_paths[index], meta, heat, cam_folder)
+
     if meta.task == "multilabel":  # several labels per image: each label at its own threshold
         probabilities = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
         thresholds = np.array(meta.thresholds)
-        for path, row in zip(image_paths, probabilities, strict=True):
+        for index, (path, row) in enumerate(zip(image_paths, probabilities, strict=True)):
             chosen = [i for i in np.argsort(-row, kind="stable") if row[i] >= thresholds[i]]
-            print(f"{path}\t{','.join(classes[i] for i in chosen)}\t{' '.join(f'{row[i]:.4f}' for i in chosen)}")
+            print(f"{path}\t{','.join(classes[i] for i in chosen)}\t{' '.join(f'{row[i]:.4f}' for i in chosen)}"
+                  + (where(index, chosen[0]) if chosen else ""))
         return
     probabilities = np.exp(logits - logits.max(1, keepdims=True))
     probabilities /= probabilities.sum(1, keepdims=True)
-    for path, row in zip(image_paths, probabilities, strict=True):
+    for index, (path, row) in enumerate(zip(image_paths, probabilities, strict=True)):
         best = int(row.argmax())
-        print(f"{path}\t{classes[best]}\t{row[best]:.4f}")
+        print(f"{path}\t{classes[best]}\t{row[best]:.4f}{where(index, best)}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    arguments = sys.argv[2:]
+    folder = None
+    if "--cam" in arguments:
+        at = arguments.index("--cam")
+        folder, arguments = arguments[at + 1], arguments[:at] + arguments[at + 2:]
+    main(sys.argv[1], arguments, folder)

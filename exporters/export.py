@@ -19,8 +19,10 @@ import onnx
 import torch
 from torch import nn
 
+from exporters.cam import CamModel, check_exact
 from exporters.graph_preprocessing import IN_GRAPH_LAYOUT, with_preprocessing
 from exporters.int8 import Int8Report, check_int8_options, quantize_int8, shape_arithmetic_nodes
+from exporters.run_data import classifier_labels, run_thresholds, run_validation_samples
 from exporters.verify import (
     IN_GRAPH_TOLERANCE,
     TOLERANCE,
@@ -36,7 +38,7 @@ from models.layers import FeatureTap, check_input_size, resolve_layer
 from models.registry import get_backbone
 from models.weights import create_backbone
 from transfer.core.errors import ExportError, first_line
-from transfer.core.io import display, output_lock, temp_dir_beside
+from transfer.core.io import output_lock, temp_dir_beside
 from transfer.core.preprocess import Preprocessing, check_decode_floor, decode_size
 from transfer.core.progress import SILENT, Progress
 from transfer.data.scan import usable_images
@@ -148,7 +150,7 @@ def _source(run: str | os.PathLike | None, backbone: str | None, weights, layers
         spec = get_backbone(backbone)
         network, description = create_backbone(spec, pretrained, weights)
         prep = spec.preprocessing
-        classes = _imagenet_or_index_labels(spec, network)
+        classes = classifier_labels(spec, network)
         verify, validation, validation_labels, thresholds = [], [], {}, None
     if prep_changes["input_size"] is not None:
         prep = replace(prep, input_size=check_input_size(spec.name, prep_changes["input_size"]))
@@ -164,45 +166,6 @@ def _source(run: str | os.PathLike | None, backbone: str | None, weights, layers
                        verify, validation, run_dir)
     return _Source(network, prep, classes, spec.name, {}, "logits", description, verify, validation, run_dir,
                    thresholds, validation_labels)
-
-
-def _imagenet_or_index_labels(spec, network: nn.Module) -> list[str]:
-    from models.imagenet import imagenet_labels
-
-    num_classes = getattr(network, "num_classes", 1000)
-    if spec.has_pretrained and num_classes == 1000:
-        return list(imagenet_labels())
-    return [str(i) for i in range(num_classes)]
-
-
-def run_thresholds(config: dict, run) -> list[float] | None:
-    """A multi-label run's per-label thresholds (chosen on its validation images when it finished), else None."""
-    if config.get("task") != "multilabel":
-        return None
-    thresholds = config.get("thresholds")
-    if not isinstance(thresholds, list) or len(thresholds) != len(config["classes"]):
-        raise ExportError(f"{display(run)} has several labels per image but no decision thresholds yet (they are "
-                          "chosen when the run finishes); finish or resume it first")
-    return [float(t) for t in thresholds]
-
-
-def run_validation_samples(config: dict) -> list:
-    """The run's own validation images with their labels (`Sample`s), when its data is still there."""
-    from transfer.data.labels import LabelsFile, scan_data
-    from transfer.data.splits import train_val_samples
-
-    data_dir = config.get("data_dir")
-    settings = config["settings"]
-    labels = LabelsFile.from_dict(settings.get("labels"))
-    if not data_dir or not Path(data_dir).is_dir() or (labels is not None and not Path(labels.path).is_file()):
-        return []
-    _, val = train_val_samples(scan_data(data_dir, labels), settings["val_split"], settings["seed"])
-    return val
-
-
-def run_validation_images(config: dict) -> list[Path]:
-    """The run's own validation images, when its data folder is still there."""
-    return [sample.path for sample in run_validation_samples(config)]
 
 
 def _metadata(source: _Source, record_layout: str, precision: str) -> dict[str, str]:
@@ -243,14 +206,18 @@ def export_onnx(
     int8_method: str = "nncf",
     max_accuracy_loss: float | None = None,
     decode_floor: float | None = None,
+    cam: str | None = None,
 ) -> ExportRecord:
     """Export, verify against PyTorch, and only then move the file to `output`; `decode_floor` replaces the run's
     (or the default) in the file's metadata. int8 files are refused below MIN_INT8_AGREEMENT top-1 agreement with
     fp32, or, with `max_accuracy_loss` (points, for a run), when they answer its held-out validation images that
-    much less accurately."""
+    much less accurately. `cam` ("top" or "all"): a classifier's class activation map as a second output `cam`
+    (`exporters.cam`), for heads where it is exact."""
     output = Path(output)
     if output.suffix != ".onnx":
         raise ExportError(f"--output {output}: the file name must end in .onnx")
+    if cam is not None and (fp16 or int8 or layers):
+        raise ExportError("--cam is for an fp32 classifier: leave out --fp16, --int8 and --layer")
     if fp16 and int8:
         raise ExportError("--fp16 and --int8 exclude each other")
     if int8 and calibration is None:
@@ -267,7 +234,8 @@ def export_onnx(
     tracked = mlflow_run_of(run) if run is not None else None
     with output_lock(output):
         record = _export(output, run, backbone, weights, layers, pretrained, opset, fp16, int8, calibration,
-                         embed_preprocessing, prep_changes, verify_images, progress, int8_method, max_accuracy_loss)
+                         embed_preprocessing, prep_changes, verify_images, progress, int8_method, max_accuracy_loss,
+                         cam)
     if tracked is not None:
         try:
             record.mlflow_run_id = log_export(tracked, output, record.to_dict())
@@ -308,7 +276,7 @@ def export_graph(model: nn.Module, dummy: torch.Tensor, path: Path, output_names
 
 def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp16, int8, calibration,
             embed_preprocessing, prep_changes: dict, verify_images, progress: Progress, int8_method: str,
-            max_accuracy_loss: float | None) -> ExportRecord:
+            max_accuracy_loss: float | None, cam: str | None = None) -> ExportRecord:
     if embed_preprocessing and opset < MIN_DYNAMO_OPSET:
         raise ExportError(f"--embed-preprocessing needs --opset {MIN_DYNAMO_OPSET} or higher (Resize with antialias)")
     source = _source(run, backbone, weights, layers, pretrained, prep_changes)
@@ -323,6 +291,11 @@ def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp1
     export_model: nn.Module = (_Half(model) if fp16 else model).eval()
     output_names = list(source.layers) if source.output_kind == "features" else ["logits"]
     size = source.prep.input_size
+    if cam is not None:  # the model exported and verified is (logits, cam), its logits checked against the head's
+        cam = ("all" if source.thresholds is not None else "top") if cam == "auto" else cam
+        export_model = model = CamModel(model, cam)
+        check_exact(model, size)
+        output_names = ["logits", "cam"]
     dynamic_axes = {"input": {0: "batch"}, **{name: {0: "batch"} for name in output_names}}
     layout = IN_GRAPH_LAYOUT if embed_preprocessing else "NCHW_float32"
 
@@ -331,7 +304,7 @@ def _export(output: Path, run, backbone, weights, layers, pretrained, opset, fp1
         exporter = "dynamo" if opset >= MIN_DYNAMO_OPSET else "torchscript"
         with progress.task(f"exporting {source.backbone} to ONNX ({exporter}, opset {opset})"):
             export_graph(export_model, torch.zeros(2, 3, size, size), fp32_path, output_names, opset, exporter)
-        meta = _metadata(source, layout, precision)
+        meta = _metadata(source, layout, precision) | ({"transfer.cam": cam} if cam else {})
         nchw_meta = meta | {"transfer.layout": "NCHW_float32"}
         final_path = fp32_path
         images, verify_note = verification_images(source.prep, _verify_paths(verify_images, source))

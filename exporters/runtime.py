@@ -98,6 +98,9 @@ def read_metadata(session: ort.InferenceSession) -> ModelMetadata:
         if isinstance(width, int) and width != len(info.classes):
             raise DataError(f"metadata transfer.classes has {len(info.classes)} names, the output "
                             f"{outputs[0].name} has {width}")
+    if info.cam is not None and [o.name for o in outputs] != ["logits", "cam"]:
+        raise DataError(f"metadata transfer.cam {info.cam!r}, but the graph's outputs are "
+                        f"{', '.join(o.name for o in outputs)}, not logits and cam")
     return info
 
 
@@ -129,7 +132,8 @@ class OnnxModel:
                               f"{self.provider}); check the CUDA and cuDNN libraries")
         self.metadata = self.session.get_modelmeta().custom_metadata_map
         self.input_name = self.session.get_inputs()[0].name
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.all_outputs = [o.name for o in self.session.get_outputs()]
+        self.output_names = [name for name in self.all_outputs if name != "cam"]  # the map only when asked
         try:
             info = read_metadata(self.session)
         except DataError as exc:
@@ -138,6 +142,7 @@ class OnnxModel:
         self.prep = Preprocessing(info.input_size, info.crop_pct, info.interpolation, info.mean, info.std,
                                   info.draft_factor if decode_floor is None else check_decode_floor(decode_floor))
         self.classes, self.layout, self.output_kind = info.classes, info.layout, info.output_kind
+        self.cam_mode = info.cam  # "top" | "all" | None (no map in the file)
         self.thresholds = None if info.thresholds is None else np.asarray(info.thresholds, dtype=np.float64)
         self.decode_workers = decode_workers or min(8, usable_cpus())  # more only fight onnxruntime
 
@@ -204,19 +209,21 @@ class OnnxModel:
                 yield rows, (_batch(arrays) if arrays else None), errors
 
     # --- running --------------------------------------------------------------------------------------------------
-    def run(self, batch: np.ndarray | list[np.ndarray]) -> list[np.ndarray]:
-        """Raw outputs for a preprocessed batch; on CUDA through IO binding (one copy in, outputs on device).
+    def run(self, batch: np.ndarray | list[np.ndarray], names: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Raw outputs (`names`, default all but the class activation map) for a preprocessed batch; on CUDA
+        through IO binding (one copy in, outputs on device).
 
         A list (decoded images of different sizes, for a file with preprocessing in its graph) runs one image at
         a time and stacks the outputs."""
+        names = self.output_names if names is None else list(names)
         if isinstance(batch, list):
-            outputs = [self.run(image[None]) for image in batch]
+            outputs = [self.run(image[None], names) for image in batch]
             return [np.concatenate(parts) for parts in zip(*outputs, strict=True)]
         if self.device != "cuda":
-            return self.session.run(self.output_names, {self.input_name: batch})
+            return self.session.run(names, {self.input_name: batch})
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.input_name, np.ascontiguousarray(batch))
-        for name in self.output_names:
+        for name in names:
             binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()

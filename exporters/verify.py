@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from transfer.core.errors import VerificationError
-from transfer.core.images import open_image
+from transfer.core.images import BadImageError, open_image
 from transfer.core.preprocess import Preprocessing, decode_size, eval_array
 
 # max |onnx - torch| / max |torch|. An int8 classifier is judged by top-1 agreement instead: quantization moves
@@ -33,8 +33,15 @@ IN_GRAPH_TOLERANCE = {"fp32": 2e-2, "fp16": 3e-2, "int8": 0.15}
 
 def verification_images(prep: Preprocessing, paths: Sequence[Path], count: int = 8) -> tuple[list, str]:
     """Real images for verification: the given ones, else scikit-image's photos, else seeded synthetic ones."""
-    if paths:
-        images = [open_image(p, draft_size=decode_size(prep)) for p in list(paths)[:count]]
+    images = []
+    for path in paths:  # a run's validation images were scanned by their headers: skip a broken body
+        if len(images) == count:
+            break
+        try:
+            images.append(open_image(path, draft_size=decode_size(prep)))
+        except BadImageError:
+            continue
+    if images:
         return images, f"{len(images)} validation image(s) of the run"
     try:
         from skimage import data as photos

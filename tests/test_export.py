@@ -145,7 +145,7 @@ def test_run_classifier_agrees_with_pytorch_on_validation(small_run, tmp_path):
     record = export_onnx(path, run=run_dir)
     assert "validation" in record.verify_images
     model, config = load_run(run_dir)
-    from exporters.export import run_validation_images
+    from exporters.run_data import run_validation_images
 
     val = run_validation_images(config)
     prep = Preprocessing.from_dict(config["preprocessing"])

@@ -41,3 +41,10 @@ def test_readme_tour_runs_as_written(tmp_path):
                               ("onnx_feats.npz", "onnx_feats.json")):  # every features file keeps its own sidecar
         assert json.loads((tmp_path / sidecar).read_text())["output"] == features
     assert len(list(csv.DictReader((tmp_path / "preds.csv").open()))) == 4
+    heatmaps = json.loads((tmp_path / "heatmaps" / "heatmaps.json").read_text())["images"]
+    assert len(heatmaps) == 4 and all(len(item["files"]) == 1 for item in heatmaps)
+    cat_map = next(item for item in heatmaps if item["path"].endswith("chelsea.jpg"))["classes"][0]
+    assert "cat" in cat_map["class"]
+    for picture in ("kernels.png", "heatmaps/contact_sheet.png"):
+        assert (tmp_path / "seen" / picture).stat().st_size > 10_000, picture
+    assert len(list((tmp_path / "seen" / "feature_maps").glob("*chelsea.png"))) == 1

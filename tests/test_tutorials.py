@@ -68,10 +68,12 @@ def _substitute(command: str, tmp: Path, photos: Path, data: Path) -> list[str]:
     """The README command with this test's folders, and the offline variant where it needs absent weights."""
     args = shlex.split(command)[1:]
     args = [str(photos) if a == "./photos" else str(data) if a == "./mydata" else a for a in args]
-    args = [str(tmp / a) if re.match(r"^(runs/|[\w.]+\.(onnx|npy)$)", a) else a for a in args]
+    args = [str(tmp / a) if re.match(r"^(runs/|seen/|[\w.]+\.(onnx|npy)$)", a) else a for a in args]
     args = [str(photos / "chelsea.jpg") if a == "cat.jpg" else a for a in args]
     if args[0] == "export" and "vgg16" in args:  # VGG16's ImageNet weights: the offline backbone's path instead
         args[args.index("vgg16")] = "efficientnet_lite0"
+    if args[0] == "explain" and "vgg16" in args:  # random weights: the same layers, shapes and pictures
+        args += ["--no-pretrained", "--input-size", "64", "-q"]
     if args[0] == "extract" and "vgg16" in args:
         args += ["--no-pretrained", "--input-size", "64", "--workers", "0", "-q"]
     if args[0] == "finetune":
@@ -85,7 +87,7 @@ def _substitute(command: str, tmp: Path, photos: Path, data: Path) -> list[str]:
 
 def test_every_tutorial_command_runs(runner, tmp_path, photo_dir):
     commands = readme_commands()
-    assert len(commands) == 9 and all(c.startswith("transfer ") for c in commands)
+    assert len(commands) == 10 and all(c.startswith("transfer ") for c in commands)
     data = digits_folder(tmp_path / "mydata", per_class=4, size=32, classes=2)
     random_weights_file(tmp_path, "inception_v3", size=75)  # a stand-in for ImageNet weights: inception_v3.pth
     for command in commands:
@@ -94,6 +96,8 @@ def test_every_tutorial_command_runs(runner, tmp_path, photo_dir):
         assert result.exit_code == 0, f"{command}\n{args}\n{result.output}"
         if args[0] == "predict":
             assert re.search(r"(tabby|tiger cat|Egyptian cat)", result.output)
+    assert (tmp_path / "seen" / "block1" / "kernels.png").is_file()
+    assert len(list((tmp_path / "seen" / "block1" / "feature_maps").glob("*chelsea.png"))) == 1
     features = np.load(tmp_path / "block4_pool.npy")
     assert features.shape == (3, 512, 4, 4)  # 64 px input: block4_pool is 1/16 of it, 512 channels
     config = json.loads((tmp_path / "runs" / "inception" / "config.json").read_text())

@@ -312,7 +312,7 @@ def _torch_batches(backbone, layers, weights, run, pretrained, input_size, batch
                              device=target.type)
         done = 0
         with torch.no_grad():
-            for images_batch, _, reasons in loader:
+            for images_batch, _, reasons, _ in loader:
                 good = [i for i, reason in enumerate(reasons) if not reason]
                 failed = [(str(samples[done + i].path), reason) for i, reason in enumerate(reasons) if reason]
                 done += len(reasons)

@@ -22,6 +22,7 @@ MAX_RESIZE = 8192  # short side before the centre crop
 LAYOUTS = ("NCHW_float32", "NHWC_uint8", "NHWC_uint8_any")  # _any: resize, crop, normalize in the graph
 OUTPUT_KINDS = ("logits", "features")
 TASKS = ("single", "multilabel")
+CAM_MODES = ("top", "all")  # transfer.cam: a second output `cam`, the top class's map or every class's
 DRAFT_FACTOR_RANGE = (1.0, 8.0)
 
 
@@ -46,6 +47,7 @@ class ModelMetadata:
     thresholds: list[float] | None = None  # one per class for multilabel files, each in (0, 1)
     draft_factor: float = 1.0  # files written before the key decoded JPEGs to the resize length itself
     layers: dict = field(default_factory=dict)
+    cam: str | None = None  # "top" | "all": the file has a class-activation-map output `cam` (`export --cam`)
 
 
 def read_model_metadata(meta: Mapping[str, str]) -> ModelMetadata:
@@ -72,12 +74,15 @@ def read_model_metadata(meta: Mapping[str, str]) -> ModelMetadata:
         raise MetadataError("metadata transfer.classes: must be a JSON list of strings")
     if output_kind == "logits" and not classes:
         raise MetadataError("metadata transfer.classes is empty; a classifier needs its class names")
+    cam = meta.get("transfer.cam")
+    if cam is not None and (cam not in CAM_MODES or output_kind != "logits"):
+        raise MetadataError(f"metadata transfer.cam {short(cam)}: use top or all, on a classifier")
     task = meta.get("transfer.task", "single")
     if task not in TASKS:
         raise MetadataError(f"metadata transfer.task {short(task)}: use single or multilabel")
     return ModelMetadata(size, math.floor(size / crop_pct), crop_pct, interpolation, mean, std, classes, layout,
                          output_kind, task, read_thresholds(meta, len(classes), task), read_draft_factor(meta),
-                         read_json(meta, "transfer.layers", dict, default={}))
+                         read_json(meta, "transfer.layers", dict, default={}), cam)
 
 
 def read_size(meta: Mapping[str, str]) -> tuple[int, float]:

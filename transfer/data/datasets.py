@@ -59,8 +59,9 @@ def train_transform(prep: Preprocessing, augment: Augment | None) -> Transform:
 class ImageDataset(Dataset):
     """Samples -> (tensor, target): the class index (-1 for unlabelled images), or with `multilabel_classes` a
     multi-hot float row of that width (several labels per image). With `bad_shape` (a tensor's shape) an image
-    that fails to decode does not raise: the item is (zeros of that shape, target, reason), and a good one's reason
-    is "" (for work that scanned headers only and skips, with its reason, an image whose body is broken)."""
+    that fails to decode does not raise: the item is (zeros of that shape, target, reason, index), and a good one's
+    reason is "" (for work that scanned headers only and skips, with its reason, an image whose body is broken; the
+    index names the sample even when a shuffled sampler chose it)."""
 
     def __init__(self, samples: Sequence[Sample], transform: Transform, draft_size: tuple[int, int] | None = None,
                  multilabel_classes: int | None = None, bad_shape: tuple[int, ...] | None = None):
@@ -79,9 +80,9 @@ class ImageDataset(Dataset):
         if self.bad_shape is None:
             return self.transform(open_image(sample.path, draft_size=self.draft_size)), target
         try:
-            return self.transform(open_image(sample.path, draft_size=self.draft_size)), target, ""
+            return self.transform(open_image(sample.path, draft_size=self.draft_size)), target, "", index
         except BadImageError as exc:
-            return torch.zeros(self.bad_shape), target, exc.reason
+            return torch.zeros(self.bad_shape), target, exc.reason, index
 
 
 def multi_hot(labels: Sequence[int], classes: int) -> torch.Tensor:
@@ -140,13 +141,15 @@ def epoch_order(count: int, seed: int, weights: torch.Tensor | None = None) -> t
     return torch.multinomial(weights, count, replacement=True, generator=generator)
 
 
-def _collate_allowing_empty(shape: tuple[int, ...], target_width: int | None = None):
-    """default_collate, except that a rank's empty share of a tiny last batch becomes empty tensors."""
+def _collate_allowing_empty(shape: tuple[int, ...], target_width: int | None = None, reports: bool = False):
+    """default_collate, except that a rank's empty share of a tiny last batch becomes empty tensors (and, for a
+    dataset that `reports` failed decodes, no reasons and no indices)."""
     def collate(batch):
         if not batch:
             targets = (torch.empty(0, dtype=torch.long) if target_width is None
                        else torch.empty((0, target_width)))
-            return torch.empty((0, *shape)), targets
+            empty = (torch.empty((0, *shape)), targets)
+            return (*empty, [], torch.empty(0, dtype=torch.long)) if reports else empty
         return default_collate(batch)
     return collate
 
@@ -173,7 +176,8 @@ def make_loader(
     if world is not None:
         sampler = GlobalBatchSampler(len(dataset), batch_size, shuffle, seed, world, weights)
         width = getattr(dataset, "multilabel_classes", None)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate_allowing_empty(image_shape, width),
-                          **common)
+        reports = getattr(dataset, "bad_shape", None) is not None
+        return DataLoader(dataset, batch_sampler=sampler,
+                          collate_fn=_collate_allowing_empty(image_shape, width, reports), **common)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
                       generator=torch.Generator().manual_seed(seed), **common)

@@ -43,6 +43,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from exporters.runtime import OnnxModel
 from transfer.core.errors import TransferError, first_line
 from transfer.core.images import BadImageError, open_image
+from transfer.serving.cam import cam_answer
 from transfer.serving.limits import ReadTimeout, RejectedImage, ServeLimits, decode_upload
 
 Files = Annotated[list[UploadFile], File(description="one or more images")]
@@ -255,9 +256,27 @@ def create_app(model_path: str | Path, device: str = "cpu", max_batch: int = 16,
             raise HTTPException(404, "the indexed image is missing or unreadable now") from None
 
     @app.post("/predict")
-    async def predict(files: Files, top_k: Annotated[int, Query(ge=1, le=1000)] = 5) -> dict:
+    async def predict(files: Files, top_k: Annotated[int, Query(ge=1, le=1000)] = 5,
+                      cam: Annotated[bool, Query(description="heatmaps from a file exported with --cam")] = False
+                      ) -> dict:
         if model.output_kind != "logits":
             raise HTTPException(400, "this file is a feature extractor: use POST /embed")
+        if cam:  # full decode, so peaks and boxes are in the upload's own pixels; one image at a time
+            if model.cam_mode is None:
+                raise HTTPException(400, "this file has no class activation map: export it with --cam")
+            if len(files) > limits.max_images:
+                raise HTTPException(413, f"{len(files)} images in one request; the limit is {limits.max_images}")
+
+            async def answer(upload: UploadFile) -> dict:
+                data, name = await upload.read(limits.max_upload_bytes + 1), upload.filename or "upload"
+                return await run_in_threadpool(lambda: cam_answer(model, decode_upload(data, name, limits), name,
+                                                                  top_k))
+            try:
+                answers = [await answer(upload) for upload in files]
+            except (RejectedImage, BadImageError) as exc:
+                raise HTTPException(getattr(exc, "status", 422), str(getattr(exc, "reason", exc))) from None
+            stats.requests, stats.images = stats.requests + 1, stats.images + len(answers)
+            return {"predictions": answers, "task": "multilabel" if model.multilabel else "single"}
         rows = await rows_of(files)
         results = []
         for (name, _), outputs in zip(rows, await outputs_of(rows), strict=True):

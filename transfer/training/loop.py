@@ -35,9 +35,10 @@ from transfer.training import collectives
 from transfer.training.batch_size import resolve_auto_batch_size
 from transfer.training.checkpoints import STATE_KEYS, save_checkpoint, save_weights
 from transfer.training.config import FinetuneConfig
+from transfer.training.decode_failures import DecodeFailures
 from transfer.training.device import autocast, to_device
 from transfer.training.model import TransferModel, build_transfer_model, set_trainable, train_mode
-from transfer.training.regularize import discriminative_groups, make_ema, mix_batch
+from transfer.training.regularize import make_ema, mix_batch, stage_lr_groups
 from transfer.training.report import FinetuneResult, write_report
 from transfer.training.runs import read_run_metrics, write_config, write_split
 from transfer.training.schedules import fresh_tail, make_optimizer, make_scheduler
@@ -69,7 +70,8 @@ class Trainer:
         self.choose_lr = choose_lr  # a stage whose rate is "auto" gets it from here (the range test)
         self.spec = get_backbone(config.backbone)
         self.scan: ScanReport = scan_data(data_dir, LabelsFile.from_dict(config.labels), strict=config.strict,
-                                          progress=progress)
+                                          progress=progress, decode=False)  # headers; bodies as the work reads them
+        self.failures = DecodeFailures()  # bodies that failed to decode during the work: skipped, then reported
         self.scan.check_trainable()
         self.train_samples, self.val_samples = train_val_samples(self.scan, config.val_split, config.seed)
         if not self.val_samples:
@@ -122,10 +124,10 @@ class Trainer:
         """Training (`shuffle`): this rank's share of each global batch. Evaluation: the samples given, in order."""
         augmentation = Augment(**self.config.augmentation) if augment else None
         width = len(self.classes) if self.multilabel else None
-        dataset = (ImageDataset(samples, train_transform(self.prep, augmentation), draft_size=decode_size(self.prep),
-                                multilabel_classes=width) if augment
-                   else eval_dataset(samples, self.prep, multilabel_classes=width))
         size = self.prep.input_size
+        dataset = (ImageDataset(samples, train_transform(self.prep, augmentation), draft_size=decode_size(self.prep),
+                                multilabel_classes=width, bad_shape=(3, size, size)) if augment
+                   else eval_dataset(samples, self.prep, multilabel_classes=width, report_bad=True))
         return make_loader(dataset, self.config.batch_size, shuffle=shuffle, workers=self.config.workers,
                            device=self.device.type, seed=epoch_seed(self.config.seed, epoch),
                            world=self.world if shuffle else None, image_shape=(3, size, size),
@@ -133,13 +135,21 @@ class Trainer:
 
     def sharded_forward(self, model: TransferModel, samples, pooled: bool,
                         description: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Outputs for `samples` in their order: each rank forwards its contiguous block, then all gather."""
-        outputs, labels = self.forward_all(model, self.image_loader(self.world.take(samples), False, False),
-                                           pooled=pooled, description=description)
-        if not self.world.distributed:
-            return outputs, labels
-        parts = [part for part in collectives.all_gather(self.world, (outputs, labels)) if len(part[1])]
-        return torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
+        """Outputs for `failures.usable(samples)` in their order: each rank forwards its contiguous block, then all
+        gather; images whose body fails to decode are recorded in `failures` and left out."""
+        block = self.world.take(samples)
+        outputs, labels, reasons = self.forward_all(model, self.image_loader(block, False, False), pooled=pooled,
+                                                    description=description)
+        failed = [(str(sample.path), reason) for sample, reason in zip(block, reasons, strict=True) if reason]
+        if self.world.distributed:
+            parts = collectives.all_gather(self.world, (outputs, labels, failed))
+            failed = [item for part in parts for item in part[2]]
+            parts = [part for part in parts if len(part[1])]
+            outputs, labels = torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
+        for path, reason in failed:
+            self.failures.record(path, reason)
+        keep = self.failures.keep_mask(samples)
+        return outputs[keep], labels[keep]
 
     def cached_features(self, model: TransferModel, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled backbone features of a split, computed once with the evaluation transform."""
@@ -154,28 +164,27 @@ class Trainer:
             self.log(f"cached {split} features {tuple(features.shape)} in {seconds:.1f}s")
         return self.feature_cache[split]
 
-    def to_device(self, images: torch.Tensor) -> torch.Tensor:
-        return to_device(images, self.device)
-
     def autocast(self):
         return autocast(self.device)
 
     @torch.no_grad()
     def forward_all(self, model: TransferModel, loader, pooled: bool = False,
-                    description: str = "validating") -> tuple[torch.Tensor, torch.Tensor]:
+                    description: str = "validating") -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Outputs, targets and decode failures ("" for a good image) of a reporting loader's items, in order."""
         model.eval()
-        outputs, labels = [], []
+        outputs, labels, reasons = [], [], []
         with self.progress.task(description, total=len(loader.dataset), unit="images") as advance:
-            for images, targets in loader:
-                images = self.to_device(images)
+            for images, targets, batch_reasons, _ in loader:
+                reasons += batch_reasons
+                images = to_device(images, self.device)
                 with self.autocast():
                     out = model.pooled_features(images) if pooled else model(images)
                 outputs.append(out.float().cpu())
                 labels.append(targets)
                 advance(len(targets))
         if not outputs:  # a rank whose block is empty (fewer images than processes)
-            return torch.empty(0), torch.empty(0, dtype=torch.long)
-        return torch.cat(outputs), torch.cat(labels)
+            return torch.empty(0), torch.empty(0, dtype=torch.long), []
+        return torch.cat(outputs), torch.cat(labels), reasons
 
     # --- one epoch ---------------------------------------------------------------------------------------------
     def train_epoch(self, model: TransferModel, stage: Stage, optimizer, epoch: int,
@@ -191,8 +200,8 @@ class Trainer:
             batches = ((features[idx], labels[idx]) for idx in shares)
             total = math.ceil(len(labels) / self.config.batch_size)
         else:
-            batches = self.image_loader(self.train_samples, self.config.augment, True, epoch)
-            total = len(batches)
+            loader = self.image_loader(self.train_samples, self.config.augment, True, epoch)
+            batches, total = self.failures.training_batches(loader, self.train_samples), len(loader)
         forward = self.parallel
         total_loss, correct, count = 0.0, 0, 0
         with self.progress.task(label or f"{stage.name} epoch {epoch}", total=total, unit="batches",
@@ -209,6 +218,8 @@ class Trainer:
                 if self.on_batch is not None:
                     self.on_batch(f"{stage.name} epoch {epoch}", step + 1, total)
         total_loss, correct, count = collectives.all_sum(self.world, [total_loss, correct, count])
+        if count == 0:
+            raise DataError(f"no training image of {self.data_dir} decoded in epoch {epoch}; see `transfer scan`")
         return total_loss / count, correct / count
 
     def train_step(self, forward, optimizer, inputs, targets, stage: Stage, epoch: int,
@@ -219,7 +230,7 @@ class Trainer:
         DistributedDataParallel averages the gradients over the ranks. A non-finite loss (summed over the ranks,
         so every rank sees it) stops the run before the weights are touched. A `probe` step (the learning-rate range
         test, on a copy of the model) returns a non-finite loss instead, and leaves the run's EMA alone."""
-        inputs, targets = self.to_device(inputs), targets.to(self.device)
+        inputs, targets = to_device(inputs, self.device), targets.to(self.device)
         config = self.config
         soft = None
         if config.mixup > 0 or config.cutmix > 0 or config.label_smoothing > 0:
@@ -229,6 +240,8 @@ class Trainer:
             logits = forward(inputs)
             loss_sum = self.objective.loss_sum(logits.float(), targets if soft is None else soft)
         global_sum, global_count = collectives.all_sum(self.world, [loss_sum.item(), len(targets)])
+        if global_count == 0:  # every image of the global batch failed to decode: nothing to learn from
+            return 0.0, logits.detach(), targets
         if not math.isfinite(global_sum):
             if probe:
                 return global_sum, logits.detach(), targets
@@ -251,15 +264,6 @@ class Trainer:
             logits, labels = self.sharded_forward(model, self.val_samples, pooled=False, description="validating")
         loss = self.objective.mean_loss(logits, labels)
         return loss, self.objective.correct(logits, labels) / max(1, len(labels)), logits, labels
-
-    def lr_groups(self, model: TransferModel, stage: Stage) -> list[dict] | None:
-        """Stage 2 with --lr-decay below 1: one parameter group per unfrozen group, lower rates further down."""
-        if stage.name != "finetune" or self.config.lr_decay == 1.0:
-            return None
-        groups = self.spec.unfreeze_groups
-        count = len(groups) if self.config.unfreeze == "all" else int(self.config.unfreeze)
-        return discriminative_groups(model, [list(g.modules) for g in groups[:count]], stage.lr,
-                                     self.config.lr_decay)
 
     # --- the run -----------------------------------------------------------------------------------------------
     def fit(self, resume_state: dict | None = None, saved: dict | None = None) -> FinetuneResult:
@@ -324,7 +328,8 @@ class Trainer:
             stage = self.choose_lr(self, model, stage)
         stages[stage_index] = stage
         self.parallel = collectives.data_parallel(model.head if stage.cached else model, self.world, self.device)
-        optimizer = make_optimizer(stage, model, self.config.weight_decay, self.lr_groups(model, stage))
+        optimizer = make_optimizer(stage, model, self.config.weight_decay,
+                                   stage_lr_groups(model, self.spec, self.config, stage))
         steps_per_epoch = math.ceil(len(self.train_samples) / self.config.batch_size)
         scheduler = make_scheduler(stage, optimizer, steps_per_epoch)
         start = 0

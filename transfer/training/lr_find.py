@@ -26,6 +26,7 @@ from transfer.core.progress import SILENT
 from transfer.training.device import resolve_device
 from transfer.training.loop import Trainer
 from transfer.training.model import set_trainable, train_mode
+from transfer.training.regularize import stage_lr_groups
 from transfer.training.schedules import make_optimizer
 from transfer.training.stages import Stage, plan_stages
 
@@ -101,7 +102,8 @@ def find_lr(trainer, model, stage, steps: int = 100, start: float = 1e-7, end: f
     stage = replace(stage, lr=1.0)  # the rates below are set step by step; 1.0 keeps the groups' ratios
     probe = copy.deepcopy(model)
     set_trainable(probe, list(stage.prefixes))
-    optimizer = make_optimizer(stage, probe, trainer.config.weight_decay, trainer.lr_groups(probe, stage))
+    groups = stage_lr_groups(probe, trainer.spec, trainer.config, stage)
+    optimizer = make_optimizer(stage, probe, trainer.config.weight_decay, groups)
     base = [group["lr"] for group in optimizer.param_groups]
     train_mode(probe, list(stage.prefixes), batchnorm_stats=stage.name == "scratch" or trainer.config.bn_stats)
     forward = probe.head if stage.cached else probe
@@ -114,7 +116,8 @@ def find_lr(trainer, model, stage, steps: int = 100, start: float = 1e-7, end: f
             return ((features[i], labels[i]) for i in order.split(size))
     else:
         def batches():
-            return iter(trainer.image_loader(trainer.train_samples, False, True, 0))
+            loader = trainer.image_loader(trainer.train_samples, False, True, 0)
+            return trainer.failures.training_batches(loader, trainer.train_samples)
     stream = cycle(batches)
 
     def step(lr: float) -> float:

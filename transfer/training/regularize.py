@@ -79,6 +79,16 @@ def discriminative_groups(model: nn.Module, group_prefixes: list[list[str]], lr:
     return [group for group in groups if group["params"]]
 
 
+def stage_lr_groups(model: nn.Module, spec, config, stage) -> list[dict] | None:
+    """Stage 2 with --lr-decay below 1: one parameter group per unfrozen group of `spec` (a backbone's registry
+    entry), lower rates further down; None (one group) otherwise."""
+    if stage.name != "finetune" or config.lr_decay == 1.0:
+        return None
+    groups = spec.unfreeze_groups
+    count = len(groups) if config.unfreeze == "all" else int(config.unfreeze)
+    return discriminative_groups(model, [list(g.modules) for g in groups[:count]], stage.lr, config.lr_decay)
+
+
 def make_ema(model: nn.Module, decay: float, resume_state: dict | None):
     """timm's ModelEmaV3 of the whole model with `--ema` (restored on resume from the checkpoint's "ema"), else
     None: an average of the weights over the steps, which often validates better than the last ones."""

@@ -48,6 +48,8 @@ def write_report(trainer, model: TransferModel, state: dict, finished: bool = Tr
     logits, labels = trainer.sharded_forward(model, trainer.val_samples, pooled=False,
                                              description="report: validating the best weights")
     classes = trainer.classes
+    val_paths = [s.path for s in trainer.failures.usable(trainer.val_samples)]  # the rows `logits` holds
+    failed = trainer.failures.gathered(trainer.world)
     worst = None
     if trainer.multilabel:  # thresholds chosen on the validation images, then stored with the run
         probabilities = torch.sigmoid(logits).numpy()
@@ -55,20 +57,23 @@ def write_report(trainer, model: TransferModel, state: dict, finished: bool = Tr
         report = multilabel_report(labels.numpy(), probabilities, thresholds, classes)
         errors = label_errors(labels.numpy(), probabilities, thresholds, classes)
         worst = multilabel_top_losses(labels.numpy(), probabilities, thresholds, classes,
-                                      [s.path for s in trainer.val_samples])
+                                      val_paths)
         for name, counts in errors.items():
             report["per_class"][name].update(false_negatives=counts["false_negatives"],
                                              false_positives=counts["false_positives"])
         report.update(top_losses=worst)
     else:
         report = classification_report(labels.tolist(), logits.argmax(1).tolist(), classes)
-        worst = top_losses(logits.numpy(), labels.numpy(), classes, [s.path for s in trainer.val_samples])
+        worst = top_losses(logits.numpy(), labels.numpy(), classes, val_paths)
         report.update(most_confused=most_confused(report["confusion_matrix"], classes), top_losses=worst)
     report.update(split="validation", finished=finished, epochs=state["epoch"],
                   best_val_loss=state["best_val_loss"],
                   best_weights=state.get("best_source", "model"),
-                  skipped=[{"path": s.path, "reason": s.reason} for s in trainer.scan.skipped])
+                  skipped=[{"path": s.path, "reason": s.reason} for s in [*trainer.scan.skipped, *failed]])
     result = FinetuneResult(trainer.run_dir, state["best_val_loss"], report["accuracy"], state["epoch"], report)
+    if failed and trainer.world.main:
+        trainer.log(f"{len(failed)} image(s) failed to decode during training and were left out (first: "
+                    f"{failed[0].path}: {failed[0].reason}); all are listed in report.json under skipped")
     if not trainer.world.main:
         return result
     run_dir = trainer.run_dir
