@@ -512,6 +512,9 @@ def finetune(
     log: Annotated[list[TrackerName] | None, typer.Option(
         "--log", help="experiment logs while it trains: tensorboard (event files in RUN/tensorboard) or mlflow "
                       "(MLFLOW_TRACKING_URI, else MLflow's default ./mlflow.db); repeat for both")] = None,
+    recipe: Annotated[Path | None, typer.Option(
+        help="a recipe.json written by `transfer tune`: its rates, epochs, unfreeze depth and regularisers (flags "
+             "given here win)")] = None,
     dist_timeout: DistTimeoutOpt = 600.0,
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
@@ -540,6 +543,13 @@ def finetune(
         labels=source.to_dict() if (source := labels_file(labels, path_column, label_column, split_column, label_sep,
                                                           multi_label)) else None,
         class_weights=class_weights.value, sampler=sampler.value, log=[tracker.value for tracker in log or []])
+    if recipe is not None:
+        from transfer.training.recipes import read_recipe
+
+        given = {name for name in settings if ctx.get_parameter_source(name).name == "COMMANDLINE"}
+        if epochs is not None:
+            given |= {"epochs_head", "epochs_finetune"}
+        settings |= {name: value for name, value in read_recipe(recipe).items() if name not in given}
     changes = None
     if resume is not None:
         if output is not None:
@@ -582,6 +592,65 @@ def finetune(
     write_record(json_out, {"run_dir": str(result.run_dir), "best_val_loss": result.best_val_loss,
                             "best_val_accuracy": result.best_val_acc, "epochs": result.epochs_run,
                             "stopped": result.stopped})
+
+
+@app.command(epilog=examples("transfer tune ./mydata -b efficientnet_lite0 --trials 20 --budget 10 -o tuned",
+                             "transfer finetune ./mydata -b efficientnet_lite0 --recipe tuned/recipe.json"))
+@cli_errors
+def tune(
+    data_dir: Annotated[Path, typer.Argument(help="one sub-folder per class, or train/ and val/ splits")],
+    backbone: BackboneOpt = "efficientnet_lite0",
+    output: Annotated[Path, typer.Option("--output", "-o", help="the study's folder: study.db, a run per trial, "
+                                         "recipe.json, trials.csv and trials.png")] = Path("tune"),
+    trials: Annotated[int, typer.Option(min=1, help="trials in all (a continued study counts its earlier ones)")
+                      ] = 20,
+    budget: Annotated[float | None, typer.Option(min=0.1, help="minutes for this call; trials running at the "
+                                                 "limit finish")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    head: Annotated[Head, typer.Option(help="the head every trial trains")] = Head.mlp,
+    val_split: Annotated[float, typer.Option(min=0.01, max=0.9)] = 0.2,
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = None,
+    input_size: Annotated[int | None, typer.Option(help="train at this size instead of the backbone's")] = None,
+    crop_pct: Annotated[float | None, typer.Option(help="centre-crop fraction, 0.1..1")] = None,
+    device: DeviceOpt = Device.auto,
+    seed: Annotated[int, typer.Option(min=0, help="the split and every trial's randomness")] = 0,
+    workers: WorkersOpt = None,
+    labels: LabelsOpt = None,
+    path_column: PathColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    split_column: SplitColumnOpt = None,
+    label_sep: LabelSepOpt = None,
+    multi_label: MultiLabelOpt = None,
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Search the recipe (rates, epochs, unfreeze depth, augmentation, regularisers) within a budget, with Optuna."""
+    from transfer.training.config import FinetuneConfig
+    from transfer.training.tune import tune as run_tune
+
+    check_json_path(json_out)
+    source = labels_file(labels, path_column, label_column, split_column, label_sep, multi_label)
+    base = FinetuneConfig(backbone=backbone, batch_size=batch_size, head=head.value, val_split=val_split,
+                          pretrained=pretrained, weights=str(weights) if weights else None, input_size=input_size,
+                          crop_pct=crop_pct, seed=seed, workers=workers,
+                          labels=source.to_dict() if source else None)
+    progress = progress_for(quiet)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    result = run_tune(data_dir, base, output, trials=trials, budget_minutes=budget, device=device.value,
+                      log=progress.log, progress=progress)
+    states = {}
+    for row in result.trials:
+        states[row["state"]] = states.get(row["state"], 0) + 1
+    say(f"{len(result.trials)} trial(s): " + ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+        + (f" ({result.continued} from earlier calls)" if result.continued else ""))
+    best = result.best
+    say(f"best: trial {best['trial']}, val loss {best['val_loss']:.4f}, accuracy {best['val_accuracy']:.4f} "
+        f"({display(best['run_dir'])})")
+    say(f"wrote {display(result.recipe_path)}: transfer finetune {display(data_dir)} -b {backbone} --recipe "
+        f"{display(result.recipe_path)}")
+    write_record(json_out, {"study": str(result.study_path), "recipe": str(result.recipe_path), "best": best,
+                            "trials": result.trials, "continued": result.continued})
 
 
 @app.command(epilog=examples("transfer runs", "transfer runs experiments/ --json runs.json"))

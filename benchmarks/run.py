@@ -188,7 +188,7 @@ def markdown(record: dict) -> str:
               f"vs {record['stage1']['cached_seconds_per_later_epoch']} s per cached epoch "
               f"({record['stage1']['speedup_per_later_epoch']}x; over 3 epochs including the one feature pass "
               f"{record['stage1']['speedup_over_3_epochs']}x).", "", *train_lines(), *scaling_lines(), *serve_lines(),
-              *search_lines(), *batch_lines(), *busy_lines(), *explain_lines(),
+              *search_lines(), *batch_lines(), *busy_lines(), *explain_lines(), *tune_lines(),
               *gpu_lines(), *zoo_lines()]
     return "\n".join(lines)
 
@@ -381,6 +381,24 @@ def explain_lines() -> list[str]:
             "With a linear head Grad-CAM and CAM put the peak on the same pixel for every composite (their maps "
             "differ only by a positive scale). The ImageNet classifier often names something else for these crops "
             "(a rocket becomes a candle), and points where that class's evidence is.", ""]
+
+
+def tune_lines() -> list[str]:
+    """`transfer tune` against the defaults, from benchmarks/tune.json (rerun: `python benchmarks/tune.py`)."""
+    record = saved_result("tune.json")
+    if record is None:
+        return []
+    defaults, tuned = record["defaults"], record["tune"]
+    trials = ", ".join(f"{count} {state}" for state, count in sorted(tuned["trials"].items()))
+    return ["## transfer tune against the defaults", "",
+            f"{record['date']}, {record['machine']}: {record['setup']} (`python benchmarks/tune.py`). Test accuracy "
+            "on the held-out test images, which neither saw.", "",
+            "| recipe | test accuracy | wall time |", "|---|---|---|",
+            f"| `finetune` defaults | {defaults['test_accuracy']} | {defaults['seconds']} s |",
+            f"| `tune --budget {tuned['budget_minutes']:g}` ({trials}), best trial by validation loss | "
+            f"{tuned['test_accuracy']} | {tuned['seconds']} s for the study |", "",
+            "The best recipe: " + ", ".join(f"{k} {v}" for k, v in tuned["recipe"].items() if k != "augmentation")
+            + ".", ""]
 
 
 def scaling_lines() -> list[str]:

@@ -19,7 +19,7 @@ PACKAGES = ("transfer", "exporters", "models")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 MAX_LINES = 400
 LONGER_BY_DESIGN = {  # module -> why it is longer than MAX_LINES
-    "cli.py": "the typer app: 14 commands of parse, one library call, print; splitting it would scatter the shared "
+    "cli.py": "the typer app: 15 commands of parse, one library call, print; splitting it would scatter the shared "
               "option types and output helpers every command uses",
 }
 

@@ -26,13 +26,16 @@ MAX_KERNELS = 64  # kernels drawn in a grid (the first ones, in the layer's orde
 MAX_CHANNELS = 16  # feature-map channels drawn per layer (the most active for that image)
 
 
-def _figure(rows: int, cols: int, tile: float = 1.3):
+def _figure(rows: int, cols: int, tile: float = 1.3, aspect: float = 1.0):
+    """A grid of `rows` x `cols` tiles `tile` inches wide and `tile * aspect` high (height / width of the pictures),
+    room for the titles included."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    figure, axes = plt.subplots(rows, cols, figsize=(max(4.0, cols * tile), rows * tile + 0.9), squeeze=False)
+    figure, axes = plt.subplots(rows, cols, figsize=(max(4.0, cols * tile), rows * (tile * aspect + 0.35) + 0.6),
+                                squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     return plt, figure, axes
@@ -151,9 +154,14 @@ def plot_layer_maps(maps: Sequence[np.ndarray], labels: Sequence[str], path: Pat
     return rows
 
 
+def _aspect(panels: Sequence[tuple[Image.Image, str]]) -> float:
+    """The tallest picture's height / width (at most 2), so landscape photos do not float in white space."""
+    return min(2.0, max(picture.height / picture.width for picture, _ in panels))
+
+
 def heatmap_figure(panels: Sequence[tuple[Image.Image, str]], path: Path, title: str) -> None:
     """One image's overlays side by side, each titled with its class and probability."""
-    plt, figure, axes = _figure(1, len(panels), tile=3.2)
+    plt, figure, axes = _figure(1, len(panels), tile=3.2, aspect=_aspect(panels))
     for axis, (picture, label) in zip(axes[0], panels, strict=True):
         axis.imshow(picture)
         axis.set_title(label, fontsize=9)
@@ -163,7 +171,7 @@ def heatmap_figure(panels: Sequence[tuple[Image.Image, str]], path: Path, title:
 def contact_sheet(panels: Sequence[tuple[Image.Image, str]], path: Path, title: str, cols: int = 6) -> None:
     """Every image's first overlay in a grid, titled with its class and probability."""
     cols = min(cols, len(panels))
-    plt, figure, axes = _figure(math.ceil(len(panels) / cols), cols, tile=2.2)
+    plt, figure, axes = _figure(math.ceil(len(panels) / cols), cols, tile=2.2, aspect=_aspect(panels))
     for index, (picture, label) in enumerate(panels):
         axis = axes[index // cols, index % cols]
         axis.imshow(picture)

@@ -5,8 +5,8 @@ Modules: `config` (FinetuneConfig, resume rules), `stages` (the schedule on one 
 and rate curves), `loop` (Trainer), `report` (report.json and plots), `checkpoints`, `runs` (load_run and the run
 directory's files), `device`, `model` (backbone + head), `regularize`, `lr_find`, `batch_size`, `collectives`,
 `tracking` (TensorBoard and MLflow logs), `decode_failures` (images whose body fails to decode mid-run: left out
-and reported), and `finetune`, the entry point that wires them. The loop never imports
-its hooks (lr_find); `finetune` hands them in.
+and reported), `tune` (a budgeted Optuna search over the recipe; `recipes` reads its recipe.json back), and
+`finetune`, the entry point that wires them. The loop never imports its hooks (lr_find); `finetune` hands them in.
 
 May import: `transfer.data`, `models`, `transfer.core`; never `transfer.serving`, `transfer.apps` or `exporters`.
 """
