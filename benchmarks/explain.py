@@ -22,6 +22,7 @@ Writes benchmarks/explain.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -41,15 +42,20 @@ OBJECTS = {  # photo -> (left, top, right, bottom) around its object
 }
 
 
-def texture_canvas(rng: np.random.Generator) -> Image.Image:
-    """A 336 x 336 mosaic of 84 px tiles of brick, grass and gravel, each tinted at random."""
+@functools.cache
+def textures() -> tuple[np.ndarray, ...]:
+    """scikit-image's brick, grass and gravel photos (grey), read once."""
     from skimage import data
 
-    textures = [getattr(data, name)() for name in ("brick", "grass", "gravel")]
+    return tuple(getattr(data, name)() for name in ("brick", "grass", "gravel"))
+
+
+def texture_canvas(rng: np.random.Generator) -> Image.Image:
+    """A 336 x 336 mosaic of 84 px tiles of brick, grass and gravel, each tinted at random."""
     canvas = np.zeros((CANVAS, CANVAS, 3), np.uint8)
     for top in range(0, CANVAS, 84):
         for left in range(0, CANVAS, 84):
-            texture = textures[rng.integers(len(textures))]
+            texture = textures()[rng.integers(len(textures()))]
             y, x = rng.integers(0, texture.shape[0] - 84), rng.integers(0, texture.shape[1] - 84)
             tile = texture[y:y + 84, x:x + 84].astype(np.float64)[..., None]
             tint = rng.uniform(0.5, 1.0, size=3)

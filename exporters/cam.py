@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transfer.core.errors import ExportError
+from transfer.training.model import TransferModel
 
 CAM_MODES = ("top", "all")
 EXACTNESS = 1e-4  # relative: the map's spatial mean against the model's logits
@@ -24,7 +25,7 @@ EXACTNESS = 1e-4  # relative: the map's spatial mean against the model's logits
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Linear, str]:
     """(backbone with forward_features, the linear layer, what the head is) of a run's model or a timm classifier."""
-    if hasattr(model, "head") and hasattr(model, "pool") and hasattr(model, "backbone"):  # a fine-tuned run
+    if isinstance(model, TransferModel):  # a fine-tuned run
         linears = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
         other = [m for m in model.head.modules() if not isinstance(m, (nn.Linear, nn.Dropout, nn.Sequential))]
         described = f"a {len(linears)}-layer head" + (f" with {type(other[0]).__name__}" if other else "")

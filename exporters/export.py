@@ -22,7 +22,7 @@ from torch import nn
 from exporters.cam import CamModel, check_exact
 from exporters.graph_preprocessing import IN_GRAPH_LAYOUT, with_preprocessing
 from exporters.int8 import Int8Report, check_int8_options, quantize_int8, shape_arithmetic_nodes
-from exporters.run_data import classifier_labels, run_thresholds, run_validation_samples
+from exporters.run_data import run_thresholds, run_validation_samples
 from exporters.verify import (
     IN_GRAPH_TOLERANCE,
     TOLERANCE,
@@ -34,6 +34,7 @@ from exporters.verify import (
     output_shapes,
     verification_images,
 )
+from models.imagenet import classifier_labels
 from models.layers import FeatureTap, check_input_size, resolve_layer
 from models.registry import get_backbone
 from models.weights import create_backbone
@@ -150,7 +151,7 @@ def _source(run: str | os.PathLike | None, backbone: str | None, weights, layers
         spec = get_backbone(backbone)
         network, description = create_backbone(spec, pretrained, weights)
         prep = spec.preprocessing
-        classes = classifier_labels(spec, network)
+        classes = classifier_labels(spec.has_pretrained, getattr(network, "num_classes", 1000))
         verify, validation, validation_labels, thresholds = [], [], {}, None
     if prep_changes["input_size"] is not None:
         prep = replace(prep, input_size=check_input_size(spec.name, prep_changes["input_size"]))

@@ -1,24 +1,11 @@
-"""What export reads from a fine-tuned run besides its weights: its thresholds and its own validation images; and the
-class names of a registry backbone's own classifier."""
+"""What export reads from a fine-tuned run besides its weights: its thresholds and its own validation images."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
-
 from transfer.core.errors import ExportError
 from transfer.core.io import display
-
-
-def classifier_labels(spec, network: nn.Module) -> list[str]:
-    """A registry backbone's own classifier's class names: ImageNet's with its pretrained weights, else indices."""
-    from models.imagenet import imagenet_labels
-
-    num_classes = getattr(network, "num_classes", 1000)
-    if spec.has_pretrained and num_classes == 1000:
-        return list(imagenet_labels())
-    return [str(i) for i in range(num_classes)]
 
 
 def run_thresholds(config: dict, run) -> list[float] | None:

@@ -12,3 +12,11 @@ def imagenet_labels() -> tuple[str, ...]:
 
     info = ImageNetInfo()
     return tuple(info.index_to_description(i) for i in range(1000))
+
+
+def classifier_labels(has_pretrained: bool, num_classes: int) -> list[str]:
+    """The class names of a registry backbone's own classifier: ImageNet's for its 1,000 pretrained classes, else
+    the indices as text."""
+    if has_pretrained and num_classes == 1000:
+        return list(imagenet_labels())
+    return [str(i) for i in range(num_classes)]

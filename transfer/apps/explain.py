@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.imagenet import classifier_labels
 from models.layers import check_input_size, resolve_layer
 from models.registry import BackboneSpec, get_backbone
 from models.weights import create_backbone
@@ -32,6 +33,7 @@ from transfer.core.io import write_json
 from transfer.core.preprocess import Preprocessing, eval_array
 from transfer.core.progress import SILENT, Progress
 from transfer.data.scan import Skipped
+from transfer.training.model import TransferModel, resolve_run_layer
 
 METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")
 
@@ -56,7 +58,6 @@ def load_source(run: str | os.PathLike | None = None, backbone: str | None = Non
     if (run is None) == (backbone is None):
         raise OptionError("explain needs exactly one model: --run RUN_DIR, -b NAME or --onnx FILE")
     if run is not None:
-        from transfer.training.model import resolve_run_layer
         from transfer.training.runs import load_run
 
         model, config = load_run(run)
@@ -70,16 +71,9 @@ def load_source(run: str | os.PathLike | None = None, backbone: str | None = Non
     prep = spec.preprocessing
     if input_size is not None:
         prep = replace(prep, input_size=check_input_size(spec.name, input_size))
-    classes = _classifier_labels(spec, model)
+    classes = classifier_labels(spec.has_pretrained, getattr(model, "num_classes", 1000))
     return ExplainSource(model, spec, prep, classes, None, lambda name: resolve_layer(spec, name, model),
                          f"{spec.name} ({source})")
-
-
-def _classifier_labels(spec: BackboneSpec, model: nn.Module) -> list[str]:
-    from models.imagenet import imagenet_labels
-
-    count = getattr(model, "num_classes", 1000)
-    return list(imagenet_labels()) if spec.has_pretrained and count == 1000 else [str(i) for i in range(count)]
 
 
 class _Features(nn.Module):
@@ -103,7 +97,7 @@ class _Split(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.features(x)
-        if not hasattr(self.model, "head") or not hasattr(self.model, "pool"):  # a timm classifier
+        if not isinstance(self.model, TransferModel):  # a timm classifier
             return self.model.forward_head(features)
         if self.model.pool == "model":
             return self.model.head(self.model.backbone.forward_head(features))
