@@ -452,25 +452,32 @@ def finetune(
                                                 help="the run directory (default runs/BACKBONE-TIME)")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="the whole schedule's epochs, split by the staged rule: "
                                                "half (at least 1) with the backbone frozen, the rest fine-tuning "
-                                               "(6 = 3 + 3, the defaults); one stage for nets trained from scratch")
+                                               "(6 = 3 + 3); one stage for nets trained from scratch")
                       ] = None,
-    epochs_head: Annotated[int, typer.Option(min=0, help="stage 1: epochs with the backbone frozen")] = 3,
-    epochs_finetune: Annotated[int, typer.Option(min=0, help="stage 2: epochs with the top groups unfrozen")] = 3,
+    epochs_head: Annotated[int | None, typer.Option(
+        min=0, help="stage 1: epochs with the backbone frozen, on cached features [default: 25, ended early by "
+                    "--patience; from scratch: 3]")] = None,
+    epochs_finetune: Annotated[int | None, typer.Option(
+        min=0, help="stage 2: epochs with the top groups unfrozen [default: 3]")] = None,
     unfreeze: Annotated[str, typer.Option(help="stage 2 trains the top K unfreeze groups (0..K), or all")] = "2",
     batch_size: Annotated[str, typer.Option(help="the global batch (under torchrun each process takes its share, "
                                                  "and the learning rate is not rescaled), or auto: the largest that "
                                                  "fits the GPU, 32 on CPU")] = "32",
     lr_head: Annotated[str, typer.Option(help="stage 1 learning rate, or auto (the range test picks it)")] = "1e-3",
-    lr_finetune: Annotated[str, typer.Option(help="stage 2 learning rate (SGD, momentum 0.9), or auto")] = "1e-4",
+    lr_finetune: Annotated[str, typer.Option(help="stage 2 learning rate (SGD, momentum 0.9), or auto")] = "1e-3",
     head_optimizer: Annotated[HeadOptimizer, typer.Option(
         help="stage 1 optimizer (the only stage's for nets trained from scratch)")] = HeadOptimizer.adamw,
     head: Annotated[Head, typer.Option(help="mlp: pool, dropout, Dense 1024 ReLU, Dense; linear: one Dense")
                     ] = Head.mlp,
     val_split: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.2,
-    augment: Annotated[bool, typer.Option(help="rotation, shifts, zoom, flips, colour jitter")] = True,
+    augment: Annotated[bool | None, typer.Option(
+        "--augment/--no-augment", help="rotation, shifts, zoom, flips, colour jitter, from stage 2 on (stage 1 too "
+                                       "with --no-cache-features) [default: off; on for nets trained from scratch]")
+                       ] = None,
     cache_features: Annotated[bool | None, typer.Option(
         "--cache-features/--no-cache-features",
-        help="stage 1 on cached backbone features, no augmentation (default: when --no-augment)")] = None,
+        help="stage 1 on cached backbone features, augmentation (if any) from stage 2 on (default: yes, unless "
+             "--mixup/--cutmix)")] = None,
     weights: WeightsOpt = None,
     pretrained: PretrainedOpt = None,
     input_size: Annotated[int | None, typer.Option(help="train at this size instead of the backbone's")] = None,

@@ -33,7 +33,7 @@ def main() -> int:
         shutil.rmtree(RUN)  # the demo's own output from a previous run
     transfer("scan", str(DATA))
     transfer("finetune", str(DATA), "--backbone", "efficientnet_lite0", "--input-size", "96", "--crop-pct", "1.0",
-             "--no-augment", "--epochs-head", "10", "--epochs-finetune", "2", "--output", str(RUN))
+             "--output", str(RUN))
     transfer("export", "--run", str(RUN), "--output", str(RUN / "model.onnx"))
     samples = [str(sorted((DATA / str(d)).iterdir())[-1]) for d in (0, 3, 7, 9)]
     transfer("predict", *samples, "--onnx", str(RUN / "model.onnx"), "--top-k", "3")

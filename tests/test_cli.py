@@ -90,8 +90,8 @@ def test_resume_with_more_epochs_adds_exactly_those_epochs(tmp_path, runner):
     after = read_metrics(run_dir / "metrics.csv")
     assert len(after) == 4 and after[:3] == rows
     assert after[3]["stage"] == "finetune" and after[3]["stage_epoch"] == 3 and after[3]["epoch"] == 4
-    assert after[3]["lr"] == pytest.approx(1e-4)  # a fresh cosine tail starts from the stage's rate
     config = json.loads((run_dir / "config.json").read_text())
+    assert after[3]["lr"] == pytest.approx(config["settings"]["lr_finetune"])  # a fresh cosine tail: the stage's rate
     assert config["settings"]["epochs_finetune"] == 3 and config["stages"][1]["epochs"] == 3
     assert config["extensions"][0]["stage_epochs_after"]["finetune"] == 3
     assert config["created"] == created and config["updated"] > created  # a resume does not move `created`

@@ -28,7 +28,10 @@ def test_readme_tour_runs_as_written(tmp_path):
     assert not failed, (failed[0]["command"], failed[0]["stderr"][-2000:])
     assert len(results) == len(commands)
     rows = list(csv.DictReader((tmp_path / "runs" / "digits" / "metrics.csv").open()))
-    assert [r["stage"] for r in rows] == ["head"] * 3 + ["finetune"] * 4
+    head = [float(r["val_loss"]) for r in rows if r["stage"] == "head"]
+    assert [r["stage"] for r in rows] == ["head"] * len(head) + ["finetune"] * 4
+    if len(head) < 25:  # the default head stage (25 epochs on cached features) ended by --patience 5
+        assert len(head) > 5 and min(head[-5:]) >= min(head[:-5])
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["checker"] == "passed (full check)" and record["exporter"] == "dynamo"
     cat = next(r for r in results if "chelsea.jpg" in r["command"])

@@ -9,6 +9,7 @@ import pytest
 
 import cli
 from tests.conftest import digits_folder, one_line_error
+from transfer.training import FinetuneConfig
 
 TUNE = ["-b", "lenet5", "--workers", "0", "--batch-size", "8", "-q"]
 
@@ -37,6 +38,9 @@ def test_tune_runs_a_study_and_writes_the_best_recipe(tmp_path, digits, runner):
     settings = json.loads((study / f"trial_{int(best['trial']):03d}" / "config.json").read_text())["settings"]
     assert recipe == {name: settings[name] for name in recipe} and len(recipe) == 10
     assert (study / "trials.png").stat().st_size > 5_000 and (study / "study.db").is_file()
+    first = json.loads((study / "trial_000" / "config.json").read_text())["settings"]  # the defaults' own recipe
+    defaults = vars(FinetuneConfig(backbone="lenet5", batch_size=8, workers=0).check())
+    assert {name: first[name] for name in recipe} == {name: defaults[name] for name in recipe}
     assert f"best: trial {best['trial']}" in result.output
 
     reused = runner.invoke(cli.app, ["finetune", str(digits), "-b", "lenet5", "--recipe", str(study / "recipe.json"),

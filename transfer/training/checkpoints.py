@@ -16,9 +16,14 @@ from transfer.core.io import atomic_path, display
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
+    save_tensors(model.state_dict(), path)
+
+
+def save_tensors(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """A state dict as safetensors, atomically."""
     from safetensors.torch import save_file
 
-    tensors = _unshared({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    tensors = _unshared({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
     with atomic_path(path) as temp:
         save_file(tensors, str(temp))
 
@@ -50,13 +55,16 @@ def load_weights(model: nn.Module, path: Path) -> None:
 STATE_KEYS = ("stage_index", "stage_epoch", "epoch", "best_val_loss", "best_val_acc", "bad_epochs")
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: dict,
-                    ema: nn.Module | None = None) -> None:
-    """last.ckpt: weights, optimizer, scheduler, position in the schedule, RNG, and the EMA weights with --ema;
-    readable with weights_only=True."""
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-               "rng": torch.get_rng_state(), **{key: state[key] for key in STATE_KEYS},
-               "best_source": state.get("best_source", "model"), **({"ema": ema.state_dict()} if ema else {})}
+def checkpoint_payload(model: nn.Module, optimizer, scheduler, state: dict, ema: nn.Module | None = None) -> dict:
+    """What last.ckpt holds: weights, optimizer, scheduler, position in the schedule, RNG, and the EMA weights with
+    --ema (references to the live tensors: write it, or copy it, before training goes on)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(), **{key: state[key] for key in STATE_KEYS},
+            "best_source": state.get("best_source", "model"), **({"ema": ema.state_dict()} if ema else {})}
+
+
+def write_checkpoint(path: Path, payload: dict) -> None:
+    """last.ckpt, atomically; readable with weights_only=True."""
     with atomic_path(path) as temp:
         torch.save(payload, temp)
 

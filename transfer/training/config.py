@@ -23,18 +23,18 @@ class FinetuneConfig:
     """Every choice of a run; saved as config.json and read back by --resume, evaluate, extract and export."""
 
     backbone: str
-    epochs_head: int = 3
-    epochs_finetune: int = 3
+    epochs_head: int | None = None  # None here and in `augment`: the default of the run's kind (DEFAULTS), set by
+    epochs_finetune: int | None = None  # `check`
     unfreeze: str = "2"
     batch_size: int | str = 32  # or "auto" (training.batch_size), replaced by the chosen size when the run starts
     lr_head: float | str = 1e-3  # or "auto": the learning-rate range test picks it when the stage starts
-    lr_finetune: float | str = 1e-4
+    lr_finetune: float | str = 1e-3  # the Keras guide's 1e-4 let stage 2 beat stage 1 less often (defaults.py)
     head_optimizer: str = "adamw"
     head: str = "mlp"
     dropout: float = 0.2
     val_split: float = 0.2
-    augment: bool = True
-    cache_features: bool | None = None  # None: cache when stage 1 runs without augmentation
+    augment: bool | None = None
+    cache_features: bool | None = None  # stage 1 on cached features; None: yes unless mixup/cutmix, set by `check`
     pretrained: bool | None = None
     weights: str | None = None
     input_size: int | None = None
@@ -61,11 +61,16 @@ class FinetuneConfig:
     def check(self) -> FinetuneConfig:
         """Every value in range before any work; an `OptionError` names the flag (exit code 2)."""
         spec = get_backbone(self.backbone)
+        staged = self.pretrained is not False and (spec.has_pretrained or self.weights is not None)
+        for name, value in DEFAULTS["staged" if staged else "scratch"].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.cache_features is None:  # mixing needs images; augmentation alone then applies from stage 2 on
+            self.cache_features = not (self.mixup > 0 or self.cutmix > 0)
         check_int(self.epochs_head, "--epochs-head", 0)
         check_int(self.epochs_finetune, "--epochs-finetune", 0)
         if self.epochs_head + self.epochs_finetune < 1:
             raise OptionError("nothing to train: --epochs-head plus --epochs-finetune must be at least 1")
-        staged = self.pretrained is not False and (spec.has_pretrained or self.weights is not None)
         if staged:  # from-scratch runs train everything in one stage and ignore --unfreeze
             self.unfreeze = parse_unfreeze(self.unfreeze, [g.name for g in spec.unfreeze_groups])
         if self.batch_size != "auto":
@@ -108,6 +113,13 @@ class FinetuneConfig:
         return self
 
 
+# The recipe's defaults by kind of run. A pretrained backbone: up to 25 head epochs on cached features (--patience
+# ends the stage when the validation loss stops improving), then 3 with the top groups unfrozen, no augmentation:
+# best or within noise of the best of benchmarks/defaults.py's candidates on every dataset, in less time than the
+# 3 + 3 augmented epochs before it (README, "Choosing a recipe"). From scratch the one stage trains both counts,
+# augmented, as before: no measurement here says otherwise.
+DEFAULTS = {"staged": {"epochs_head": 25, "epochs_finetune": 3, "augment": False},
+            "scratch": {"epochs_head": 3, "epochs_finetune": 3, "augment": True}}
 HEAD_OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 SCHEDULES = ("cosine", "one-cycle")
 CLASS_WEIGHTS = ("none", "balanced")
@@ -116,8 +128,8 @@ SAMPLERS = ("shuffle", "balanced")
 
 def split_epochs(total: int) -> tuple[int, int]:
     """`--epochs N` as (head, fine-tune) epochs: half, at least one, with the backbone frozen (Keras' guide trains
-    the new head first), the rest fine-tuning; 6 gives the defaults 3 + 3. A net trained from scratch runs both
-    counts as its one stage, so N stays N."""
+    the new head first), the rest fine-tuning (6 gives 3 + 3). A net trained from scratch runs both counts as its one
+    stage, so N stays N."""
     head = max(1, total // 2)
     return head, total - head
 
@@ -133,8 +145,12 @@ def flag_of(setting: str) -> str:
 
 def resumed_config(saved: dict, changes: dict, run_dir: Path) -> FinetuneConfig:
     """The run's saved settings with the allowed `changes` applied; any other difference is an `OptionError`."""
+    settings = dict(saved["settings"])
+    if settings.get("cache_features", False) is None:  # a run from before check() set it: the rule it ran under
+        settings["cache_features"] = not (settings.get("augment", True) or settings.get("mixup", 0) > 0
+                                          or settings.get("cutmix", 0) > 0)
     try:
-        config = FinetuneConfig(**saved["settings"])
+        config = FinetuneConfig(**settings)
     except TypeError as exc:
         raise RunDamagedError(display(run_dir), "config.json", f"settings: {exc}") from None
     for key, value in changes.items():

@@ -106,16 +106,16 @@ def finetune(
                     if lost is None:
                         raise
                     kept = (f"its last checkpoint is kept: resume with --resume {display(run_dir)}"
-                            if (run_dir / CHECKPOINT).exists() or trainer.last_good_epoch is not None
+                            if (run_dir / CHECKPOINT).exists() or trainer.saves.saved_epoch is not None
                             else "no epoch had finished, so nothing was kept")
                     raise PeerLostError(f"{lost}; {kept}") from None
                 except KeyboardInterrupt:
-                    if trainer.last_good_epoch is None:
+                    if trainer.saves.saved_epoch is None:
                         log("interrupted before the first epoch finished; nothing was kept")
                         raise
                     if not world.distributed:
                         write_interrupted_reports(trainer)
-                    log(f"interrupted; epoch {trainer.last_good_epoch} is saved: resume with "
+                    log(f"interrupted; epoch {trainer.saves.saved_epoch} is saved: resume with "
                         f"transfer finetune {display(data_dir)} --resume {display(run_dir)}")
                     raise
     finally:

@@ -21,7 +21,6 @@ from torch import nn
 from models.registry import get_backbone
 from models.weights import build_architecture, create_backbone
 from transfer.core.errors import DataError, NonFiniteLossError, OptionError
-from transfer.core.io import display
 from transfer.core.metrics import write_metrics
 from transfer.core.preprocess import decode_size
 from transfer.core.progress import SILENT, Progress
@@ -33,10 +32,11 @@ from transfer.data.scan import ScanReport
 from transfer.data.splits import train_val_samples
 from transfer.training import collectives
 from transfer.training.batch_size import resolve_auto_batch_size
-from transfer.training.checkpoints import STATE_KEYS, save_checkpoint, save_weights
+from transfer.training.checkpoints import STATE_KEYS, checkpoint_payload
 from transfer.training.config import FinetuneConfig
 from transfer.training.decode_failures import DecodeFailures
 from transfer.training.device import autocast, to_device
+from transfer.training.epoch_saves import EpochSaves
 from transfer.training.model import TransferModel, build_transfer_model, set_trainable, train_mode
 from transfer.training.regularize import make_ema, mix_batch, stage_lr_groups
 from transfer.training.report import FinetuneResult, write_report
@@ -87,19 +87,12 @@ class Trainer:
                             draft_factor=base.draft_factor if config.decode_floor is None else config.decode_floor)
         self.classes = list(self.scan.classes)
         self.rows: list[dict] = []
-        self.last_good_epoch: int | None = None  # epoch of the checkpoint on disk
+        self.saves = EpochSaves(run_dir, writes=self.world.main)  # when last.ckpt and best weights are written
         self.feature_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cache_seconds = 0.0  # spent caching stage-1 features, reported apart from the epoch's own time
         self.state: dict | None = None  # the schedule's position, for the reports of an interrupted run
         self.model: TransferModel | None = None
         self.tracker = Trackers()  # --log: TensorBoard / MLflow (rank 0), opened when the schedule starts
-
-    def kept_message(self) -> str:
-        """What survives a failed or interrupted run, truthfully."""
-        if self.last_good_epoch is None:
-            return "no epoch had finished, so nothing was kept"
-        kept = display(self.run_dir / "last.ckpt")
-        return f"the last good checkpoint, epoch {self.last_good_epoch}, is kept in {kept}"
 
     # --- model -------------------------------------------------------------------------------------------------
     def build_model(self, resume_state: dict | None) -> tuple[TransferModel, bool, str]:
@@ -190,10 +183,11 @@ class Trainer:
     def train_epoch(self, model: TransferModel, stage: Stage, optimizer, epoch: int,
                     label: str = "", batch_scheduler=None) -> tuple[float, float]:
         """One pass over the training images (or cached features); `batch_scheduler` steps after every batch."""
+        if stage.cached:  # first: caching runs the model in eval mode and its loader draws from the RNG
+            features, labels = self.cached_features(model, "train")
         torch.manual_seed(epoch_seed(self.config.seed, epoch))
         train_mode(model, list(stage.prefixes), batchnorm_stats=stage.name == "scratch" or self.config.bn_stats)
         if stage.cached:
-            features, labels = self.cached_features(model, "train")
             order = epoch_order(len(labels), epoch_seed(self.config.seed, epoch), self.sample_weights)
             shares = (idx[span.start:span.stop] for idx in order.split(self.config.batch_size)
                       for span in [self.world.block(len(idx))])
@@ -246,7 +240,8 @@ class Trainer:
             if probe:
                 return global_sum, logits.detach(), targets
             raise NonFiniteLossError(f"non-finite training loss ({global_sum / global_count}) in stage {stage.name}, "
-                                     f"epoch {epoch}, batch {step}; {self.kept_message()} (try a lower learning rate)")
+                                     f"epoch {epoch}, batch {step}; {self.saves.kept_message()} (try a lower "
+                                     "learning rate)")
         optimizer.zero_grad(set_to_none=True)
         (loss_sum * (self.world.size / global_count)).backward()
         optimizer.step()
@@ -284,14 +279,17 @@ class Trainer:
             self.log(f"note: {note}")
         state = self.state = self.start_state(stages, source, resume_state, saved)
         self.tracker = open_trackers(self, state["epoch"])
-        for stage_index in range(state["stage_index"], len(stages)):
-            stage, optimizer, scheduler, start = self.begin_stage(model, stages, stage_index, resume_state, saved)
-            for stage_epoch in range(start + 1, stage.epochs + 1):
-                if state["bad_epochs"] >= self.config.patience:
-                    self.log(f"stage {stage.name}: no validation-loss gain in {self.config.patience} epoch(s); "
-                             "stopping it early (--patience)")
-                    break
-                self.run_epoch(model, stage, stage_index, stage_epoch, optimizer, scheduler, state)
+        try:
+            for stage_index in range(state["stage_index"], len(stages)):
+                stage, optimizer, scheduler, start = self.begin_stage(model, stages, stage_index, resume_state, saved)
+                for stage_epoch in range(start + 1, stage.epochs + 1):
+                    if state["bad_epochs"] >= self.config.patience:
+                        self.log(f"stage {stage.name}: no validation-loss gain in {self.config.patience} epoch(s); "
+                                 "stopping it early (--patience)")
+                        break
+                    self.run_epoch(model, stage, stage_index, stage_epoch, optimizer, scheduler, state)
+        finally:  # a stopped run keeps every finished epoch of a paced stage (epoch_saves)
+            self.saves.flush()
         return write_report(self, model, state)
 
     def start_state(self, stages: list[Stage], source: str, resume_state: dict | None, saved: dict | None) -> dict:
@@ -308,7 +306,7 @@ class Trainer:
             return state
         state.update({key: resume_state[key] for key in STATE_KEYS})
         state["best_source"] = resume_state.get("best_source", "model")
-        self.last_good_epoch = state["epoch"]
+        self.saves.saved_epoch = state["epoch"]
         self.rows = [r for r in read_run_metrics(self.run_dir) if r["epoch"] <= state["epoch"]]
         if saved is not None and [s["epochs"] for s in saved["stages"]] != [s.epochs for s in stages]:
             write_config(self, stages, source, previous=saved)
@@ -344,6 +342,7 @@ class Trainer:
                 self.log(f"stage {stage.name} extended from {saved_epochs} to {stage.epochs} epochs")
         else:
             state["bad_epochs"] = 0
+        self.saves.begin_stage()
         self.log(f"stage {stage.name}: {stage.epochs} epoch(s), {stage.optimizer} lr {stage.lr:g}, "
                  f"{len(trainable)} trainable tensors{', cached features' if stage.cached else ''}")
         return stage, optimizer, scheduler, start
@@ -373,21 +372,20 @@ class Trainer:
                "seconds": round(time.perf_counter() - started - caching, 3)}
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             raise NonFiniteLossError(f"non-finite validation loss ({val_loss}) in stage {stage.name}, epoch {epoch}; "
-                                     f"{self.kept_message()} (try a lower learning rate)")
+                                     f"{self.saves.kept_message()} (try a lower learning rate)")
         improved = candidate_loss < state["best_val_loss"]
         state.update(epoch=epoch, stage_index=stage_index, stage_epoch=stage_epoch,
                      bad_epochs=0 if improved else state["bad_epochs"] + 1)
         if improved:
             state.update(best_val_loss=candidate_loss, best_val_acc=candidate_acc, best_source=source)
         self.rows.append(row)
+        self.saves.epoch_end(epoch, lambda: checkpoint_payload(
+            model, optimizer, scheduler, state, ema=self.ema.module if self.ema is not None else None),
+            candidate if improved else None, stage.cached,
+            stage_epoch == stage.epochs or state["bad_epochs"] >= self.config.patience)
         if self.world.main:
-            if improved:
-                save_weights(candidate, self.run_dir / "best.safetensors")
-            save_checkpoint(self.run_dir / "last.ckpt", model, optimizer, scheduler, state,
-                            ema=self.ema.module if self.ema is not None else None)
             write_metrics(self.run_dir / "metrics.csv", self.rows)
             self.tracker.epoch(row, lrs, stage_index)
-        self.last_good_epoch = epoch
         acc = "exact" if self.multilabel else "acc"  # several labels: every label right at probability 0.5
         self.log(f"[{stage.name} {stage_epoch}/{stage.epochs}] epoch {epoch}: train loss {train_loss:.4f} "
                  f"{acc} {train_acc:.3f} | val loss {val_loss:.4f} {acc} {val_acc:.3f} | "

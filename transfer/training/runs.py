@@ -41,7 +41,7 @@ def write_config(trainer, stages: list, source: str, previous: dict | None = Non
     history, now = [], datetime.now().isoformat(timespec="seconds")
     if previous is not None:
         history = previous.get("extensions", []) + [{
-            "at_epoch": trainer.last_good_epoch, "when": datetime.now().isoformat(timespec="seconds"),
+            "at_epoch": trainer.saves.saved_epoch, "when": datetime.now().isoformat(timespec="seconds"),
             "stage_epochs_before": {s["name"]: s["epochs"] for s in previous["stages"]},
             "stage_epochs_after": {s.name: s.epochs for s in stages}}]
     write_json(trainer.run_dir / "config.json", {

@@ -1,7 +1,8 @@
 """The staged schedule on one screen: which stages a run trains, with what, and the seed of each epoch.
 
   stage "head"     backbone frozen (no gradients, BatchNorm in eval), head trained with AdamW/RMSprop at lr_head;
-                   on cached pooled features when stage 1 runs without augmentation ("bottleneck features").
+                   on cached pooled features ("bottleneck features") unless mixup/cutmix or --no-cache-features
+                   ask for images; augmentation then starts with stage 2.
   stage "finetune" the top `unfreeze` groups + head trained with SGD momentum 0.9 at lr_finetune, cosine schedule.
   stage "scratch"  (classic nets, --no-pretrained) everything trained from the start, AdamW, cosine schedule.
 With `--schedule one-cycle` every stage follows fastai's one-cycle curve instead, stepped per batch.
@@ -33,11 +34,9 @@ def plan_stages(config: FinetuneConfig, spec: BackboneSpec, pretrained: bool) ->
     if not pretrained:
         return [Stage("scratch", config.epochs_head + config.epochs_finetune, ("",), config.head_optimizer,
                       config.lr_head, config.schedule, False)]
-    mixing = config.mixup > 0 or config.cutmix > 0  # mixes images, so stage 1 runs on them, not on a cache
-    cached = config.cache_features if config.cache_features is not None else not (config.augment or mixing)
     return [
         Stage("head", config.epochs_head, (), config.head_optimizer, config.lr_head,
-              "one-cycle" if config.schedule == "one-cycle" else "constant", cached),
+              "one-cycle" if config.schedule == "one-cycle" else "constant", bool(config.cache_features)),
         Stage("finetune", config.epochs_finetune, tuple(group_prefixes(spec, config.unfreeze)), "sgd",
               config.lr_finetune, config.schedule, False),
     ]

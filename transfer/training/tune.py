@@ -27,6 +27,7 @@ from transfer.training.config import FinetuneConfig
 from transfer.training.recipes import KNOBS as RECIPE_KNOBS
 
 STUDY_NAME = "transfer-tune"
+MIXUPS, EMAS = (0.0, 0.2), (0.0, 0.99)
 
 
 def suggest(trial) -> dict:
@@ -38,17 +39,34 @@ def suggest(trial) -> dict:
     return {
         "lr_head": trial.suggest_float("lr_head", 1e-4, 3e-2, log=True),
         "lr_finetune": trial.suggest_float("lr_finetune", 1e-5, 1e-3, log=True),
-        "epochs_head": trial.suggest_int("epochs_head", 2, 15),
+        "epochs_head": trial.suggest_int("epochs_head", 2, 30),
         "epochs_finetune": trial.suggest_int("epochs_finetune", 0, 6),
         "unfreeze": str(trial.suggest_int("unfreeze", 1, 4)),
         "augment": augment,
         "augmentation": Augment(rotation=base.rotation * strength, shift=base.shift * strength,
                                 zoom=base.zoom * strength, hflip=base.hflip,
                                 color_jitter=base.color_jitter * strength).to_dict(),
-        "mixup": trial.suggest_categorical("mixup", [0.0, 0.2]),
+        "mixup": trial.suggest_categorical("mixup", MIXUPS),
         "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.2),
-        "ema": trial.suggest_categorical("ema", [0.0, 0.99]),
+        "ema": trial.suggest_categorical("ema", EMAS),
     }
+
+
+def starting_params(config: FinetuneConfig) -> dict:
+    """The trial that runs `config`'s own recipe (the defaults, or the flags given): the study's first, so its best is
+    never worse on validation than what `finetune` would have run. A value the space cannot hold ("auto" rates,
+    --unfreeze all, a mixup or EMA value off its list) is left to the sampler."""
+    params = {"augment": config.augment, "label_smoothing": config.label_smoothing,
+              "epochs_head": config.epochs_head, "epochs_finetune": config.epochs_finetune}
+    params |= {name: value for name, value, choices in (("mixup", config.mixup, MIXUPS), ("ema", config.ema, EMAS))
+               if value in choices}
+    if config.augment:
+        params["augment_strength"] = 1.0
+    if str(config.unfreeze).isdigit():
+        params["unfreeze"] = int(config.unfreeze)
+    params |= {name: getattr(config, name) for name in ("lr_head", "lr_finetune")
+               if isinstance(getattr(config, name), float)}
+    return params
 
 
 @dataclass
@@ -69,7 +87,9 @@ def _open_study(output: Path, base: dict, trials: int):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     output.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{(output / 'study.db').resolve()}"
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    # no pruning before epoch 5: the defaults' head stage is still falling steeply there, and pruning from epoch 2
+    # stopped 144 of 147 trials in benchmarks/tune.py, leaving the sampler almost nothing finished to learn from
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=5)
     sampler = optuna.samplers.TPESampler(seed=base["seed"], n_startup_trials=min(5, max(1, trials // 3)))
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True, direction="minimize",
                                 pruner=pruner, sampler=sampler)
@@ -99,18 +119,21 @@ def tune(data_dir: str | os.PathLike, base: FinetuneConfig, output: str | os.Pat
         raise OptionError(f"--trials {trials}: must be at least 1")
     if budget_minutes is not None and budget_minutes <= 0:
         raise OptionError(f"--budget {budget_minutes}: must be above 0 minutes")
+    cache_choice = base.cache_features  # None: each trial's own rule (stage 1 on images when it mixes)
     base.check()
     output = Path(output)
     settings = {k: v for k, v in vars(base).items() if k not in RECIPE_KNOBS}
     study = _open_study(output, settings | {"data_dir": str(Path(data_dir).resolve())}, trials)
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     continued = len(done)
+    if not study.trials:
+        study.enqueue_trial(starting_params(base), skip_if_exists=True)
     if continued:
         log(f"continuing the study in {display(output / 'study.db')}: {continued} trial(s) done")
 
     def objective(trial) -> float:
         knobs = suggest(trial)
-        config = replace(base, **knobs)
+        config = replace(base, **knobs, cache_features=cache_choice)
         run_dir = output / f"trial_{trial.number:03d}"
         trial.set_user_attr("run_dir", str(run_dir))
 
