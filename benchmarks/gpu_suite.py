@@ -12,8 +12,9 @@ internet) and batch (1, 32, 256), all fp16, input already on the card unless sai
 - PyTorch: eager channels_last fp16 (inference_mode); `torch.compile` (default mode) on the models in
   `--compile`, at batches 32 and 256 only (each shape compiles anew: device minutes are scarce).
 
-Then `predict` end to end on JPEGs (decode + batches on the card), and training images/s of the whole network
-unfrozen (SGD, channels_last) in fp32 and in bf16 autocast, the way `finetune` trains on CUDA.
+Then `predict` end to end on JPEGs (decode + batches on the card), training images/s of the whole network
+unfrozen (SGD, channels_last) in fp32 and in bf16 autocast, the way `finetune` trains on CUDA, and what CAM in the
+ONNX file (`export --cam`) costs: the fp32 classifier with and without its `cam` output.
 
 `--rehearse` runs the same code on CPU with one small model, small batches and short timings: the script's
 rehearsal on a machine without a GPU (the CUDA-only engines are skipped and say so).
@@ -110,13 +111,7 @@ def ort_engines(path: Path, batch: np.ndarray, device: str) -> dict[str, Callabl
     ours = OnnxModel(path, device=device)
     engines = {"ort default options, host arrays": lambda: default.run(None, {name: batch}),
                "ort our options, host input": lambda: ours.run(batch)}
-    ort_device = "cuda" if device == "cuda" else "cpu"
-    resident = ort.OrtValue.ortvalue_from_numpy(batch, ort_device, 0)
-    binding = ours.session.io_binding()
-    binding.bind_ortvalue_input(ours.input_name, resident)
-    for output in ours.output_names:
-        binding.bind_output(output, ort_device)
-    engines["ort our options, device-resident io"] = lambda: ours.session.run_with_iobinding(binding)
+    engines["ort our options, device-resident io"] = resident_io(ours, batch, device)
     if device == "cuda":
         graph_options = {**dict(choose_providers("cuda")[0][1]), "enable_cuda_graph": "1"}
         graphed = ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", graph_options)])
@@ -130,6 +125,18 @@ def ort_engines(path: Path, batch: np.ndarray, device: str) -> dict[str, Callabl
             graph_binding.bind_ortvalue_output(output_name, value)
         engines["ort our options + CUDA graph, device io"] = lambda: graphed.run_with_iobinding(graph_binding)
     return engines
+
+
+def resident_io(model, batch: np.ndarray, device: str) -> Callable[[], None]:
+    """A step of `model` (an OnnxModel) on input already on `device`, its outputs left there (IO binding)."""
+    import onnxruntime as ort
+
+    ort_device = "cuda" if device == "cuda" else "cpu"
+    binding = model.session.io_binding()
+    binding.bind_ortvalue_input(model.input_name, ort.OrtValue.ortvalue_from_numpy(batch, ort_device, 0))
+    for output in model.output_names:
+        binding.bind_output(output, ort_device)
+    return lambda: model.session.run_with_iobinding(binding)
 
 
 def torch_engines(name: str, batch: np.ndarray, device: str, compile_it: bool) -> dict[str, Callable[[], None]]:
@@ -200,6 +207,28 @@ def inference(suite: Suite, name: str, batches: tuple[int, ...], compile_models:
         suite.add("inference", row)
         if suite.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def cam_cost(suite: Suite, name: str, batch_size: int, work: Path) -> None:
+    """What CAM in the ONNX file costs on the card: images/s of the fp32 ImageNet classifier without and with its
+    `cam` output (export --cam: the top class's map, upsampled to the input side), input and outputs on the card."""
+    import torch
+
+    from exporters.export import export_onnx
+    from exporters.runtime import OnnxModel
+    from models.registry import get_backbone
+
+    size = get_backbone(name).preprocessing.input_size
+    batch = np.random.default_rng(0).standard_normal((batch_size, 3, size, size)).astype(np.float32)
+    sync = torch.cuda.synchronize if suite.device == "cuda" else (lambda: None)
+    row = {"model": f"{name} fp32", "batch": batch_size}
+    for label, cam in (("without cam", None), ("with cam (top class)", "top")):
+        path = work / f"{name}.{cam or 'plain'}.onnx"
+        export_onnx(path, backbone=name, pretrained=False, cam=cam)
+        step = resident_io(OnnxModel(path, device=suite.device), batch, suite.device)
+        row[f"images/s {label}"] = round(batch_size / timed(step, sync, suite.seconds), 1)
+    row["with / without"] = round(row["images/s with cam (top class)"] / row["images/s without cam"], 3)
+    suite.add("cam", row)
 
 
 # --- predict end to end and training -------------------------------------------------------------------------------
@@ -322,6 +351,10 @@ def run_suite(out: Path, rehearse: bool, models: list[str], compile_models: set[
             training(suite, main_model, 4 if rehearse else 128, 3 if rehearse else 20)
         except Exception as exc:  # noqa: BLE001
             suite.failed(f"training {main_model}", exc)
+        try:
+            cam_cost(suite, main_model, 2 if rehearse else 256, work)
+        except Exception as exc:  # noqa: BLE001
+            suite.failed(f"cam {main_model}", exc)
         for name in models[1:]:
             try:
                 inference(suite, name, batches, compile_models, work, COMPILE_BATCHES)
@@ -351,7 +384,7 @@ def markdown(record: dict) -> list[str]:
                   f"{best / MLPERF_RESNET50_H100:.3f}x the MLPerf H100 record ({MLPERF_RESNET50_H100:,} images/s, "
                   "TensorRT int8)."]
     for row in record["rows"]:
-        if row["section"] in ("predict", "training"):
+        if row["section"] in ("predict", "training", "cam"):
             lines += ["", f"{row['section']}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "section")]
     for error in record["errors"]:
         lines += ["", f"not measured: {error['what']} ({error['error']})"]

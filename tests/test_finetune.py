@@ -59,6 +59,7 @@ def test_inception_unfreeze_2_trains_exactly_mixed_7b_7c_and_head(tmp_path):
     assert {k.split(".")[0] for k in changed} == {"Mixed_7b", "Mixed_7c"}
     config_json = json.loads((run_dir / "config.json").read_text())
     assert config_json["stages"][1]["prefixes"] == ["Mixed_7c", "Mixed_7b"]
+    assert config_json["device"] == "cpu"
 
 
 def test_resume_equals_straight_run(tmp_path):

@@ -49,14 +49,24 @@ def metrics(run_dir) -> list[dict]:
 
 def test_finetune_trains_on_the_device_and_tracks_the_cpu_run(trained):
     """Same seed, same data: the CUDA run (bf16 autocast, channels_last) follows the CPU run's losses within 5%
-    (bf16 rounds the forward pass) and says where it trained."""
+    (bf16 rounds the forward pass) and says where it trained; its paced checkpoints, written from the card, load
+    on the CPU."""
+    from safetensors.torch import load_file
+
+    from transfer.training.checkpoints import load_checkpoint
+
     _, _, runs = trained
     assert any(f"device {DEVICE}" in line for line in runs["device"].lines), runs["device"].lines[:2]
+    recorded = json.loads((runs["device"].run_dir / "config.json").read_text())["device"]
+    assert (recorded == "cpu") if REHEARSAL else recorded.startswith("cuda:0 (NVIDIA")
     cpu_rows, device_rows = metrics(runs["reference"].run_dir), metrics(runs["device"].run_dir)
     assert len(cpu_rows) == len(device_rows) == 3
     for a, b in zip(cpu_rows, device_rows, strict=True):
         assert float(b["train_loss"]) == pytest.approx(float(a["train_loss"]), rel=0.05)
         assert float(b["val_loss"]) == pytest.approx(float(a["val_loss"]), rel=0.05)
+    assert load_checkpoint(runs["device"].run_dir / "last.ckpt")["epoch"] == 3  # paced saves flushed from the card
+    best = load_file(runs["device"].run_dir / "best.safetensors")  # readable on a machine without the card
+    assert best.keys() == load_file(runs["reference"].run_dir / "best.safetensors").keys()
 
 
 def test_evaluate_extract_predict_bench_on_the_device_agree_with_cpu(trained, runner, tmp_path):
@@ -183,3 +193,99 @@ def test_multilabel_run_and_serve_on_the_device_answer_like_the_cpu(tmp_path):
         answer = client.post("/predict", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in paths[:4]])
     assert answer.status_code == 200 and answer.json()["task"] == "multilabel", answer.text
     assert [item["labels"] for item in answer.json()["predictions"]] == on_device[:4]
+
+
+def test_heatmaps_on_the_device_match_the_cpu(trained, runner, tmp_path):
+    """CAM inside the ONNX file (export --cam) on the device's provider gives the CPU's maps and predict --cam draws
+    them there; explain's Grad-CAM on the device gives the CPU's maps (the backward pass through the backbone on
+    the card) and the CLI names the same classes."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from exporters.runtime import OnnxModel
+    from transfer.apps.explain import cam_plan, load_source
+    from transfer.core.images import open_image
+    from transfer.core.preprocess import eval_array
+
+    root, data, runs = trained
+    paths = sorted(data.rglob("*.png"))[::9][:4]
+    weights = random_weights_file(tmp_path, "resnet18", size=64)
+    model = tmp_path / "cam.onnx"
+    result = runner.invoke(cli.app, ["export", "-b", "resnet18", "--weights", str(weights), "--input-size", "64",
+                                     "--cam", "--cam-classes", "all", "-o", str(model), "-q"])
+    assert result.exit_code == 0, result.output
+    outputs = {}
+    for name, device in (("reference", "cpu"), ("device", DEVICE)):
+        onnx_model = OnnxModel(model, device=device)
+        batch = next(onnx_model.iter_batches(paths, 8))[1]
+        outputs[name] = onnx_model.run(batch, ["logits", "cam"])
+    for on_cpu, on_device in zip(outputs["reference"], outputs["device"], strict=True):
+        assert on_cpu.shape == on_device.shape
+        assert np.abs(on_device - on_cpu).max() <= 1e-2 * np.abs(on_cpu).max()  # TF32 convolutions on the card
+    drawn = tmp_path / "drawn"
+    result = runner.invoke(cli.app, ["predict", *map(str, paths), "--onnx", str(model), "--device", DEVICE,
+                                     "--top-k", "1", "--cam", str(drawn), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 4 heatmap(s) of 4 image(s) to" in " ".join(result.output.split()), result.output
+    assert len(json.loads((drawn / "heatmaps.json").read_text())["images"]) == 4
+
+    run = runs["reference"].run_dir
+    heat = {}
+    for name, device in (("reference", "cpu"), ("device", DEVICE)):
+        source = load_source(run=run)
+        plan = cam_plan(source.model.to(device), source.prep.input_size)
+        batch = torch.from_numpy(np.stack([eval_array(open_image(p), source.prep) for p in paths])).to(device)
+        heat[name] = GradCAM(model=plan.model, target_layers=[plan.layer], reshape_transform=plan.reshape)(
+            input_tensor=batch, targets=[ClassifierOutputTarget(0)] * len(paths))
+    assert heat["reference"].shape == (4, 64, 64)
+    assert np.abs(heat["device"] - heat["reference"]).max() < 0.1  # Grad-CAM scales each map to [0, 1]
+    records = {}
+    for name, device in (("reference", "cpu"), ("device", DEVICE)):
+        result = runner.invoke(cli.app, ["explain", *map(str, paths), "--run", str(run), "--device", device,
+                                         "-o", str(tmp_path / f"seen-{name}"), "--json",
+                                         str(tmp_path / f"h-{name}.json"), "-q"])
+        assert result.exit_code == 0, result.output
+        records[name] = json.loads((tmp_path / f"h-{name}.json").read_text())["images"]
+    assert len(records["device"]) == 4 and (tmp_path / "seen-device" / "heatmaps" / "contact_sheet.png").is_file()
+    same = [a["classes"][0]["class"] == b["classes"][0]["class"] for a, b in zip(*records.values(), strict=True)]
+    assert sum(same) >= 3  # a near tie may flip
+
+
+def test_index_and_similar_on_the_device_agree_with_cpu(trained, runner, tmp_path):
+    """`index --device` embeds on the card (vectors within TF32 rounding of the CPU's) and `similar --device`
+    finds the neighbours the CPU finds, with the same cosines."""
+    root, data, runs = trained
+    run = runs["reference"].run_dir
+    queries = sorted(data.rglob("*.png"))[::7][:5]
+    hits = {}
+    for name, device in (("reference", "cpu"), ("device", DEVICE)):
+        index = tmp_path / f"idx-{name}"
+        result = runner.invoke(cli.app, ["index", str(data), "--run", str(run), "--device", device, "-o", str(index),
+                                         "--workers", "0", "-q"])
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(cli.app, ["similar", *map(str, queries), "--index", str(index), "--device", device,
+                                         "-k", "3", "--exclude-self", "-o", str(tmp_path / f"s-{name}.png"),
+                                         "--json", str(tmp_path / f"s-{name}.json"), "-q"])
+        assert result.exit_code == 0, result.output
+        hits[name] = json.loads((tmp_path / f"s-{name}.json").read_text())["results"]
+    on_cpu, on_device = (np.load(tmp_path / f"idx-{name}" / "vectors.npy") for name in ("reference", "device"))
+    assert on_cpu.shape == on_device.shape == (36, on_cpu.shape[1])
+    assert np.abs(on_device - on_cpu).max() < 1e-2  # unit vectors
+    for a, b in zip(hits["reference"], hits["device"], strict=True):
+        assert [n["score"] for n in b["neighbours"]] == pytest.approx([n["score"] for n in a["neighbours"]], abs=1e-2)
+
+
+def test_tune_runs_its_trials_on_the_device(tmp_path, runner):
+    """`tune --device`: two trials train on the card (lenet5 from scratch), each a run that says where it trained,
+    and the study writes its recipe."""
+    import csv
+
+    data = digits_folder(tmp_path / "digits", per_class=6, size=32, classes=3)
+    study = tmp_path / "study"
+    result = runner.invoke(cli.app, ["tune", str(data), "-b", "lenet5", "--trials", "2", "--device", DEVICE,
+                                     "--workers", "0", "--batch-size", "8", "-o", str(study), "-q"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((study / "trials.csv").open()))
+    assert len(rows) == 2 and (study / "recipe.json").is_file()
+    for trial in (0, 1):
+        assert json.loads((study / f"trial_{trial:03d}" / "config.json").read_text())["device"].startswith(DEVICE)

@@ -25,6 +25,13 @@ def resolve_device(device: str, world: World | None = None) -> torch.device:
     return torch.device(device)
 
 
+def device_name(device: torch.device) -> str:
+    """Where a run trained, as its config.json records it: 'cpu', or 'cuda:0 (NVIDIA H100 80GB HBM3)'."""
+    if device.type != "cuda":
+        return device.type
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
 
 def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A batch on `device`; image batches on CUDA in channels_last (what the convolutions are fastest with)."""

@@ -37,6 +37,7 @@ def write_config(trainer, stages: list, source: str, previous: dict | None = Non
     import torch
 
     from transfer import __version__
+    from transfer.training.device import device_name
 
     history, now = [], datetime.now().isoformat(timespec="seconds")
     if previous is not None:
@@ -57,6 +58,7 @@ def write_config(trainer, stages: list, source: str, previous: dict | None = Non
         "settings": asdict(trainer.config),
         "created": (previous or {}).get("created", now),  # kept on resume; `updated` says when it last changed
         **({"updated": now} if previous is not None else {}),
+        "device": device_name(trainer.device),  # the latest run's, on resume
         "versions": {"transfer": __version__, "torch": torch.__version__, "timm": timm.__version__},
         **({"extensions": history} if history else {}),
         **({"lr_find": trainer.lr_found} if trainer.lr_found else {}),
