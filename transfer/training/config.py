@@ -112,6 +112,10 @@ class FinetuneConfig:
         probe_trackers(self.log)  # the store answers and takes a write, or exit 2 before any work
         return self
 
+    def out_of_patience(self, bad_epochs: int) -> bool:
+        """--patience's rule: a stage ends after this many epochs in a row without a new best validation loss."""
+        return bad_epochs >= self.patience
+
 
 # The recipe's defaults by kind of run. A pretrained backbone: up to 25 head epochs on cached features (--patience
 # ends the stage when the validation loss stops improving), then 3 with the top groups unfrozen, no augmentation:

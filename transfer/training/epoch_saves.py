@@ -29,6 +29,16 @@ def _copy_changing(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor if name.startswith(FROZEN) else tensor.detach().clone() for name, tensor in tensors.items()}
 
 
+def _snapshot(payload: dict) -> dict:
+    """A checkpoint payload that later training steps cannot change: copies of what a paced stage trains (head,
+    optimizer, schedule), the frozen backbone by reference."""
+    snapshot = {**payload, "model": _copy_changing(payload["model"]),
+                "optimizer": copy.deepcopy(payload["optimizer"]), "scheduler": copy.deepcopy(payload["scheduler"])}
+    if "ema" in payload:
+        snapshot["ema"] = _copy_changing(payload["ema"])
+    return snapshot
+
+
 class EpochSaves:
     """The writes of one run's epochs (rank 0 writes; every rank keeps the bookkeeping)."""
 
@@ -53,21 +63,17 @@ class EpochSaves:
                   stage_ends: bool) -> None:
         """Record a finished epoch (`payload` builds its checkpoint; `best`: the model that just improved, if one
         did) and write now unless the stage is paced."""
-        if not paced:
+        if not self.writes:  # another rank writes the files: keep only which epoch they hold
+            self.pending_checkpoint = (epoch, {})
+        elif not paced:
             if best is not None:
                 self.pending_best = best.state_dict()
             self.pending_checkpoint = (epoch, payload())
-            self.flush()
-            return
-        if best is not None:
-            self.pending_best = _copy_changing(best.state_dict())
-        snapshot = payload()
-        snapshot["model"] = _copy_changing(snapshot["model"])
-        snapshot["ema"] = _copy_changing(snapshot["ema"]) if "ema" in snapshot else None
-        snapshot["optimizer"], snapshot["scheduler"] = (copy.deepcopy(snapshot[key]) for key in ("optimizer",
-                                                                                                    "scheduler"))
-        self.pending_checkpoint = (epoch, {key: value for key, value in snapshot.items() if value is not None})
-        if stage_ends or time.monotonic() - self.last_write >= PACE_SECONDS:
+        else:
+            if best is not None:
+                self.pending_best = _copy_changing(best.state_dict())
+            self.pending_checkpoint = (epoch, _snapshot(payload()))
+        if not paced or stage_ends or time.monotonic() - self.last_write >= PACE_SECONDS:
             self.flush()
 
     def flush(self) -> None:

@@ -283,7 +283,7 @@ class Trainer:
             for stage_index in range(state["stage_index"], len(stages)):
                 stage, optimizer, scheduler, start = self.begin_stage(model, stages, stage_index, resume_state, saved)
                 for stage_epoch in range(start + 1, stage.epochs + 1):
-                    if state["bad_epochs"] >= self.config.patience:
+                    if self.config.out_of_patience(state["bad_epochs"]):
                         self.log(f"stage {stage.name}: no validation-loss gain in {self.config.patience} epoch(s); "
                                  "stopping it early (--patience)")
                         break
@@ -382,7 +382,7 @@ class Trainer:
         self.saves.epoch_end(epoch, lambda: checkpoint_payload(
             model, optimizer, scheduler, state, ema=self.ema.module if self.ema is not None else None),
             candidate if improved else None, stage.cached,
-            stage_epoch == stage.epochs or state["bad_epochs"] >= self.config.patience)
+            stage_epoch == stage.epochs or self.config.out_of_patience(state["bad_epochs"]))
         if self.world.main:
             write_metrics(self.run_dir / "metrics.csv", self.rows)
             self.tracker.epoch(row, lrs, stage_index)
