@@ -11,12 +11,13 @@
 #        evaluate/extract/predict/bench, fp16 on the CUDA provider, batch-size auto, a ConvNeXt and a ViT, a
 #        multi-label run and serve --device cuda, CAM in the ONNX file and predict --cam, explain's Grad-CAM, index
 #        and similar, tune; then torchrun with nccl at world size 1 (one card: two nccl processes need two))
-#   7.   command: bash benchmarks/gpu/run.sh suite, timeout_s 330    (the GPU suite: resnet50 first, then vgg16,
-#        inception_v3, efficientnet_lite0, convnext_tiny, vit_small_patch16_224 while time lasts)
+#   7.   command: bash benchmarks/gpu/run.sh suite [SECONDS, default 300], timeout_s SECONDS + 30    (the GPU suite:
+#        resnet50 first, then vgg16, inception_v3, efficientnet_lite0, convnext_tiny, vit_small_patch16_224 while
+#        time lasts; give it what the session's device time has left, less a minute)
 # Afterwards, here: copy the returned results_gpu.json, gpu_tests.txt and torchrun_nccl.txt into benchmarks/, then
 # `python benchmarks/run.py --markdown-only` adds the GPU table to RESULTS.md.
 # Rehearsal without a GPU:  bash benchmarks/gpu/run.sh rehearse   (steps 6 and 7 on CPU, small, inside a stand-in
-# for the card's Python image (image_env.py): only its packages plus the carried wheels; about 10 minutes)
+# for the card's Python image (image_env.py): only its packages plus the carried wheels; about 4 minutes here)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -101,7 +102,7 @@ part)
   fi
   ;;
 tests) nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1; use_card; tests ;;
-suite) use_card; suite 300 ;;
+suite) use_card; suite "${2:-300}" ;;
 rehearse) use_cpu; tests; suite 900 ;;
 *) sed -n 2,20p "$0"; exit 2 ;;
 esac
