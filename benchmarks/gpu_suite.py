@@ -329,10 +329,9 @@ def run_suite(out: Path, rehearse: bool, models: list[str], compile_models: set[
     if not rehearse and not torch.cuda.is_available():
         raise SystemExit("the GPU suite needs CUDA (torch.cuda.is_available() is False); use --rehearse on CPU")
     if device == "cuda":
-        import onnxruntime as ort
+        from exporters.cuda_libraries import load_cuda_libraries
 
-        if hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()  # onnxruntime-gpu finds torch's CUDA and cuDNN libraries
+        load_cuda_libraries()  # before the plain sessions of `ort_engines`, as OnnxModel does
     suite = Suite(out, device, seconds)
     batches = (1, 2) if rehearse else BATCHES
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from exporters.cuda_libraries import load_cuda_libraries, missing_libraries
 from transfer.core.cpus import session_threads, usable_cpus
 from transfer.core.errors import DataError, DeviceError, first_line
 from transfer.core.images import BadImageError, as_rgb_image
@@ -121,15 +122,17 @@ class OnnxModel:
         # under load waits for every thread to get a core); throughput of back-to-back batches is unchanged.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = choose_providers(device)
+        wants_cuda = isinstance(providers[0], tuple)
+        if wants_cuda:
+            load_cuda_libraries()  # a torch-free process finds pip-installed CUDA and cuDNN (cuda_libraries)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
             raise DataError(f"cannot load {self.path} with onnxruntime: {first_line(exc)}") from None
-        wants_cuda = isinstance(providers[0], tuple)
         self.provider = self.session.get_providers()[0]
         if wants_cuda and self.provider != "CUDAExecutionProvider":
             raise DeviceError(f"onnxruntime could not start the CUDA provider for {self.path} (fell back to "
-                              f"{self.provider}); check the CUDA and cuDNN libraries")
+                              f"{self.provider}); check the CUDA and cuDNN libraries{missing_libraries()}")
         self.metadata = self.session.get_modelmeta().custom_metadata_map
         self.input_name = self.session.get_inputs()[0].name
         self.all_outputs = [o.name for o in self.session.get_outputs()]

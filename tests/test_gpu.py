@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from tests.conftest import digits_folder
 from tests.test_finetune import random_weights_file
 
 pytestmark = pytest.mark.gpu
+ROOT = Path(__file__).resolve().parents[1]
 REHEARSAL = os.environ.get("TRANSFER_GPU_REHEARSAL") == "1"
 DEVICE = "cpu" if REHEARSAL else "cuda"
 cuda_only = pytest.mark.skipif(REHEARSAL, reason="CUDA-only check (rehearsal on cpu)")
@@ -121,6 +125,32 @@ def test_onnxruntime_runs_on_the_cuda_provider_and_fp16_stays_within_tolerance(t
     on_device = model.logits(paths)
     on_cpu = OnnxModel(tmp_path / "half.onnx", device="cpu").logits(paths)
     assert np.abs(on_device - on_cpu).max() < 5e-2 * max(1.0, float(np.abs(on_cpu).max()))
+
+
+def test_predict_without_torch_runs_on_the_device_and_answers_like_the_cpu(trained, tmp_path):
+    """`transfer predict --device cuda` in a process where torch cannot even be imported (an embedding app's case):
+    onnxruntime loads CUDA and cuDNN itself (exporters.cuda_libraries) and its answers are the CPU's."""
+    from exporters.export import export_onnx
+    from exporters.runtime import OnnxModel
+
+    _, data, runs = trained
+    model, out = tmp_path / "model.onnx", tmp_path / "p.json"
+    export_onnx(model, run=runs["reference"].run_dir)
+    paths = sorted(data.rglob("*.png"))[::4]
+    code = ("import sys\n"
+            "for name in ('torch', 'timm', 'torchvision'):\n    sys.modules[name] = None\n"
+            "from typer.testing import CliRunner\nimport cli\n"
+            "result = CliRunner().invoke(cli.app, sys.argv[1:])\nprint(result.output)\nsys.exit(result.exit_code)\n")
+    args = ["predict", *map(str, paths), "--onnx", str(model), "--device", DEVICE, "--top-k", "1", "-o", str(out), "-q"]
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    provider = "CPUExecutionProvider" if REHEARSAL else "CUDAExecutionProvider"
+    assert f"{model}: {provider}, {len(paths)} image(s)" in " ".join(result.stdout.split()), result.stdout
+    on_device = json.loads(out.read_text())
+    on_cpu = OnnxModel(model, device="cpu").predict(paths, top_k=1)
+    assert len(on_device) == len(paths) == len(on_cpu)
+    assert sum(a["labels"] == b.labels for a, b in zip(on_device, on_cpu, strict=True)) >= len(paths) - 1
+    assert max(abs(a["probabilities"][0] - b.probabilities[0]) for a, b in zip(on_device, on_cpu, strict=True)) < 1e-2
 
 
 @cuda_only

@@ -36,12 +36,19 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
   tail -n 25 "$OUT/$name.txt"
 }
 
-use_card() {  # onnxruntime-gpu and wheels.txt from the carried tar (installed once per warm machine), our code
-  [ -d /tmp/site/onnxruntime ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-    /tmp/carry/wheels/*.whl || exit 1
+use_card() {  # the carried wheels, installed once per warm machine: onnxruntime-gpu in place of the image's CPU
+  # build, beside torch's nvidia-* CUDA packages (where `pip install onnxruntime-gpu` puts it, so a torch-free process
+  # finds CUDA and cuDNN as a user's would), the others in /tmp/site; then our code on the path
+  if ! python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"
+  then
+    python3 -m pip uninstall -q -y onnxruntime && python3 -m pip install -q --no-index --no-deps --no-compile \
+      /tmp/carry/wheels/onnxruntime_gpu-*.whl || exit 1
+  fi
+  [ -d /tmp/site/fastapi ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+    $(ls /tmp/carry/wheels/*.whl | grep -v onnxruntime_gpu) || exit 1
   export PYTHONPATH=/tmp/site:$root
   python=python3 device=cuda rehearse=""
-  python3 -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
+  python3 -c "import onnxruntime as o; from exporters.cuda_libraries import load_cuda_libraries as load; print('onnxruntime', o.__version__, o.get_available_providers(), load() or 'CUDA and cuDNN loaded')"
 }
 
 use_cpu() {  # the rehearsal: the same steps on this machine's CPU, with the card's packages only (image_env.py)
