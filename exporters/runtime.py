@@ -53,7 +53,8 @@ class Prediction:
 
 
 def choose_providers(device: str) -> list:
-    """Explicit execution providers; `cuda` without the CUDA provider is an error, never a silent CPU run."""
+    """Explicit execution providers; `cuda` without the CUDA provider is an error, never a silent CPU run; `auto`
+    is the CPU where onnxruntime's CUDA build has no CUDA to load (the printed provider says which ran)."""
     available = ort.get_available_providers()
     cuda_options = {"cudnn_conv_algo_search": "EXHAUSTIVE", "prefer_nhwc": "1", "do_copy_in_default_stream": "1"}
     if device == "cpu":
@@ -63,8 +64,8 @@ def choose_providers(device: str) -> list:
             raise DeviceError("--device cuda: onnxruntime has no CUDAExecutionProvider here "
                               f"(available: {', '.join(available)}); install onnxruntime-gpu with CUDA, or use cpu")
         return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
-    if device == "auto":
-        if "CUDAExecutionProvider" in available:
+    if device == "auto":  # the CUDA build listed, and its CUDA and cuDNN loadable (not a card without them)
+        if "CUDAExecutionProvider" in available and not missing_libraries():
             return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
     raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda")
@@ -130,7 +131,7 @@ class OnnxModel:
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
             raise DataError(f"cannot load {self.path} with onnxruntime: {first_line(exc)}") from None
         self.provider = self.session.get_providers()[0]
-        if wants_cuda and self.provider != "CUDAExecutionProvider":
+        if wants_cuda and self.provider != "CUDAExecutionProvider" and device != "auto":  # auto: no card here
             raise DeviceError(f"onnxruntime could not start the CUDA provider for {self.path} (fell back to "
                               f"{self.provider}); check the CUDA and cuDNN libraries{missing_libraries()}")
         self.metadata = self.session.get_modelmeta().custom_metadata_map
