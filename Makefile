@@ -10,6 +10,13 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
 
+# onnxruntime's CUDA build beside the venv, not in it: tests/test_onnxruntime_gpu_build.py puts it ahead of the CPU
+# build in a subprocess, to check what `--device auto` and `cuda` do with it on a machine without a usable GPU.
+ORT_GPU = $(VENV)/onnxruntime-gpu
+$(ORT_GPU)/.installed: $(BIN)/.installed
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --target $(ORT_GPU) 'onnxruntime-gpu==1.31.1'
+	touch $@
+
 # Debian packages the tests drive: Chromium for the serve page test (Playwright only talks to it; no browser
 # download) and strace for the test that no process sends anything off the machine.
 MISSING := $(if $(shell command -v chromium || command -v chromium-browser),,chromium) \
@@ -33,9 +40,9 @@ lint: $(BIN)/.installed
 PYTEST = $(BIN)/python -m pytest -q -n 2 --dist load -rs
 
 # The edit-test loop: every test but the slow ones (minutes each: two processes, real VGG16/ResNet-152 exports).
-test: lint system-packages
+test: lint system-packages $(ORT_GPU)/.installed
 	$(PYTEST)
 
 # What CI runs: every test, fast and slow; the `gpu` ones are collected and skipped with their reason without CUDA.
-test-all: lint system-packages
+test-all: lint system-packages $(ORT_GPU)/.installed
 	$(PYTEST) -m "slow or not slow"
