@@ -63,9 +63,10 @@ def choose_providers(device: str) -> list:
         if "CUDAExecutionProvider" not in available:
             raise DeviceError("--device cuda: onnxruntime has no CUDAExecutionProvider here "
                               f"(available: {', '.join(available)}); install onnxruntime-gpu with CUDA, or use cpu")
+        load_cuda_libraries()  # a torch-free process finds pip-installed CUDA and cuDNN (cuda_libraries)
         return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
     if device == "auto":  # the CUDA build listed, and its CUDA and cuDNN loadable (not a card without them)
-        if "CUDAExecutionProvider" in available and not missing_libraries():
+        if "CUDAExecutionProvider" in available and not missing_libraries():  # loads them, as above
             return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
     raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda")
@@ -123,13 +124,11 @@ class OnnxModel:
         # under load waits for every thread to get a core); throughput of back-to-back batches is unchanged.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = choose_providers(device)
-        wants_cuda = isinstance(providers[0], tuple)
-        if wants_cuda:
-            load_cuda_libraries()  # a torch-free process finds pip-installed CUDA and cuDNN (cuda_libraries)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
             raise DataError(f"cannot load {self.path} with onnxruntime: {first_line(exc)}") from None
+        wants_cuda = isinstance(providers[0], tuple)
         self.provider = self.session.get_providers()[0]
         if wants_cuda and self.provider != "CUDAExecutionProvider" and device != "auto":  # auto: no card here
             raise DeviceError(f"onnxruntime could not start the CUDA provider for {self.path} (fell back to "

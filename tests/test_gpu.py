@@ -237,7 +237,7 @@ def test_heatmaps_on_the_device_match_the_cpu(trained, runner, tmp_path):
     from transfer.core.images import open_image
     from transfer.core.preprocess import eval_array
 
-    root, data, runs = trained
+    _, data, runs = trained
     paths = sorted(data.rglob("*.png"))[::9][:4]
     weights = random_weights_file(tmp_path, "resnet18", size=64)
     model = tmp_path / "cam.onnx"
@@ -284,7 +284,7 @@ def test_heatmaps_on_the_device_match_the_cpu(trained, runner, tmp_path):
 def test_index_and_similar_on_the_device_agree_with_cpu(trained, runner, tmp_path):
     """`index --device` embeds on the card (vectors within TF32 rounding of the CPU's) and `similar --device`
     finds the neighbours the CPU finds, with the same cosines."""
-    root, data, runs = trained
+    _, data, runs = trained
     run = runs["reference"].run_dir
     queries = sorted(data.rglob("*.png"))[::7][:5]
     hits = {}

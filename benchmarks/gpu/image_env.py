@@ -21,7 +21,7 @@ import shutil
 import sys
 import sysconfig
 import venv
-from importlib.metadata import PackageNotFoundError, distribution
+from importlib.metadata import Distribution, PackageNotFoundError, distribution
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -57,11 +57,8 @@ def closure(names: set[str]) -> set[str]:
         if name in seen:
             continue
         seen.add(name)
-        try:
-            requirements = distribution(name).requires or []
-        except PackageNotFoundError:
-            continue
-        for text in requirements:
+        dist = installed(name)
+        for text in (dist.requires or []) if dist else []:
             requirement = Requirement(text)
             if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
                 todo.append(requirement.name)
@@ -74,9 +71,8 @@ def link(names: set[str], target: Path) -> list[str]:
     target.mkdir(parents=True, exist_ok=True)
     absent = []
     for name in sorted(names):
-        try:
-            dist = distribution(name)
-        except PackageNotFoundError:
+        dist = installed(name)
+        if dist is None:
             absent.append(name)
             continue
         base = Path(dist.locate_file(""))
@@ -102,11 +98,17 @@ def build(folder: Path) -> None:
           f"{', '.join(sorted(needed - image)) or 'none'}); {folder}/carried: {len(pins)} from wheels.txt")
 
 
-def version(name: str) -> str | None:
+def installed(name: str) -> Distribution | None:
+    """This .venv's distribution of `name`, or None."""
     try:
-        return distribution(name).version
+        return distribution(name)
     except PackageNotFoundError:
         return None
+
+
+def version(name: str) -> str | None:
+    dist = installed(name)
+    return dist.version if dist else None
 
 
 if __name__ == "__main__":

@@ -78,9 +78,8 @@ class EpochSaves:
 
     def flush(self) -> None:
         """Write what waits (nothing, after a stage on images)."""
-        if self.pending_best is not None:
-            if self.writes:
-                save_tensors(self.pending_best, self.best_path)
+        if self.pending_best is not None:  # only the writing rank keeps one
+            save_tensors(self.pending_best, self.best_path)
             self.pending_best = None
         if self.pending_checkpoint is not None:
             epoch, payload = self.pending_checkpoint
